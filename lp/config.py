@@ -1,0 +1,57 @@
+"""Validated settings of lookahead decoding: window W, n-gram size N, guess-set size G and friends."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message says which field and what is allowed."""
+
+
+@dataclass(frozen=True)
+class LookaheadConfig:
+    """Lookahead decoding settings (the paper's W, N, G).
+
+    window: W, future positions each lookahead level covers (>= 1).
+    ngram: N, size of the n-grams harvested and verified (>= 2); N-1 Jacobi levels.
+    guess: G, at most G candidate (N-1)-grams verified per step and kept per pool key (0 = lookahead only).
+    seed_pool_from_prompt / seed_pool_from_output: also fill the pool with n-grams read off the text.
+    seed: seeds the initial guesses of the window so runs are reproducible (and identical on every rank).
+    """
+
+    window: int = 15
+    ngram: int = 5
+    guess: int = 15
+    seed_pool_from_prompt: bool = True
+    seed_pool_from_output: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_int("window", self.window, 1, 1024)
+        _check_int("ngram", self.ngram, 2, 64)
+        _check_int("guess", self.guess, 0, 1024)
+        _check_int("seed", self.seed, 0, 2**63 - 1)
+        for name in ("seed_pool_from_prompt", "seed_pool_from_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def levels(self) -> int:
+        """Number of Jacobi levels in the lookahead window (N - 1)."""
+        return self.ngram - 1
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "LookaheadConfig":
+        """Build from a plain mapping (a YAML section), refusing unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown lookahead setting {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        return cls(**values)
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")

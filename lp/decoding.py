@@ -1,0 +1,306 @@
+"""Exact lookahead decoding: one forward per step over [pending | lookahead window | candidates]."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .config import LookaheadConfig
+from .greedy_rules import GreedyRules, greedy_rules
+from .kv_cache import InPlaceCache
+from .ngram_pool import NGramPool
+from .partition import split_step
+from .step_layout import StepShape, build_layout, step_mask, tokens_fed
+from .team import SoloTeam
+from .window import LookaheadWindow
+
+
+class PromptError(ValueError):
+    """The prompt cannot be decoded (empty, batched, or no room left in the model's context)."""
+
+
+@dataclass
+class GenerationResult:
+    """Outcome of one generation on this rank."""
+
+    token_ids: list[int]
+    steps: int
+    accepted_per_step: list[int]
+    wall_time_s: float
+    prompt_tokens: int
+    stop_reason: str  # "eos", "max_new_tokens" or "context"
+    text: str | None = None
+    tokens_fed_per_step: list[int] = field(default_factory=list)
+    comm_time_s: float = 0.0
+    comm_bytes: int = 0
+    ranks: int = 1
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return len(self.token_ids) / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    def summary(self) -> dict:
+        """Plain-JSON view of the result."""
+        fed = self.tokens_fed_per_step
+        return {
+            "new_tokens": self.new_tokens, "steps": self.steps, "tokens_per_step": round(self.tokens_per_step, 4),
+            "latency_s": round(self.wall_time_s, 6), "tokens_per_second": round(self.tokens_per_second, 3),
+            "stop_reason": self.stop_reason, "ranks": self.ranks,
+            "tokens_fed_per_step": round(sum(fed) / len(fed), 2) if fed else 0.0,
+            "comm_time_s": round(self.comm_time_s, 6), "comm_bytes": self.comm_bytes,
+        }
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's positions allow, when its config says."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _prompt_ids(input_ids) -> list[int]:
+    if isinstance(input_ids, torch.Tensor):
+        if input_ids.dim() == 2:
+            if input_ids.shape[0] != 1:
+                raise PromptError(f"one sequence at a time: input_ids has batch size {input_ids.shape[0]}, pass input_ids[i:i+1]")
+            input_ids = input_ids[0]
+        ids = [int(t) for t in input_ids.tolist()]
+    else:
+        ids = [int(t) for t in input_ids]
+    if not ids:
+        raise PromptError("the prompt is empty: give at least one token")
+    return ids
+
+
+def _refuse_unsupported_model(model) -> None:
+    config = model.config
+    if config.is_encoder_decoder:
+        raise ValueError(f"{type(model).__name__} is an encoder-decoder model; lookahead decoding needs a decoder-only model")
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or ()
+    if window or any("sliding" in str(t) for t in types):
+        raise ValueError(f"{type(model).__name__} uses sliding-window attention (sliding_window={window}), which the "
+                         "lookahead mask does not reproduce; set config.sliding_window = None or use another model")
+
+
+class Decoder:
+    """Runs lookahead decoding of `model` with `config`, alone or as one rank of a team."""
+
+    def __init__(self, model, config: LookaheadConfig | None = None, team=None):
+        _refuse_unsupported_model(model)
+        self.model = model
+        self.config = config or LookaheadConfig()
+        self.team = team or SoloTeam()
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.context = context_length(model.config)
+
+    def stream(self, input_ids, max_new_tokens: int | None = None, result: GenerationResult | None = None
+               ) -> Iterator[list[int]]:
+        """Yield the tokens committed by each step (1..N of them); fills `result` as it goes."""
+        cfg, team = self.config, self.team
+        prompt = _prompt_ids(input_ids)
+        rules = greedy_rules(self.model.generation_config, len(prompt), max_new_tokens)
+        if self.context is not None and len(prompt) >= self.context:
+            raise PromptError(f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; "
+                              f"shorten it to at most {self.context - 1} tokens")
+        limit = rules.max_new_tokens
+        if self.context is not None:
+            limit = min(limit, self.context - len(prompt))
+        stats = result if result is not None else GenerationResult([], 0, [], 0.0, len(prompt), "max_new_tokens")
+        stats.prompt_tokens, stats.ranks = len(prompt), team.size
+        start = time.perf_counter()
+
+        pool = NGramPool(cfg.guess, cfg.ngram - 1)
+        if cfg.seed_pool_from_prompt:
+            pool.add_sequence(prompt)
+        window = LookaheadWindow(cfg.levels, cfg.window, prompt, cfg.seed)
+        cache = InPlaceCache(capacity=_round_up(len(prompt) + limit + 64))
+        committed = list(prompt)
+        pending = [prompt[-1]]
+        pending_per_rank = [1] * team.size
+        state_hash = 0
+        self._prefill(prompt[:-1], cache)
+
+        generated: list[int] = []
+        while len(generated) < limit:
+            remaining = limit - len(generated)
+            cached = cache.length
+            last_pos = cached + len(pending) - 1
+            cand_len = min(cfg.ngram - 1, remaining - 1)
+            candidates = _unique_prefixes(pool.candidates(pending[-1], cfg.guess), cand_len) if cand_len > 0 else []
+            fits = self.context is None or last_pos + cfg.window + window.filled - 1 < self.context
+            levels = window.filled if fits else 0
+            slices = split_step(cfg.window, levels, len(candidates), cand_len, pending_per_rank)
+            mine = slices[team.rank]
+            my_cands = candidates[mine.cand_start : mine.cand_end]
+            shape = StepShape(len(pending), levels, mine.col_start, mine.col_end, len(my_cands), cand_len)
+            preds = self._forward(shape, pending, window, my_cands, cache, rules)
+            stats.tokens_fed_per_step.append(tokens_fed(shape))
+
+            cols = mine.columns if levels else 0
+            pred0, top, cand_preds = preds[0], preds[1 : 1 + cols], preds[1 + cols :]
+            best, best_len = _longest_match(my_cands, pred0, cand_preds, cand_len)
+            accepted = [pred0] + (cand_preds[best * cand_len : best * cand_len + best_len] if best_len else [])
+            agreed = team.agree(accepted, top, slices if levels else [], state_hash)
+
+            # Keep the KV of what this rank verified (its pending tokens, then its winning candidate's tokens).
+            base = cached + len(pending)
+            layout = build_layout(shape)
+            if agreed.winner == team.rank and len(agreed.accepted) > 1:
+                rows = layout.candidate_rows[best, : len(agreed.accepted) - 1] + cached
+                cache.keep(base, rows.to(self.device, non_blocking=True))
+            else:
+                cache.crop_to(base)
+            m = len(agreed.accepted) - 1
+            if team.kv_sync == "gather":
+                team.share_kv(cache, cached, len(pending) + m, agreed.winner)
+                pending = [agreed.accepted[-1]]
+                pending_per_rank = [1] * team.size
+            else:
+                pending = agreed.accepted if agreed.winner != team.rank else [agreed.accepted[-1]]
+                pending_per_rank = [1 if r == agreed.winner else m + 1 for r in range(team.size)]
+
+            if levels:
+                for gram in window.advance(agreed.top):
+                    pool.add(gram[0], gram[1:])
+            emit = agreed.accepted[:remaining]
+            for i, tok in enumerate(emit):
+                if tok in rules.eos_ids:
+                    emit = emit[: i + 1]
+                    stats.stop_reason = "eos"
+                    break
+            before = len(committed)
+            committed.extend(emit)
+            if cfg.seed_pool_from_output:
+                pool.add_sequence(committed, start=before - (cfg.ngram - 1))
+            state_hash = _mix(state_hash, emit, window, len(pool))
+            generated.extend(emit)
+            stats.token_ids, stats.steps = generated, stats.steps + 1
+            stats.accepted_per_step.append(len(emit))
+            stats.wall_time_s = time.perf_counter() - start
+            yield emit
+            if stats.stop_reason == "eos":
+                break
+        else:
+            if limit < rules.max_new_tokens:
+                stats.stop_reason = "context"
+        stats.comm_time_s = sum(team.comm.seconds)
+        stats.comm_bytes = sum(team.comm.bytes)
+        stats.wall_time_s = time.perf_counter() - start
+
+    def generate(self, input_ids, max_new_tokens: int | None = None, tokenizer=None,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        """Decode to the end; `on_tokens` receives each step's committed tokens as the step ends."""
+        result = GenerationResult([], 0, [], 0.0, 0, "max_new_tokens")
+        with torch.inference_mode():
+            for tokens in self.stream(input_ids, max_new_tokens, result):
+                if on_tokens is not None:
+                    on_tokens(tokens)
+        if tokenizer is not None:
+            result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        return result
+
+    def _prefill(self, tokens: list[int], cache: InPlaceCache) -> None:
+        if not tokens:
+            return
+        n = len(tokens)
+        ids = torch.tensor([tokens], device=self.device)
+        positions = torch.arange(n, device=self.device).unsqueeze(0)
+        mask = torch.full((n, n), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu_(1)
+        self.model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None], cache=cache,
+                   use_cache=True, logits_to_keep=1)
+
+    def _forward(self, shape: StepShape, pending: list[int], window: LookaheadWindow,
+                 candidates: Sequence[tuple[int, ...]], cache: InPlaceCache, rules: GreedyRules) -> list[int]:
+        """One forward of the step; returns argmax at [last pending, top window row, candidate rows]."""
+        layout = build_layout(shape)
+        tokens = list(pending)
+        if shape.levels:
+            tokens += window.rows[0][: shape.col_end]
+            for j in range(1, shape.levels):
+                tokens += window.rows[j][shape.col_start : shape.col_end]
+        for cand in candidates:
+            tokens += cand
+        cached = cache.length
+        keep = [layout.last_pending]
+        if shape.levels:
+            keep += layout.window_rows[shape.levels - 1].tolist()
+        keep += layout.candidate_rows.flatten().tolist()
+        keep_rows = torch.tensor(keep, dtype=torch.long)
+        positions = layout.depth + cached
+        ids = torch.tensor([tokens], dtype=torch.long).to(self.device, non_blocking=True)
+        pos = positions.unsqueeze(0).to(self.device, non_blocking=True)
+        mask = step_mask(layout, cached, self.dtype, self.device)
+        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True,
+                         logits_to_keep=keep_rows.to(self.device, non_blocking=True))
+        logits = out.logits[0]
+        if rules.active:
+            next_index = (positions[keep_rows] + 1 - rules.prompt_len).to(self.device, non_blocking=True)
+            logits = rules.apply(logits.clone(), next_index)
+        return logits.argmax(-1).tolist()
+
+
+def _longest_match(candidates, pred0: int, cand_preds: list[int], cand_len: int) -> tuple[int, int]:
+    """Index and length of the candidate whose prefix the model confirms longest (first wins ties)."""
+    best, best_len = 0, 0
+    for k, cand in enumerate(candidates):
+        expect, n = pred0, 0
+        while n < cand_len and cand[n] == expect:
+            expect = cand_preds[k * cand_len + n]
+            n += 1
+        if n > best_len:
+            best, best_len = k, n
+    return best, best_len
+
+
+def _unique_prefixes(candidates, length: int) -> list[tuple[int, ...]]:
+    seen, out = set(), []
+    for cand in candidates:
+        prefix = cand[:length]
+        if prefix not in seen:
+            seen.add(prefix)
+            out.append(prefix)
+    return out
+
+
+def _mix(state: int, tokens: Sequence[int], window: LookaheadWindow, pool_size: int) -> int:
+    """A running fingerprint of what every rank must hold identically (tokens, window, pool size)."""
+    h = state
+    for t in tokens:
+        h = (h * 1000003 + t + 1) & 0x7FFFFFFFFFFFFFFF
+    h ^= hash(tuple(window.rows[-1])) & 0x7FFFFFFFFFFFFFFF
+    return (h * 31 + pool_size) & 0x7FFFFFFFFFFFFFFF
+
+
+def _round_up(n: int) -> int:
+    size = 64
+    while size < n:
+        size *= 2
+    return size
+
+
+def generate(model, input_ids, config: LookaheadConfig | None = None, max_new_tokens: int | None = None,
+             tokenizer=None, on_tokens: Callable[[list[int]], None] | None = None, team=None) -> GenerationResult:
+    """Greedy-exact lookahead decoding of one sequence: `lp.generate(model, ids, LookaheadConfig(), 256)`."""
+    return Decoder(model, config, team).generate(input_ids, max_new_tokens, tokenizer, on_tokens)
+
+
+def stream(model, input_ids, config: LookaheadConfig | None = None, max_new_tokens: int | None = None,
+           team=None) -> Iterator[list[int]]:
+    """Iterate over the tokens each step commits (a list of 1..N ids per step)."""
+    decoder = Decoder(model, config, team)
+    with torch.inference_mode():
+        yield from decoder.stream(input_ids, max_new_tokens)

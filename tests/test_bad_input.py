@@ -1,0 +1,40 @@
+"""Bad input gets a one-line error that says what to change."""
+import pytest
+import torch
+
+import lp
+from models import tiny_model
+
+
+def test_empty_prompt():
+    with pytest.raises(lp.PromptError, match="empty"):
+        lp.generate(tiny_model(), [], max_new_tokens=3)
+
+
+def test_prompt_longer_than_the_context():
+    model = tiny_model("llama", max_position_embeddings=32)
+    with pytest.raises(lp.PromptError, match="shorten it to at most 31 tokens"):
+        lp.generate(model, list(range(3, 40)), max_new_tokens=3)
+
+
+def test_batches_are_refused():
+    with pytest.raises(lp.PromptError, match="batch size 2"):
+        lp.generate(tiny_model(), torch.ones(2, 4, dtype=torch.long), max_new_tokens=3)
+
+
+def test_sliding_window_models_are_refused_before_any_work():
+    model = tiny_model("mistral", sliding_window=16)
+    with pytest.raises(ValueError, match="sliding_window"):
+        lp.generate(model, [5, 6, 7], max_new_tokens=3)
+
+
+def test_negative_budget():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        lp.generate(tiny_model(), [5, 6], max_new_tokens=-1)
+
+
+def test_errors_are_one_line():
+    for bad in (dict(window=0), dict(ngram=100), dict(guess="many")):
+        with pytest.raises(lp.ConfigError) as info:
+            lp.LookaheadConfig(**bad)
+        assert "\n" not in str(info.value)

@@ -1,0 +1,190 @@
+"""Specifications of the engine's parts: config, n-gram pool, window, step layout, KV cache, partition."""
+import pytest
+import torch
+
+from lp.config import ConfigError, LookaheadConfig
+from lp.kv_cache import InPlaceCache, InPlaceLayer
+from lp.ngram_pool import NGramPool
+from lp.partition import rank_load, split_step
+from lp.step_layout import StepShape, build_layout, step_mask, tokens_fed
+from lp.window import LookaheadWindow
+
+
+# --- config -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("window", 0), ("ngram", 1), ("guess", -1), ("window", 2.5),
+                                         ("ngram", True), ("seed_pool_from_prompt", "yes")])
+def test_bad_config_values_name_the_field(field, value):
+    with pytest.raises(ConfigError, match=field):
+        LookaheadConfig(**{field: value})
+
+
+def test_config_from_dict_refuses_unknown_keys():
+    assert LookaheadConfig.from_dict({"window": 3, "ngram": 4}).levels == 3
+    with pytest.raises(ConfigError, match="windw"):
+        LookaheadConfig.from_dict({"windw": 3})
+
+
+# --- n-gram pool --------------------------------------------------------------------------------------
+
+def test_pool_keeps_at_most_g_per_key_and_drops_least_recently_used():
+    pool = NGramPool(capacity=2, length=2)
+    pool.add(7, (1, 2))
+    pool.add(7, (3, 4))
+    pool.add(7, (1, 2))  # refreshed: now most recent
+    pool.add(7, (5, 6))  # evicts (3, 4), the least recently used
+    assert pool.candidates(7) == [(5, 6), (1, 2)]
+    assert pool.candidates(8) == []
+    assert len(pool) == 2
+
+
+def test_pool_with_zero_capacity_stays_empty():
+    pool = NGramPool(capacity=0, length=3)
+    pool.add_sequence([1, 2, 3, 4, 5, 6])
+    assert len(pool) == 0
+
+
+def test_pool_reads_every_ngram_of_a_sequence_from_start():
+    pool = NGramPool(capacity=10, length=2)
+    pool.add_sequence([1, 2, 3, 1, 2, 4], start=1)
+    assert pool.candidates(1) == [(2, 4)]  # the n-gram at index 0 is before `start`
+    assert pool.candidates(2) == [(3, 1)]
+    assert pool.candidates(3) == [(1, 2)]
+    pool.add_sequence([2, 5, 5])
+    assert pool.candidates(2) == [(5, 5), (3, 1)]  # most recent first
+
+
+# --- window -------------------------------------------------------------------------------------------
+
+def test_window_warms_up_in_n_minus_2_steps_then_harvests_w_ngrams_a_step():
+    w = LookaheadWindow(levels=3, width=2, prompt=[9], seed=0)  # N = 4
+    assert w.rows == [[9, 9]] and not w.warm
+    assert w.advance([1, 2]) == []
+    assert w.advance([3, 4]) == [] and w.warm
+    assert w.advance([5, 6]) == [(9, 1, 3, 5), (9, 2, 4, 6)]  # read up each column
+    assert w.rows == [[1, 2], [3, 4], [5, 6]]  # shifted down, new outputs on top
+    assert w.advance([7, 8]) == [(1, 3, 5, 7), (2, 4, 6, 8)]
+
+
+def test_window_with_bigrams_is_warm_at_once():
+    w = LookaheadWindow(levels=1, width=3, prompt=[4, 5], seed=1)
+    first = list(w.rows[0])
+    assert w.advance([1, 2, 3]) == [(first[0], 1), (first[1], 2), (first[2], 3)]
+
+
+def test_window_initial_guesses_are_seeded():
+    a = LookaheadWindow(4, 8, list(range(100)), seed=3).rows
+    assert a == LookaheadWindow(4, 8, list(range(100)), seed=3).rows
+    assert a != LookaheadWindow(4, 8, list(range(100)), seed=4).rows
+
+
+# --- step layout --------------------------------------------------------------------------------------
+
+def reference_layout(pending, levels, col_start, col_end, candidates, cand_len):
+    """Plain construction from the rules: each token's context and position, written out directly."""
+    names = [("p", i) for i in range(pending)]
+    if levels:
+        names += [("w", 0, i) for i in range(col_end)]
+        names += [("w", j, i) for j in range(1, levels) for i in range(col_start, col_end)]
+    names += [("c", k, j) for k in range(candidates) for j in range(cand_len)]
+
+    def context(n):
+        if n[0] == "p":
+            return {("p", i) for i in range(n[1] + 1)}
+        if n[0] == "w":
+            _, j, i = n
+            return ({("p", q) for q in range(pending)} | {("w", 0, c) for c in range(i + 1)}
+                    | {("w", l, i) for l in range(1, j + 1)})
+        _, k, j = n
+        return {("p", q) for q in range(pending)} | {("c", k, l) for l in range(j + 1)}
+
+    def position(n):
+        if n[0] == "p":
+            return n[1]
+        if n[0] == "w":
+            return pending + n[2] + n[1]
+        return pending + n[2]
+
+    allowed = torch.tensor([[m in context(n) for m in names] for n in names])
+    return names, allowed, torch.tensor([position(n) for n in names])
+
+
+@pytest.mark.parametrize("shape", [StepShape(1, 0, 0, 0, 0, 0), StepShape(1, 1, 0, 3, 0, 0),
+                                   StepShape(1, 4, 0, 5, 3, 4), StepShape(3, 2, 2, 5, 2, 1),
+                                   StepShape(2, 3, 4, 4, 1, 3), StepShape(1, 4, 3, 7, 0, 4)])
+def test_layout_matches_plain_construction(shape):
+    names, allowed, positions = reference_layout(*shape.__dict__.values())
+    layout = build_layout(shape)
+    assert layout.size == len(names) == tokens_fed(shape)
+    assert torch.equal(layout.allowed, allowed)
+    assert torch.equal(layout.depth, positions)
+    assert names[layout.last_pending] == ("p", shape.pending - 1)
+    for j in range(shape.levels):
+        for c in range(shape.col_end - shape.col_start):
+            assert names[layout.window_rows[j, c]] == ("w", j, shape.col_start + c)
+    for k in range(shape.candidates):
+        for j in range(shape.candidate_len):
+            assert names[layout.candidate_rows[k, j]] == ("c", k, j)
+
+
+def test_step_mask_is_float_additive_and_shows_the_cache_to_every_row():
+    layout = build_layout(StepShape(1, 2, 0, 2, 1, 2))
+    mask = step_mask(layout, cached=5, dtype=torch.float32, device="cpu")
+    assert mask.shape == (1, 1, layout.size, 5 + layout.size) and mask.dtype == torch.float32
+    assert (mask[0, 0, :, :5] == 0).all()
+    block = mask[0, 0, :, 5:]
+    assert torch.equal(block == 0, layout.allowed)
+    assert (block[~layout.allowed] == torch.finfo(torch.float32).min).all()
+
+
+# --- KV cache -----------------------------------------------------------------------------------------
+
+def test_cache_moves_accepted_entries_in_place_and_crops_the_rest():
+    layer = InPlaceLayer(capacity=16)
+    keys = torch.arange(10.0).view(1, 1, 10, 1)
+    layer.update(keys, -keys)
+    buffer = layer._k.data_ptr()
+    layer.keep(4, torch.tensor([6, 8]))
+    assert layer.get_seq_length() == 6
+    assert layer.keys.flatten().tolist() == [0, 1, 2, 3, 6, 8]
+    assert layer.values.flatten().tolist() == [0, -1, -2, -3, -6, -8]
+    layer.crop(-2)
+    assert layer.keys.flatten().tolist() == [0, 1, 2, 3]
+    assert layer._k.data_ptr() == buffer  # edited in place, never reallocated
+
+
+def test_cache_grows_by_doubling_and_keeps_contents():
+    layer = InPlaceLayer(capacity=4)
+    for i in range(9):
+        layer.update(torch.full((1, 2, 1, 3), float(i)), torch.full((1, 2, 1, 3), float(i)))
+    assert layer.capacity == 16 and layer.get_seq_length() == 9
+    assert layer.keys[0, 0, :, 0].tolist() == list(map(float, range(9)))
+
+
+def test_cache_write_replaces_a_tail_with_received_entries():
+    cache = InPlaceCache(capacity=8)
+    cache.update(torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2), 0)
+    cache.layers[0].write(3, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    assert cache.length == 6 and cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 0, 0, 1, 1, 1]
+
+
+# --- partition ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4, 8, 40])
+@pytest.mark.parametrize("width,levels,cands,clen", [(15, 4, 15, 4), (7, 4, 7, 4), (5, 1, 0, 0), (3, 0, 5, 2)])
+def test_partition_covers_everything_once_and_balances(ranks, width, levels, cands, clen):
+    slices = split_step(width, levels, cands, clen, [1] * ranks)
+    cols = [c for s in slices for c in range(s.col_start, s.col_end)]
+    cand = [c for s in slices for c in range(s.cand_start, s.cand_end)]
+    assert cols == list(range(width if levels else 0))
+    assert cand == list(range(cands))
+    loads = [rank_load(s, levels, clen, 1) for s in slices]
+    one = rank_load(split_step(width, levels, cands, clen, [1])[0], levels, clen, 1)
+    # the busiest rank feeds about 1/P of a single rank's tokens (within one column or candidate),
+    # unless the last column alone, with its level-0 prefix, costs more than that
+    last_column = 1 + (width - 1 + levels if levels else 0)
+    assert max(loads) <= max(-(-(one - 1) // ranks) + 1 + levels + clen, last_column)
+
+
+def test_partition_is_a_pure_function_of_its_inputs():
+    assert split_step(15, 4, 15, 4, [1, 5]) == split_step(15, 4, 15, 4, [1, 5])
