@@ -121,6 +121,16 @@ class Decoder:
             limit = min(limit, self.context - len(prompt))
         stats = result if result is not None else GenerationResult([], 0, [], 0.0, len(prompt), "max_new_tokens")
         stats.prompt_tokens, stats.ranks = len(prompt), team.size
+        team.begin(cfg.ngram, cfg.window)
+        try:
+            yield from self._decode(prompt, rules, limit, stats)
+        except Exception as error:
+            team.report_failure(f"{type(error).__name__}: {error}")
+            raise
+
+    def _decode(self, prompt: list[int], rules: GreedyRules, limit: int, stats: GenerationResult
+                ) -> Iterator[list[int]]:
+        cfg, team = self.config, self.team
         start = time.perf_counter()
 
         pool = NGramPool(cfg.guess, cfg.ngram - 1)

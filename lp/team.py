@@ -34,11 +34,14 @@ class SoloTeam:
     def __init__(self):
         self.comm = CommStats()
 
+    def begin(self, ngram: int, width: int) -> None:
+        self.comm = CommStats()
+
     def agree(self, accepted: list[int], top: list[int], slices: Sequence[Slice], state_hash: int) -> Agreement:
         return Agreement(accepted, 0, top)
 
     def share_kv(self, cache, start: int, count: int, winner: int) -> None:
         return None
 
-    def check_alive(self) -> None:
+    def report_failure(self, message: str) -> None:
         return None

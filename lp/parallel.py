@@ -1,0 +1,219 @@
+"""Lookahead parallelism: the ranks of a process group decode one sequence together.
+
+Every rank holds a full model replica and feeds its own slice of the window columns and candidates
+(lp.partition). After each step one all-gather of a fixed-shape int64 vector per rank tells everyone
+each rank's accepted run, its window outputs and a state fingerprint; the longest run wins, ties to
+the lowest rank, so all ranks commit the same tokens and update identical n-gram pools. The winner's
+KV entries then reach the others by recomputation (tokens only) or by a broadcast of a fixed-size
+buffer (bit-identical caches).
+"""
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+from .partition import Slice
+from .team import Agreement, CommStats
+
+KV_SYNC = ("recompute", "gather")
+
+
+class RankFailure(RuntimeError):
+    """A peer rank failed or stopped answering; the message names it."""
+
+
+class DivergenceError(RuntimeError):
+    """Ranks no longer hold the same committed tokens, window or pool: continuing would give wrong output."""
+
+
+class ProcessGroupTeam:
+    """One rank of a lookahead-parallel team over an initialised torch.distributed process group."""
+
+    def __init__(self, kv_sync: str = "recompute", group=None, fault_timeout_s: float = 60.0, mpi_comm=None,
+                 store=None):
+        if kv_sync not in KV_SYNC:
+            raise ValueError(f"kv_sync must be one of {', '.join(KV_SYNC)}, got {kv_sync!r}")
+        if not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: launch with torchrun/mpirun/srun or call "
+                               "torch.distributed.init_process_group first")
+        self.kv_sync = kv_sync
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.backend = dist.get_backend(group)
+        self.mpi_comm = mpi_comm
+        self.fault_timeout_s = fault_timeout_s
+        self.comm = CommStats()
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        self._slots = (0, 0)
+        self._heartbeat = _Heartbeat(store if store is not None else _default_store(), self.rank, self.size,
+                                     fault_timeout_s)
+
+    # -- per-generation setup ---------------------------------------------------------------------------
+
+    def begin(self, ngram: int, width: int) -> None:
+        """Fix the exchange's shape for one generation: [count, N accepted, W window outputs, fingerprint]."""
+        self._slots = (ngram, width)
+        self.comm = CommStats()
+
+    # -- the per-step exchange --------------------------------------------------------------------------
+
+    def agree(self, accepted: list[int], top: list[int], slices: Sequence[Slice], state_hash: int) -> Agreement:
+        ngram, width = self._slots
+        row = torch.zeros(2 + ngram + width, dtype=torch.int64)
+        row[0] = len(accepted)
+        row[1 : 1 + len(accepted)] = torch.tensor(accepted, dtype=torch.int64)
+        if top:
+            row[1 + ngram : 1 + ngram + len(top)] = torch.tensor(top, dtype=torch.int64)
+        row[-1] = state_hash
+        start = time.perf_counter()
+        table = self._all_gather(row)
+        self.comm.seconds.append(time.perf_counter() - start)
+        self.comm.bytes.append(table.numel() * 8)
+
+        hashes = table[:, -1]
+        if not bool((hashes == hashes[0]).all()):
+            bad = [r for r in range(self.size) if hashes[r] != hashes[0]]
+            raise DivergenceError(f"ranks {bad} disagree with rank 0 on the committed tokens/window/pool; "
+                                  "the replicas are not identical (same model, dtype and config on every rank?)")
+        counts = table[:, 0]
+        winner = int(torch.argmax(counts))  # first maximum: ties go to the lowest rank
+        chosen = table[winner, 1 : 1 + int(counts[winner])].tolist()
+        full_top: list[int] = []
+        for r, s in enumerate(slices):
+            full_top += table[r, 1 + ngram : 1 + ngram + s.columns].tolist()
+        return Agreement(chosen, winner, full_top)
+
+    def share_kv(self, cache, start: int, count: int, winner: int) -> None:
+        """Broadcast the winner's cache entries [start, start+count) in one fixed-size buffer (N slots)."""
+        ngram, _ = self._slots
+        layers = cache.layers
+        k0 = layers[0]._k
+        b, h, _, d = k0.shape
+        buffer = torch.empty(len(layers), 2, b, h, ngram, d, dtype=k0.dtype, device=k0.device)
+        if self.rank == winner:
+            for i, layer in enumerate(layers):
+                keys, values = layer.entries(start, count)
+                buffer[i, 0, :, :, :count] = keys
+                buffer[i, 1, :, :, :count] = values
+        began = time.perf_counter()
+        self._collective(lambda: dist.broadcast(self._on_comm_device(buffer), src=self._global(winner),
+                                                group=self.group), "broadcast of KV entries",
+                         sink=buffer)
+        self.comm.seconds[-1] += time.perf_counter() - began
+        self.comm.bytes[-1] += buffer.numel() * buffer.element_size()
+        if self.rank != winner:
+            for i, layer in enumerate(layers):
+                layer.write(start, buffer[i, 0, :, :, :count], buffer[i, 1, :, :, :count])
+
+    def report_failure(self, message: str) -> None:
+        """Tell the peers (through the store) why this rank is about to stop."""
+        self._heartbeat.report(message)
+
+    def close(self) -> None:
+        self._heartbeat.stop()
+
+    # -- plumbing ---------------------------------------------------------------------------------------
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def _on_comm_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if tensor.device == self.device or self.backend != "nccl" else tensor.to(self.device)
+
+    def _all_gather(self, row: torch.Tensor) -> torch.Tensor:
+        if self.mpi_comm is not None:
+            table = torch.empty(self.size, row.numel(), dtype=torch.int64)
+            self._collective(lambda: self.mpi_comm.Allgather(row.numpy(), table.numpy()), "MPI all-gather")
+            return table
+        send = row.to(self.device)
+        parts = [torch.empty_like(send) for _ in range(self.size)]
+        self._collective(lambda: dist.all_gather(parts, send, group=self.group), "all-gather of step results")
+        return torch.stack(parts).cpu()
+
+    def _collective(self, op, what: str, sink: torch.Tensor | None = None) -> None:
+        try:
+            op()
+            if sink is not None and sink.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
+        except Exception as error:  # a dead or stuck peer surfaces here as a gloo/NCCL/MPI error or timeout
+            raise RankFailure(self._heartbeat.diagnose(what, error)) from error
+
+
+def _default_store():
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # no store (e.g. an MPI-initialised group): failures are reported without rank names
+        return None
+
+
+class _Heartbeat:
+    """Each rank stamps the store every few seconds; after a failed collective, stale stamps name the culprit."""
+
+    def __init__(self, store, rank: int, size: int, timeout_s: float):
+        self.store, self.rank, self.size, self.timeout_s = store, rank, size, timeout_s
+        self.period = max(0.2, min(2.0, timeout_s / 6))
+        self._stop = threading.Event()
+        if store is None:
+            return
+        self.store = dist.PrefixStore("lp-heartbeat", store)
+        self._beat()
+        threading.Thread(target=self._run, name="lp-heartbeat", daemon=True).start()
+
+    def _beat(self) -> None:
+        self.store.set(f"alive/{self.rank}", repr(time.time()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            try:
+                self._beat()
+            except Exception:
+                return  # the store host is gone; the next collective will fail and be diagnosed
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def report(self, message: str) -> None:
+        if self.store is not None:
+            try:
+                self.store.set(f"failed/{self.rank}", message[:500])
+            except Exception:
+                pass
+
+    def diagnose(self, what: str, error: Exception) -> str:
+        """One line naming the failed rank(s), from failure reports and stale heartbeats."""
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        if self.store is None:
+            return f"rank {self.rank}: {what} failed ({detail}); a peer rank failed or stopped answering"
+        # give a dying peer a moment to be seen as stale, bounded by the fault timeout
+        deadline = time.time() + min(self.timeout_s, 3 * self.period + 1)
+        while True:
+            culprits = self._culprits()
+            if culprits or time.time() >= deadline:
+                break
+            time.sleep(self.period / 2)
+        if not culprits:
+            return f"rank {self.rank}: {what} failed ({detail}); no peer was seen failing"
+        return f"rank {self.rank}: {what} failed because " + "; ".join(culprits)
+
+    def _culprits(self) -> list[str]:
+        found = []
+        try:
+            self.store.set_timeout(datetime.timedelta(seconds=2))
+            for r in range(self.size):
+                if r == self.rank:
+                    continue
+                if self.store.check([f"failed/{r}"]):
+                    found.append(f"rank {r} failed: {self.store.get(f'failed/{r}').decode()}")
+                elif not self.store.check([f"alive/{r}"]):
+                    found.append(f"rank {r} never started")
+                elif time.time() - float(self.store.get(f"alive/{r}").decode()) > 2.5 * self.period:
+                    found.append(f"rank {r} stopped responding (dead or hung)")
+        except Exception:
+            found.append("rank 0 (which hosts the rendezvous store) is unreachable: it died or hung")
+        return found

@@ -1,0 +1,56 @@
+"""One rank of a lookahead-parallel test run: decode the cases of a JSON spec, write what it got.
+
+Started P times by tests/test_parallel.py with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set (as torchrun does).
+"""
+import json
+import os
+import signal
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+torch.set_num_threads(1)
+
+import lp  # noqa: E402
+from lp.parallel import ProcessGroupTeam, RankFailure  # noqa: E402
+from models import stories, tiny_model  # noqa: E402
+
+
+def main(spec_path: str, out_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    dist.init_process_group("gloo", timeout=timedelta(seconds=spec.get("fault_timeout", 60)))
+    rank = dist.get_rank()
+    results = []
+    for case in spec["cases"]:
+        if case["model"] == "stories":
+            model, tokenizer = stories()
+            prompt = tokenizer(case["prompt"]).input_ids
+        else:
+            model = tiny_model(case["model"], seed=case.get("seed", 0))
+            prompt = case["prompt"]
+        team = ProcessGroupTeam(case["kv_sync"], fault_timeout_s=spec.get("fault_timeout", 60))
+        config = lp.LookaheadConfig(*case["wng"])
+        steps = []
+
+        def maybe_die(tokens):
+            steps.append(tokens)
+            if rank == spec.get("die_rank") and len(steps) == spec.get("die_step"):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        try:
+            result = lp.Decoder(model, config, team).generate(prompt, case["max_new"], on_tokens=maybe_die)
+        except RankFailure as failure:
+            results.append({"failure": str(failure)})
+            break
+        results.append({"tokens": result.token_ids, "steps": result.steps,
+                        "fed": result.tokens_fed_per_step, "comm_bytes": result.comm_bytes})
+        team.close()
+    Path(out_path).write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

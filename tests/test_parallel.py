@@ -1,0 +1,112 @@
+"""Lookahead parallelism on real multi-process gloo groups: every rank's output equals single-process greedy."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from models import STORIES, greedy, stories, tiny_model
+from test_exactness import repetitive_prompt
+
+WORKER = Path(__file__).with_name("parallel_worker.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_team(ranks: int, spec: dict, tmp_path: Path, timeout: float = 240) -> tuple[list, list]:
+    """Start `ranks` worker processes as torchrun would; return each rank's results and exit codes."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(spec_file), str(tmp_path / f"out{r}.json")],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
+             for r in range(ranks)]
+    deadline = time.time() + timeout
+    codes = []
+    for p in procs:
+        try:
+            p.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"team of {ranks} hung past {timeout}s")
+        codes.append(p.returncode)
+    outs = []
+    for r, p in enumerate(procs):
+        path = tmp_path / f"out{r}.json"
+        outs.append(json.loads(path.read_text()) if path.exists() else None)
+        if p.returncode not in (0, -9) and outs[-1] is None:
+            pytest.fail(f"rank {r} crashed: {p.stderr.read()[-2000:]}")
+    return outs, codes
+
+
+TINY_CASES = [("llama", (15, 5, 15)), ("gpt2", (4, 3, 4)), ("qwen2", (1, 2, 1)), ("gpt_neox", (7, 4, 0))]
+
+
+@pytest.mark.parametrize("ranks", [1, 2, 3, 4])
+def test_every_rank_matches_single_process_greedy(ranks, tmp_path):
+    cases, expected = [], []
+    for i, (family, wng) in enumerate(TINY_CASES):
+        prompt = repetitive_prompt(100 + i, 24)
+        reference = greedy(tiny_model(family, seed=i), prompt, 40)
+        for kv_sync in ("recompute", "gather"):
+            cases.append(dict(model=family, seed=i, prompt=prompt, wng=wng, max_new=40, kv_sync=kv_sync))
+            expected.append(reference)
+    outs, codes = run_team(ranks, {"cases": cases}, tmp_path)
+    assert codes == [0] * ranks
+    for rank_results in outs:
+        assert [r["tokens"] for r in rank_results] == expected
+    # every rank took part in every step, and the work was split: the busiest rank fed well under the total
+    for c, case in enumerate(cases):
+        assert len({len(o[c]["fed"]) for o in outs}) == 1
+        if ranks > 1 and case["wng"][0] >= 4:
+            fed = [sum(o[c]["fed"]) for o in outs]
+            assert max(fed) <= 0.75 * sum(fed)
+        if case["kv_sync"] == "gather" and ranks > 1:
+            assert outs[0][c]["comm_bytes"] > 0
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260k is absent")
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_stories260k_on_a_team(ranks, tmp_path):
+    model, tokenizer = stories()
+    prompt = "Once upon a time"
+    expected = greedy(model, tokenizer(prompt).input_ids, 128)
+    cases = [dict(model="stories", prompt=prompt, wng=wng, max_new=128, kv_sync=kv)
+             for wng in [(15, 5, 15), (5, 4, 5)] for kv in ("recompute", "gather")]
+    outs, codes = run_team(ranks, {"cases": cases}, tmp_path)
+    assert codes == [0] * ranks
+    for rank_results in outs:
+        assert all(r["tokens"] == expected for r in rank_results)
+
+
+def test_more_ranks_than_work_still_decodes_exactly(tmp_path):
+    prompt = repetitive_prompt(7, 20)
+    expected = greedy(tiny_model("llama", seed=3), prompt, 30)
+    cases = [dict(model="llama", seed=3, prompt=prompt, wng=(1, 2, 1), max_new=30, kv_sync=kv)
+             for kv in ("recompute", "gather")]
+    outs, codes = run_team(4, {"cases": cases}, tmp_path)  # 1 column + 1 candidate for 4 ranks: idle slices
+    assert codes == [0] * 4
+    assert all(r["tokens"] == expected for o in outs for r in o)
+
+
+def test_a_killed_rank_stops_the_others_with_its_name(tmp_path):
+    prompt = repetitive_prompt(8, 20)
+    cases = [dict(model="llama", seed=1, prompt=prompt, wng=(5, 4, 5), max_new=200, kv_sync="recompute")]
+    began = time.time()
+    outs, codes = run_team(3, {"cases": cases, "die_rank": 1, "die_step": 5, "fault_timeout": 20}, tmp_path,
+                           timeout=120)
+    assert codes[1] == -9
+    for r in (0, 2):
+        assert codes[r] == 0 and "failure" in outs[r][0]
+        assert "rank 1" in outs[r][0]["failure"]
+    assert time.time() - began < 100
