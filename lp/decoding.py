@@ -12,7 +12,7 @@ from .greedy_rules import GreedyRules, greedy_rules
 from .kv_cache import InPlaceCache
 from .ngram_pool import NGramPool
 from .partition import split_step
-from .step_layout import StepShape, build_layout, step_mask, tokens_fed
+from .step_layout import StepLayout, StepShape, build_layout, step_mask, tokens_fed
 from .team import SoloTeam
 from .window import LookaheadWindow
 
@@ -106,6 +106,7 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.context = context_length(model.config)
+        self._layouts: dict[StepShape, _DeviceLayout] = {}
 
     def stream(self, input_ids, max_new_tokens: int | None = None, result: GenerationResult | None = None
                ) -> Iterator[list[int]]:
@@ -168,10 +169,9 @@ class Decoder:
 
             # Keep the KV of what this rank verified (its pending tokens, then its winning candidate's tokens).
             base = cached + len(pending)
-            layout = build_layout(shape)
             if agreed.winner == team.rank and len(agreed.accepted) > 1:
-                rows = layout.candidate_rows[best, : len(agreed.accepted) - 1] + cached
-                cache.keep(base, rows.to(self.device, non_blocking=True))
+                rows = self._device_layout(shape).candidate_rows[best, : len(agreed.accepted) - 1] + cached
+                cache.keep(base, rows)
             else:
                 cache.crop_to(base)
             m = len(agreed.accepted) - 1
@@ -233,10 +233,25 @@ class Decoder:
         self.model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None], cache=cache,
                    use_cache=True, logits_to_keep=1)
 
+    def _device_layout(self, shape: StepShape) -> "_DeviceLayout":
+        """The step layout's tensors on the model's device, made once per shape (shapes repeat)."""
+        found = self._layouts.get(shape)
+        if found is None:
+            layout = build_layout(shape)
+            keep = [layout.last_pending]
+            if shape.levels:
+                keep += layout.window_rows[shape.levels - 1].tolist()
+            keep += layout.candidate_rows.flatten().tolist()
+            to = dict(device=self.device)
+            found = self._layouts[shape] = _DeviceLayout(
+                layout, layout.depth.to(**to).unsqueeze(0), torch.tensor(keep, **to),
+                layout.depth[keep].to(**to), ~layout.allowed.to(**to), layout.candidate_rows.to(**to))
+        return found
+
     def _forward(self, shape: StepShape, pending: list[int], window: LookaheadWindow,
                  candidates: Sequence[tuple[int, ...]], cache: InPlaceCache, rules: GreedyRules) -> list[int]:
         """One forward of the step; returns argmax at [last pending, top window row, candidate rows]."""
-        layout = build_layout(shape)
+        plan = self._device_layout(shape)
         tokens = list(pending)
         if shape.levels:
             tokens += window.rows[0][: shape.col_end]
@@ -245,22 +260,24 @@ class Decoder:
         for cand in candidates:
             tokens += cand
         cached = cache.length
-        keep = [layout.last_pending]
-        if shape.levels:
-            keep += layout.window_rows[shape.levels - 1].tolist()
-        keep += layout.candidate_rows.flatten().tolist()
-        keep_rows = torch.tensor(keep, dtype=torch.long)
-        positions = layout.depth + cached
         ids = torch.tensor([tokens], dtype=torch.long).to(self.device, non_blocking=True)
-        pos = positions.unsqueeze(0).to(self.device, non_blocking=True)
-        mask = step_mask(layout, cached, self.dtype, self.device)
-        out = self.model(input_ids=ids, position_ids=pos, attention_mask=mask, cache=cache, use_cache=True,
-                         logits_to_keep=keep_rows.to(self.device, non_blocking=True))
+        mask = step_mask(plan.hidden, cached, self.dtype)
+        out = self.model(input_ids=ids, position_ids=plan.depth + cached, attention_mask=mask, cache=cache,
+                         use_cache=True, logits_to_keep=plan.keep_rows)
         logits = out.logits[0]
         if rules.active:
-            next_index = (positions[keep_rows] + 1 - rules.prompt_len).to(self.device, non_blocking=True)
-            logits = rules.apply(logits.clone(), next_index)
+            logits = rules.apply(logits.clone(), plan.keep_depth + (cached + 1 - rules.prompt_len))
         return logits.argmax(-1).tolist()
+
+
+@dataclass(frozen=True)
+class _DeviceLayout:
+    layout: StepLayout
+    depth: torch.Tensor  # [1, T] position offsets
+    keep_rows: torch.Tensor  # rows whose logits are needed: last pending, top window level, candidates
+    keep_depth: torch.Tensor  # position offsets of those rows
+    hidden: torch.Tensor  # [T, T] True where attention is masked within the step
+    candidate_rows: torch.Tensor
 
 
 def _longest_match(candidates, pred0: int, cand_preds: list[int], cand_len: int) -> tuple[int, int]:

@@ -94,10 +94,11 @@ def build_layout(shape: StepShape) -> StepLayout:
     return StepLayout(tuple(parents), depth, allowed, window_rows, candidate_rows, shape.pending - 1)
 
 
-def step_mask(layout: StepLayout, cached: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Float additive mask [1, 1, T, cached + T]: the committed cache is visible to all rows, the tree within."""
-    size = layout.size
-    mask = torch.zeros(1, 1, size, cached + size, dtype=dtype, device=device)
-    block = layout.allowed.to(device)
-    mask[0, 0, :, cached:].masked_fill_(~block, torch.finfo(dtype).min)
+def step_mask(hidden: torch.Tensor, cached: int, dtype: torch.dtype) -> torch.Tensor:
+    """Float additive mask [1, 1, T, cached + T] on hidden's device: the committed cache is visible to all
+    rows, `hidden` [T, T] (True = masked) applies within the step. Boolean 4-D masks are mis-applied by
+    some attention implementations, so the mask is float."""
+    size = hidden.shape[0]
+    mask = torch.zeros(1, 1, size, cached + size, dtype=dtype, device=hidden.device)
+    mask[0, 0, :, cached:].masked_fill_(hidden, torch.finfo(dtype).min)
     return mask

@@ -16,12 +16,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 torch.set_num_threads(1)
 
 import lp  # noqa: E402
-from lp.parallel import ProcessGroupTeam, RankFailure  # noqa: E402
+from lp.parallel import DivergenceError, ProcessGroupTeam, RankFailure  # noqa: E402
 from models import stories, tiny_model  # noqa: E402
 
 
 def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    mpi_comm = None
+    if spec.get("mpi"):  # started by mpirun: ranks from MPI, the exchange through mpi4py's buffer collectives
+        from mpi4py import MPI
+        mpi_comm = MPI.COMM_WORLD
+        os.environ.update(RANK=str(mpi_comm.Get_rank()), WORLD_SIZE=str(mpi_comm.Get_size()))
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec.get("fault_timeout", 60)))
     rank = dist.get_rank()
     results = []
@@ -32,8 +37,9 @@ def main(spec_path: str, out_path: str) -> None:
         else:
             model = tiny_model(case["model"], seed=case.get("seed", 0))
             prompt = case["prompt"]
-        team = ProcessGroupTeam(case["kv_sync"], fault_timeout_s=spec.get("fault_timeout", 60))
-        config = lp.LookaheadConfig(*case["wng"])
+        team = ProcessGroupTeam(case["kv_sync"], fault_timeout_s=spec.get("fault_timeout", 60), mpi_comm=mpi_comm)
+        seed = case.get("window_seed_per_rank", [0] * (rank + 1))[rank]
+        config = lp.LookaheadConfig(*case["wng"], seed=seed)
         steps = []
 
         def maybe_die(tokens):
@@ -43,13 +49,13 @@ def main(spec_path: str, out_path: str) -> None:
 
         try:
             result = lp.Decoder(model, config, team).generate(prompt, case["max_new"], on_tokens=maybe_die)
-        except RankFailure as failure:
-            results.append({"failure": str(failure)})
+        except (RankFailure, DivergenceError) as failure:
+            results.append({"failure": f"{type(failure).__name__}: {failure}"})
             break
         results.append({"tokens": result.token_ids, "steps": result.steps,
                         "fed": result.tokens_fed_per_step, "comm_bytes": result.comm_bytes})
         team.close()
-    Path(out_path).write_text(json.dumps(results))
+    Path(out_path.replace("{rank}", str(rank))).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+import shutil
+
 import pytest
 
 from models import STORIES, greedy, stories, tiny_model
@@ -110,3 +112,28 @@ def test_a_killed_rank_stops_the_others_with_its_name(tmp_path):
         assert codes[r] == 0 and "failure" in outs[r][0]
         assert "rank 1" in outs[r][0]["failure"]
     assert time.time() - began < 100
+
+
+def test_ranks_that_drift_apart_raise_instead_of_decoding_wrong(tmp_path):
+    prompt = repetitive_prompt(9, 20)
+    cases = [dict(model="llama", seed=2, prompt=prompt, wng=(5, 4, 5), max_new=40, kv_sync="recompute",
+                  window_seed_per_rank=[0, 1])]  # rank 1 starts from other guesses: its window differs
+    outs, codes = run_team(2, {"cases": cases}, tmp_path)
+    assert codes == [0, 0]
+    assert all("DivergenceError" in o[0]["failure"] for o in outs)
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found (pip install '.[mpi]')")
+def test_the_step_exchange_can_run_over_mpi(tmp_path):
+    prompt = repetitive_prompt(10, 24)
+    expected = greedy(tiny_model("llama", seed=4), prompt, 40)
+    cases = [dict(model="llama", seed=4, prompt=prompt, wng=(6, 4, 6), max_new=40, kv_sync=kv)
+             for kv in ("recompute", "gather")]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"cases": cases, "mpi": True}))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    done = subprocess.run(["mpirun", "-np", "2", sys.executable, str(WORKER), str(spec), str(tmp_path / "out{rank}.json")],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for rank in (0, 1):
+        assert [r["tokens"] for r in json.loads((tmp_path / f"out{rank}.json").read_text())] == [expected] * 2

@@ -129,7 +129,7 @@ def test_layout_matches_plain_construction(shape):
 
 def test_step_mask_is_float_additive_and_shows_the_cache_to_every_row():
     layout = build_layout(StepShape(1, 2, 0, 2, 1, 2))
-    mask = step_mask(layout, cached=5, dtype=torch.float32, device="cpu")
+    mask = step_mask(~layout.allowed, cached=5, dtype=torch.float32)
     assert mask.shape == (1, 1, layout.size, 5 + layout.size) and mask.dtype == torch.float32
     assert (mask[0, 0, :, :5] == 0).all()
     block = mask[0, 0, :, 5:]
