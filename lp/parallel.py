@@ -102,9 +102,8 @@ class ProcessGroupTeam:
                 buffer[i, 0, :, :, :count] = keys
                 buffer[i, 1, :, :, :count] = values
         began = time.perf_counter()
-        self._collective(lambda: dist.broadcast(self._on_comm_device(buffer), src=self._global(winner),
-                                                group=self.group), "broadcast of KV entries",
-                         sink=buffer)
+        self._collective(lambda: dist.broadcast(buffer, src=self._global(winner), group=self.group),
+                         "broadcast of KV entries", sink=buffer)
         self.comm.seconds[-1] += time.perf_counter() - began
         self.comm.bytes[-1] += buffer.numel() * buffer.element_size()
         if self.rank != winner:
@@ -122,9 +121,6 @@ class ProcessGroupTeam:
 
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
-
-    def _on_comm_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if tensor.device == self.device or self.backend != "nccl" else tensor.to(self.device)
 
     def _all_gather(self, row: torch.Tensor) -> torch.Tensor:
         if self.mpi_comm is not None:

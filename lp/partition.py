@@ -7,6 +7,7 @@ plus its pending tokens. Later columns carry a longer prefix, so the split gives
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
 
 
@@ -54,6 +55,11 @@ def split_step(width: int, levels: int, candidates: int, candidate_len: int, pen
     width/levels describe the window fed this step (levels 0: no window), pending[r] is rank r's
     pending token count. Minimises the largest per-rank load by bisection over the load limit.
     """
+    return list(_split(width, levels, candidates, candidate_len, tuple(pending)))
+
+
+@lru_cache(maxsize=1024)
+def _split(width: int, levels: int, candidates: int, candidate_len: int, pending: tuple[int, ...]) -> tuple[Slice, ...]:
     if levels == 0:
         width = 0
     low = max(pending)
@@ -67,4 +73,4 @@ def split_step(width: int, levels: int, candidates: int, candidate_len: int, pen
         else:
             high, best = mid, found
     assert best is not None
-    return best
+    return tuple(best)
