@@ -1,0 +1,213 @@
+"""Batch jobs: JSONL records in, JSONL results out, one fsynced line per record, resumable after a kill."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class InputError(ValueError):
+    """The input or output file as a whole cannot be used (a single bad line becomes an error record instead)."""
+
+
+@dataclass
+class Record:
+    """One unit of work. key identifies it for resuming: its id, or its line number when it has no usable id."""
+
+    key: str
+    id: object = None
+    line: int | None = None
+    prompt: str | None = None
+    messages: list | None = None
+    max_new_tokens: int | None = None
+    error: str | None = None
+
+    def error_result(self, message: str) -> dict:
+        out = {"id": self.id, "error": message}
+        if self.id is None and self.line is not None:
+            out["line"] = self.line
+        return out
+
+
+def id_key(record_id) -> str:
+    return "id:" + json.dumps(record_id)
+
+
+def prompt_records(prompts: list[str]) -> list[Record]:
+    """Records for prompts given on the command line (ids 0, 1, ...)."""
+    return [Record(id_key(i), i, prompt=p) for i, p in enumerate(prompts)]
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Parse a JSONL input. Bad lines become error records; duplicate ids or an unreadable file raise InputError."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"input file {str(path)!r} does not exist; check the --input path") from None
+    except IsADirectoryError:
+        raise InputError(f"--input {str(path)!r} is a directory; give a .jsonl file") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"input file {str(path)!r} is not UTF-8 text (byte {exc.start}); give a JSONL file") from None
+    except OSError as exc:
+        raise InputError(f"cannot read input file {str(path)!r}: {exc.strerror or exc}") from None
+    records, seen, parsed, lines = [], {}, 0, 0
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        lines += 1
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as exc:
+            records.append(Record(f"line:{number}", line=number, error=f"line {number}: not valid JSON ({exc.msg})"))
+            continue
+        if not isinstance(value, dict):
+            records.append(Record(f"line:{number}", line=number, error=f"line {number}: expected a JSON object"))
+            continue
+        parsed += 1
+        record = _record(value, number)
+        if record.id is not None:
+            if record.key in seen:
+                raise InputError(f"{path}: id {record.id!r} appears on lines {seen[record.key]} and {number}; "
+                                 "ids must be unique")
+            seen[record.key] = number
+        records.append(record)
+    if lines and not parsed:
+        raise InputError(f"no line of {str(path)!r} is a JSON object; expected JSONL records like "
+                         '{"id": 1, "prompt": "..."}')
+    return records
+
+
+def _record(value: dict, number: int) -> Record:
+    record_id = value.get("id")
+    if isinstance(record_id, bool) or not isinstance(record_id, (str, int)):
+        why = "has no id" if record_id is None else f"has id {record_id!r}, which is not a string or integer"
+        return Record(f"line:{number}", line=number, error=f"line {number}: {why}")
+    record = Record(id_key(record_id), record_id, number)
+    prompt, messages, budget = value.get("prompt"), value.get("messages"), value.get("max_new_tokens")
+    unknown = sorted(set(value) - {"id", "prompt", "messages", "max_new_tokens"})
+    if unknown:
+        record.error = f"unknown field {unknown[0]!r}; records have id, prompt or messages, max_new_tokens"
+    elif (prompt is None) == (messages is None):
+        record.error = "give exactly one of prompt or messages"
+    elif prompt is not None and (not isinstance(prompt, str) or not prompt):
+        record.error = "prompt must be a non-empty string"
+    elif messages is not None and not _valid_messages(messages):
+        record.error = 'messages must be a non-empty list of {"role": str, "content": str}'
+    elif budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        record.error = f"max_new_tokens must be a positive integer, got {budget!r}"
+    record.prompt, record.messages, record.max_new_tokens = prompt, messages, budget
+    return record
+
+
+def _valid_messages(messages) -> bool:
+    return (isinstance(messages, list) and bool(messages) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages))
+
+
+def prompt_text(record: Record, tokenizer, chat: bool) -> str:
+    """The text fed to the model: the prompt as is, or messages (or a chat-mode prompt) through the chat template."""
+    messages = record.messages
+    if messages is None and chat:
+        messages = [{"role": "user", "content": record.prompt}]
+    if messages is None:
+        return record.prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template; give prompt instead of messages (and no --chat)")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(record: Record, tokenizer, chat: bool) -> list[int]:
+    """Token ids of the record's prompt; a chat template already holds its special tokens."""
+    text = prompt_text(record, tokenizer, chat)
+    templated = record.messages is not None or chat
+    return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+
+
+def done_keys(path: str | Path) -> set[str]:
+    """Keys of the records an earlier run finished. A trailing partial line (a killed writer) is cut off."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    if path.is_dir():
+        raise InputError(f"--output {str(path)!r} is a directory; give a .jsonl file")
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            os.fsync(f.fileno())
+    keys = set()
+    for line in data[:end].splitlines():
+        try:
+            value = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(value, dict) and "id" in value:
+            if value["id"] is not None:
+                keys.add(id_key(value["id"]))
+            elif isinstance(value.get("line"), int):
+                keys.add(f"line:{value['line']}")
+    return keys
+
+
+class JsonlWriter:
+    """Appends whole lines: one os.write per record, then fsync, so a kill never leaves half a record."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise InputError(f"the folder of --output {str(path)!r} does not exist; create it first")
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, record: dict) -> None:
+        data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        while data:
+            data = data[os.write(self.fd, data):]
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclass
+class Totals:
+    """Running totals of a job, for the progress bar and the final summary."""
+
+    records: int = 0
+    errors: int = 0
+    skipped: int = 0
+    new_tokens: int = 0
+    steps: int = 0
+    latency_s: float = 0.0
+    greedy: list = field(default_factory=list)  # (match, greedy_latency_s, latency_s) per compared record
+
+    def add(self, result: dict) -> None:
+        self.records += 1
+        if "error" in result:
+            self.errors += 1
+            return
+        self.new_tokens += result["new_tokens"]
+        self.steps += result["steps"]
+        self.latency_s += result["latency_s"]
+        if "greedy_match" in result:
+            self.greedy.append((result["greedy_match"], result["greedy_latency_s"], result["latency_s"]))
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.latency_s if self.latency_s > 0 else 0.0
+
+    def summary(self, ranks: int, wall_s: float) -> dict:
+        out = {"records": self.records, "ok": self.records - self.errors, "errors": self.errors,
+               "skipped": self.skipped, "new_tokens": self.new_tokens, "steps": self.steps,
+               "tokens_per_step": round(self.new_tokens / self.steps, 4) if self.steps else 0.0,
+               "latency_s": round(self.latency_s, 6), "tokens_per_second": round(self.tokens_per_second, 3),
+               "wall_s": round(wall_s, 3), "ranks": ranks}
+        if self.greedy:
+            greedy_s = sum(g for _, g, _ in self.greedy)
+            lookahead_s = sum(t for _, _, t in self.greedy)
+            out["greedy_match"] = all(m for m, _, _ in self.greedy)
+            out["greedy_mismatches"] = sum(not m for m, _, _ in self.greedy)
+            out["speedup"] = round(greedy_s / lookahead_s, 3) if lookahead_s > 0 else 0.0
+        return out

@@ -1,0 +1,486 @@
+"""The lp command line (launch/run.py): one program for python, torchrun, mpirun, srun and deepspeed.
+
+stdout carries results only: streamed completions and a one-line summary, or with --json exactly one JSON
+record per prompt. Logs, errors, the progress bar and (with --json or --input) the JSON summary go to stderr.
+Exit status: 2 for a usage mistake (nothing decoded), 1 when a --prompt failed or a peer rank died, 0 otherwise;
+a batch job (--input) that runs to its end exits 0 and reports failed records in the output and the summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import batch, bootstrap, run_config
+from .batch import InputError, Record
+from .bootstrap import BootstrapError, Launch
+from .config import ConfigError
+from .decoding import Decoder, GenerationResult, PromptError
+from .greedy_rules import UnsupportedGenerationSetting, greedy_rules
+from .run_config import RunConfig
+
+EXIT_USAGE, EXIT_FAILED = 2, 1
+
+
+class UsageError(ValueError):
+    """A user mistake found by the command line itself; the message says what to change."""
+
+
+USER_ERRORS = (UsageError, ConfigError, PromptError, UnsupportedGenerationSetting, FileNotFoundError, InputError,
+               BootstrapError)
+RECORD_ERRORS = (PromptError, UnsupportedGenerationSetting)  # deterministic: every rank raises them alike
+
+
+EPILOG = """settings: built-in defaults < --config FILE.yaml < --set key=value < the flags above.
+output:   stdout gets the streamed completions and a one-line summary, or with --json one JSON record per
+          prompt; logs, errors, the progress bar and (with --json or --input) a JSON summary go to stderr.
+exit:     0 done (a batch job that ran to its end, failed records included), 1 a --prompt failed or a peer
+          rank died, 2 a usage mistake (nothing was decoded)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"lp: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="launch/run.py", description="Exact lookahead decoding of a Hugging Face causal LM, "
+                "on one process or many (torchrun, mpirun, srun, deepspeed). With no arguments: the embedded "
+                "default model on its built-in prompts.", epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="hub id or local model folder (default: the embedded code model)")
+    p.add_argument("--config", metavar="FILE.yaml", help="run settings file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, dotted keys ok: --set lookahead.window=7 (repeatable)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", metavar="TEXT", help="prompt text (repeatable)")
+    src.add_argument("--input", metavar="FILE.jsonl",
+                     help="batch input, one {id, prompt | messages, max_new_tokens?} per line; bad lines become "
+                     "error records")
+    p.add_argument("--output", metavar="FILE.jsonl", help="append results here; rerun to resume (done ids skipped)")
+    p.add_argument("--max-new-tokens", type=int)
+    p.add_argument("--window", type=int, help="W: lookahead window width")
+    p.add_argument("--ngram", type=int, help="N: n-gram size")
+    p.add_argument("--guess", type=int, help="G: candidate n-grams verified per step")
+    p.add_argument("--kv-sync", choices=run_config.KV_SYNCS, help="how ranks keep their KV caches equal")
+    p.add_argument("--dtype", choices=run_config.DTYPES)
+    p.add_argument("--device", help="auto, cpu, cuda (cuda:LOCAL_RANK per rank) or cuda:N")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", choices=run_config.BACKENDS, help="process group backend (auto: nccl with a GPU "
+                   "per rank, else gloo)")
+    p.add_argument("--fault-timeout", type=float, metavar="SECONDS", help="give up on a silent peer after this long")
+    p.add_argument("--tp", type=int, help="tensor parallel size (reserved: only 1 for now)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="run a model's own Python code from the hub (off by default)")
+    p.add_argument("--chat", action="store_true", default=None, help="wrap plain prompts in the chat template")
+    p.add_argument("--compare-greedy", action="store_true",
+                   help="also run transformers' greedy generate on rank 0, check equality, report the speedup")
+    p.add_argument("--json", action="store_true", help="one JSON result per prompt on stdout, nothing else")
+    p.add_argument("--verbose", action="store_true", help="keep library warnings")
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed passes it; env wins
+    return p
+
+
+FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "kv_sync", "dtype": "dtype",
+             "device": "device", "seed": "seed", "backend": "backend", "fault_timeout": "fault_timeout", "tp": "tp",
+             "trust_remote_code": "trust_remote_code", "chat": "chat", "window": "lookahead.window",
+             "ngram": "lookahead.ngram", "guess": "lookahead.guess"}
+
+
+def resolve_config(args) -> RunConfig:
+    """defaults < --config file < --set < dedicated flags."""
+    values = run_config.load_yaml(args.config) if args.config else {}
+    values = run_config.merge(values, run_config.parse_overrides(args.set))
+    flags = {}
+    for attr, key in FLAG_KEYS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            *parent, leaf = key.split(".")
+            (flags.setdefault(parent[0], {}) if parent else flags)[leaf] = value
+    return run_config.build(run_config.merge(values, flags))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 a record or peer failed, 2 a usage mistake)."""
+    args = build_parser().parse_args(argv)
+    if not args.verbose:
+        _quiet_libraries()
+    rank0 = bootstrap.env_rank() == 0
+    try:
+        return _run(args)
+    except USER_ERRORS as exc:
+        if rank0 or isinstance(exc, BootstrapError):
+            _error(exc)
+        return EXIT_USAGE
+    except _peer_failures() as exc:
+        _error(exc)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args) -> int:
+    cfg = resolve_config(args)  # same input on every rank, so every rank fails alike: no hang
+    launch = bootstrap.detect()
+    if launch.world_size > cfg.lookahead.window:
+        raise UsageError(f"{launch.world_size} ranks but the window has {cfg.lookahead.window} columns to share; "
+                         f"launch at most {cfg.lookahead.window} ranks or raise --window")
+    backend = bootstrap.choose_backend(cfg.backend, launch)
+    device = bootstrap.choose_device(cfg.device, backend, launch)
+    if device.type == "cpu" and launch.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // launch.local_world_size))
+    torch.manual_seed(cfg.seed)
+    bootstrap.init_process_group(launch, backend, cfg.fault_timeout)
+    try:
+        code = _serve(args, cfg, launch, device)
+    except _peer_failures():
+        raise  # the group is broken: leave it alone
+    except BaseException:
+        bootstrap.shutdown()
+        raise
+    bootstrap.shutdown()
+    return code
+
+
+def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device) -> int:
+    rank0 = launch.rank == 0
+    log = _logger(rank0)
+    message, model, tokenizer, items, writer, skipped = None, None, None, None, None, 0
+    try:
+        log(f"loading {cfg.model or 'the embedded default model'} ({launch.world_size} rank"
+            f"{'s' if launch.world_size > 1 else ''}, {launch.launcher}, {device})")
+        model, tokenizer = load_model(cfg, device)
+        if rank0:
+            records = _records(args)
+            done = batch.done_keys(args.output) if args.output else set()  # also cuts a killed run's partial line
+            done = done if args.input else set()  # --prompt ids (0, 1, ...) name nothing across runs: append
+            todo = [r for r in records if r.key not in done]
+            skipped = len(records) - len(todo)
+            if skipped:
+                log(f"resuming {args.output}: {skipped} records already done, {len(todo)} to go")
+            items = [_prepare(r, tokenizer, cfg) for r in todo]
+            writer = batch.JsonlWriter(args.output) if args.output else None
+    except USER_ERRORS as exc:
+        message = _one_line(exc)
+    message = bootstrap.first_error(message, launch)
+    if message:
+        if writer:
+            writer.close()
+        raise UsageError(message)
+    items = bootstrap.broadcast_json(items, launch)
+    decoder = _decoder(model, cfg, launch)
+    try:
+        return _decode_all(args, cfg, launch, items, decoder, model, tokenizer, writer, skipped)
+    finally:
+        if hasattr(decoder.team, "close"):
+            decoder.team.close()
+
+
+def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Decoder, model, tokenizer, writer,
+                skipped: int) -> int:
+    rank0 = launch.rank == 0
+    stream = rank0 and not args.json and args.output is None
+    progress = _progress(len(items), enabled=rank0 and not stream)
+    totals = batch.Totals(skipped=skipped)
+    start = time.perf_counter()
+    try:
+        for n, item in enumerate(items, start=1):
+            printer = _Printer(tokenizer, item["ids"]) if stream and item["ids"] else None
+            if printer:
+                print(f"--- prompt {n} of {len(items)} (id {item['id']}) ---", flush=True)
+                printer.start()
+            result = _decode(item, decoder, tokenizer, printer, launch.world_size)
+            if args.compare_greedy and "error" not in result:
+                if rank0:
+                    result.update(_greedy_check(model, item, result))
+                bootstrap.release(launch)
+            if not rank0:
+                continue
+            totals.add(result)
+            if writer:
+                writer.write(result)
+            if args.json:
+                print(json.dumps(result, ensure_ascii=False), flush=True)
+            if "error" in result:
+                if printer:
+                    print(flush=True)
+                where = f"id {result['id']}: " if result["id"] is not None else ""
+                progress.write(f"lp: error: {where}{result['error']}", file=sys.stderr)
+            elif printer:
+                printer.finish(_stats_line(result))
+            progress.update(1)
+            progress.set_postfix_str(f"{totals.tokens_per_second:.1f} tok/s", refresh=False)
+    finally:
+        progress.close()
+        if writer:
+            writer.close()
+    if rank0:
+        summary = totals.summary(launch.world_size, time.perf_counter() - start)
+        if args.json or args.input:
+            print(json.dumps({"summary": summary}), file=sys.stderr, flush=True)
+        if not args.json:
+            print(_summary_line(summary, cfg), flush=True)
+    if args.input:
+        return 0  # a batch job that ran to the end succeeded; its failed records are in the output and summary
+    failed = bootstrap.broadcast_json(totals.errors, launch)
+    return EXIT_FAILED if failed else 0
+
+
+def _records(args) -> list[Record]:
+    if args.input:
+        return batch.read_records(args.input)
+    if args.prompt:
+        return batch.prompt_records(args.prompt)
+    from .default_model import DEFAULT_PROMPTS
+
+    return batch.prompt_records(list(DEFAULT_PROMPTS))
+
+
+def _prepare(record: Record, tokenizer, cfg: RunConfig) -> dict:
+    """The JSON work item every rank decodes: prompt token ids and budget, or the record's error."""
+    item = {"key": record.key, "id": record.id, "line": record.line, "ids": None,
+            "max_new_tokens": record.max_new_tokens or cfg.max_new_tokens, "error": record.error}
+    if record.error is None:
+        try:
+            item["ids"] = batch.prompt_ids(record, tokenizer, cfg.chat)
+        except Exception as exc:  # a broken chat template or tokenizer: this record fails, the job goes on
+            item["error"] = f"cannot build the prompt: {_one_line(exc)}"
+        else:
+            if not item["ids"]:
+                item["error"] = "the prompt encodes to no tokens; give a non-empty prompt"
+    return item
+
+
+def _decode(item: dict, decoder: Decoder, tokenizer, printer, world_size: int) -> dict:
+    """Decode one work item (every rank); returns its result record."""
+    record = Record(item["key"], item["id"], item["line"])
+    if item["error"]:
+        return record.error_result(item["error"])
+    try:
+        res = decoder.generate(item["ids"], item["max_new_tokens"], on_tokens=printer)
+    except RECORD_ERRORS as exc:
+        return record.error_result(_one_line(exc))
+    except Exception as exc:
+        if world_size > 1 or isinstance(exc, _peer_failures()):
+            raise  # the ranks may now disagree: stop the job rather than guess
+        return record.error_result(f"{type(exc).__name__}: {_one_line(exc)}")
+    return _result(item, res, tokenizer)
+
+
+def _result(item: dict, res: GenerationResult, tokenizer) -> dict:
+    s = res.summary()
+    return {"id": item["id"], "text": completion_text(tokenizer, item["ids"], res.token_ids),
+            "token_ids": res.token_ids, "new_tokens": s["new_tokens"], "steps": s["steps"],
+            "tokens_per_step": s["tokens_per_step"], "latency_s": s["latency_s"],
+            "tokens_per_second": s["tokens_per_second"], "prompt_tokens": res.prompt_tokens,
+            "stop_reason": s["stop_reason"], "ranks": s["ranks"]}
+
+
+def completion_text(tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text the new tokens add after the prompt (decoded together, so leading spaces survive)."""
+    before = tokenizer.decode(prompt, skip_special_tokens=True)
+    after = tokenizer.decode(prompt + new, skip_special_tokens=True)
+    return after[len(before):] if after.startswith(before) else tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _greedy_check(model, item: dict, result: dict) -> dict:
+    """transformers' generate(do_sample=False) on the same prompt and budget: equal tokens, and how much slower."""
+    device = next(model.parameters()).device
+    prompt = item["ids"]
+    budget = item["max_new_tokens"] if result["stop_reason"] == "eos" else result["new_tokens"]
+    ids = torch.tensor([prompt], device=device)
+    gc = model.generation_config
+    extra = {} if gc.pad_token_id is not None or gc.eos_token_id is None else {"pad_token_id": _first(gc.eos_token_id)}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=budget,
+                             **extra)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    greedy = out[0, len(prompt):].tolist()
+    return {"greedy_match": greedy == result["token_ids"], "greedy_latency_s": round(seconds, 6),
+            "speedup": round(seconds / result["latency_s"], 3) if result["latency_s"] > 0 else 0.0}
+
+
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def load_model(cfg: RunConfig, device: torch.device):
+    """(model, tokenizer) in eval mode on `device`; a one-line UsageError when the model cannot be found."""
+    dtype = _dtype(cfg.dtype, device)
+    if cfg.model is None:
+        try:
+            from .default_model import DEFAULT_MODEL_PATH, load_default_model
+        except ImportError:
+            raise UsageError("the embedded default model is not installed; pass --model") from None
+        if not (Path(DEFAULT_MODEL_PATH) / "config.json").exists():
+            raise UsageError(f"the embedded default model is missing from {DEFAULT_MODEL_PATH}; "
+                             "reinstall lp or pass --model")
+        return _adjust(load_default_model(dtype, device), cfg)
+    source = Path(cfg.model).expanduser()
+    if not source.exists():
+        if _looks_like_path(cfg.model):
+            raise UsageError(f"model path {cfg.model!r} does not exist; pass --model a local Hugging Face model "
+                             "folder or a hub id such as Qwen/Qwen2.5-Coder-7B-Instruct")
+        source = cfg.model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    trust = cfg.trust_remote_code
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust)
+    except (OSError, ValueError) as exc:
+        if "custom code" in str(exc) or "trust_remote_code" in str(exc):
+            raise UsageError(f"model {cfg.model!r} ships its own Python code, which lp does not run unless asked; "
+                             "pass --trust-remote-code if you trust it") from None
+        hint = "" if isinstance(source, Path) else " (offline: is it in the Hugging Face cache?)"
+        raise UsageError(f"cannot load model {cfg.model!r}{hint}: {_one_line(exc)}") from None
+    return _adjust((model.to(device).eval(), tokenizer), cfg)
+
+
+def _adjust(loaded, cfg: RunConfig):
+    """Apply the config's generation overrides, then refuse settings greedy lookahead cannot reproduce, up front."""
+    model, tokenizer = loaded
+    for key, value in cfg.generation.items():
+        setattr(model.generation_config, key, value)
+    try:
+        greedy_rules(model.generation_config, 1, cfg.max_new_tokens)
+    except UnsupportedGenerationSetting as exc:
+        raise UsageError(f"{_one_line(exc)}; from the command line: --set generation.<setting>=<value>") from None
+    return model, tokenizer
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~", ".")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+def _decoder(model, cfg: RunConfig, launch: Launch) -> Decoder:
+    team = None
+    if launch.world_size > 1:
+        try:
+            from .parallel import ProcessGroupTeam
+        except ImportError:
+            raise UsageError("multi-rank runs need lp.parallel, which this installation lacks; run one process") \
+                from None
+        team = ProcessGroupTeam(kv_sync=cfg.kv_sync, fault_timeout_s=cfg.fault_timeout, mpi_comm=launch.mpi_comm)
+    try:
+        return Decoder(model, cfg.lookahead, team=team)
+    except ValueError as exc:  # encoder-decoder or sliding-window models: the same answer on every rank
+        raise UsageError(_one_line(exc)) from None
+
+
+class _Printer:
+    """Streams a completion to stdout: decode the growing sequence, print what is new."""
+
+    def __init__(self, tokenizer, prompt: list[int]):
+        self.tokenizer, self.ids = tokenizer, list(prompt)
+        self.shown = tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def start(self) -> None:
+        sys.stdout.write(self.shown)
+        sys.stdout.flush()
+
+    def __call__(self, tokens: list[int]) -> None:
+        self.ids.extend(tokens)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") or not text.startswith(self.shown):
+            return  # half a character, or the tokenizer rewrote the past: wait for more
+        sys.stdout.write(text[len(self.shown):])
+        sys.stdout.flush()
+        self.shown = text
+
+    def finish(self, stats: str) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.shown):
+            sys.stdout.write(text[len(self.shown):])
+        sys.stdout.write(f"\n({stats})\n")
+        sys.stdout.flush()
+
+
+def _stats_line(r: dict) -> str:
+    line = (f"{r['new_tokens']} new tokens, {r['steps']} steps, {r['tokens_per_step']:.2f} tokens/step, "
+            f"{r['tokens_per_second']:.1f} tokens/s, {r['ranks']} rank{'s' if r['ranks'] > 1 else ''}")
+    if "greedy_match" in r:
+        line += f"; greedy match: {'yes' if r['greedy_match'] else 'NO'}, speedup {r['speedup']:.2f}x"
+    return line
+
+
+def _summary_line(s: dict, cfg: RunConfig) -> str:
+    la = cfg.lookahead
+    line = (f"lp: {s['ok']} of {s['records']} prompts, {s['new_tokens']} new tokens, {s['steps']} steps, "
+            f"{s['tokens_per_step']:.2f} tokens/step, {s['tokens_per_second']:.1f} tokens/s, {s['ranks']} rank"
+            f"{'s' if s['ranks'] > 1 else ''} (W={la.window} N={la.ngram} G={la.guess})")
+    if "greedy_match" in s:
+        line += f"; greedy match: {'yes' if s['greedy_match'] else 'NO'}, speedup {s['speedup']:.2f}x"
+    return line
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, file=sys.stderr, unit="rec", disable=not enabled or total == 0, dynamic_ncols=True)
+
+
+def _logger(enabled: bool):
+    def log(message: str) -> None:
+        if enabled:
+            print(f"lp: {message}", file=sys.stderr, flush=True)
+    return log
+
+
+def _error(exc) -> None:
+    print(f"lp: error: {_one_line(exc)}", file=sys.stderr, flush=True)
+
+
+def _one_line(exc) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and text.startswith("'"):
+        text = text.strip("'")
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        text = f"file {exc.filename!r} does not exist; check the path"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _peer_failures() -> tuple:
+    try:
+        from .parallel import DivergenceError, RankFailure
+    except ImportError:
+        return ()
+    return (RankFailure, DivergenceError)
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

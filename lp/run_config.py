@@ -1,0 +1,167 @@
+"""Run settings of the command line: defaults < YAML file (--config) < --set key=value < dedicated flags."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, LookaheadConfig
+
+DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
+KV_SYNCS = ("recompute", "gather")
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs besides its prompts. model None means the embedded default model."""
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_new_tokens: int = 128
+    kv_sync: str = "recompute"
+    backend: str = "auto"
+    seed: int = 0
+    trust_remote_code: bool = False
+    fault_timeout: float = 60.0
+    tp: int = 1
+    chat: bool = False
+    lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
+    generation: dict = field(default_factory=dict)  # overrides of the model's generation_config
+
+
+KNOWN = tuple(f.name for f in fields(RunConfig))
+LOOKAHEAD_KNOWN = tuple(f.name for f in fields(LookaheadConfig))
+
+
+def load_yaml(path: str | Path) -> dict:
+    """Read a run config file with yaml.safe_load; a one-line ConfigError for every way it can be wrong."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist; check the --config path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc}") from None
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings (key: value), got {type(values).__name__}")
+    check_keys(values, str(path))
+    return values
+
+
+def check_keys(values: dict, source: str) -> None:
+    """Refuse unknown keys by name, listing the known ones."""
+    for key in values:
+        if key not in KNOWN:
+            raise ConfigError(f"unknown config key {key!r} in {source}; known keys: {', '.join(KNOWN)}")
+    generation = values.get("generation")
+    if generation is not None and not isinstance(generation, dict):
+        raise ConfigError(f"'generation' in {source} must be a mapping like {{repetition_penalty: 1.0}}")
+    for key in generation or ():
+        if not hasattr(_generation_defaults(), key):
+            raise ConfigError(f"unknown config key 'generation.{key}' in {source}; it must be a field of "
+                              "transformers.GenerationConfig (e.g. repetition_penalty, eos_token_id)")
+    section = values.get("lookahead")
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(f"'lookahead' in {source} must be a mapping like {{window: 15, ngram: 5, guess: 15}}")
+    for key in section:
+        if key not in LOOKAHEAD_KNOWN:
+            raise ConfigError(f"unknown config key 'lookahead.{key}' in {source}; "
+                              f"known lookahead keys: {', '.join(LOOKAHEAD_KNOWN)}")
+
+
+def _generation_defaults():
+    from transformers import GenerationConfig
+
+    return GenerationConfig()
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """Turn ["lookahead.window=7", "dtype=float64"] into a nested dict; values are read as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value (for example --set lookahead.window=7), got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r} conflicts with an earlier --set of {part!r}")
+        node[leaf] = value
+    check_keys(out, "--set")
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Deep-merge `extra` over `base` (nested mappings merge, everything else replaces)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build(values: dict) -> RunConfig:
+    """Validate a merged mapping into a RunConfig (every rank gets the same answer from the same input)."""
+    check_keys(values, "the run settings")
+    v = dict(values)
+    v["generation"] = dict(v.get("generation") or {})
+    lookahead = dict(v.pop("lookahead", None) or {})
+    if "seed" in v and "seed" not in lookahead:
+        lookahead["seed"] = v["seed"]
+    cfg = RunConfig(**v, lookahead=LookaheadConfig.from_dict(lookahead))
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: RunConfig) -> None:
+    if cfg.model is not None and (not isinstance(cfg.model, str) or not cfg.model.strip()):
+        raise ConfigError(f"model must be a hub id or a local path (or null for the embedded model), got {cfg.model!r}")
+    _choice("dtype", cfg.dtype, DTYPES)
+    _choice("kv_sync", cfg.kv_sync, KV_SYNCS)
+    _choice("backend", cfg.backend, BACKENDS)
+    if not isinstance(cfg.device, str) or not cfg.device:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
+    _int("max_new_tokens", cfg.max_new_tokens, 1)
+    _int("seed", cfg.seed, 0)
+    _int("tp", cfg.tp, 1)
+    if cfg.tp > 1:
+        raise ConfigError(f"tp={cfg.tp}: tensor parallelism is not implemented yet; use tp 1 (lookahead "
+                          "parallelism spreads the work over ranks instead)")
+    for name in ("trust_remote_code", "chat"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+    timeout = cfg.fault_timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigError(f"fault_timeout must be a positive number of seconds, got {timeout!r}")
+
+
+def _choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -1,0 +1,137 @@
+"""Batch jobs: JSONL in and out, bad records become error records, and a killed job resumes without loss."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lp.batch import InputError, JsonlWriter, done_keys, read_records
+from lp.cli import main
+from test_cli import RESULT_FIELDS, ROOT, RUN, base_args, clean_env, json_lines, tiny_dir  # noqa: F401 (fixture)
+
+
+def write_lines(path, *lines) -> str:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def test_bad_lines_become_error_records_naming_the_line(tmp_path):
+    path = write_lines(tmp_path / "in.jsonl",
+                       '{"id": "a", "prompt": "x"}',
+                       '{"id": "b", "prompt": ',
+                       '[1, 2]',
+                       '{"prompt": "no id"}',
+                       '{"id": "c", "prompt": "x", "messages": [{"role": "user", "content": "y"}]}',
+                       '{"id": "d", "messages": [{"role": "user"}]}',
+                       '{"id": "e", "prompt": "x", "max_new_tokens": -3}',
+                       '{"id": "f", "prompt": "x", "temperature": 0.7}',
+                       '',
+                       '{"id": 7, "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 5}')
+    records = read_records(path)
+    errors = {r.key: r.error for r in records}
+    assert errors == {
+        'id:"a"': None,
+        "line:2": "line 2: not valid JSON (Expecting value)",
+        "line:3": "line 3: expected a JSON object",
+        "line:4": "line 4: has no id",
+        'id:"c"': "give exactly one of prompt or messages",
+        'id:"d"': 'messages must be a non-empty list of {"role": str, "content": str}',
+        'id:"e"': "max_new_tokens must be a positive integer, got -3",
+        'id:"f"': "unknown field 'temperature'; records have id, prompt or messages, max_new_tokens",
+        "id:7": None,
+    }
+    assert records[-1].max_new_tokens == 5 and records[-1].line == 10
+
+
+def test_duplicate_ids_are_refused_up_front(tmp_path):
+    path = write_lines(tmp_path / "in.jsonl", '{"id": 1, "prompt": "a"}', '{"id": 2, "prompt": "b"}',
+                       '{"id": 1, "prompt": "c"}')
+    with pytest.raises(InputError, match="id 1 appears on lines 1 and 3; ids must be unique"):
+        read_records(path)
+
+
+def test_a_wholly_unreadable_input_is_an_error(tmp_path):
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x80\x81\xff" * 10)
+    with pytest.raises(InputError, match="is not UTF-8"):
+        read_records(binary)
+    with pytest.raises(InputError, match="no line of .* is a JSON object"):
+        read_records(write_lines(tmp_path / "a.txt", "just text", "more text"))
+    with pytest.raises(InputError, match="is a directory"):
+        read_records(tmp_path)
+
+
+def test_resume_ignores_and_cuts_a_trailing_partial_line(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(b'{"id": "a", "text": "x"}\n{"id": null, "line": 4, "error": "bad"}\n{"id": "b", "te')
+    assert done_keys(out) == {'id:"a"', "line:4"}
+    assert out.read_bytes().endswith(b'"bad"}\n')  # appending now starts on a fresh line
+    assert done_keys(tmp_path / "missing.jsonl") == set()
+
+
+def test_writer_appends_whole_lines(tmp_path):
+    path = tmp_path / "out.jsonl"
+    writer = JsonlWriter(path)
+    writer.write({"id": 1, "text": "é\nline"})
+    writer.write({"id": 2, "text": ""})
+    writer.close()
+    assert json_lines(path.read_text(encoding="utf-8")) == [{"id": 1, "text": "é\nline"}, {"id": 2, "text": ""}]
+
+
+def test_a_batch_job_writes_results_and_error_records_and_goes_on(tiny_dir, tmp_path, capsys):
+    source = write_lines(tmp_path / "in.jsonl",
+                         '{"id": "p", "prompt": "def f(x):"}',
+                         '{"id": "broken", "prompt": ',
+                         '{"id": "m", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 5}',
+                         '{"id": "long", "prompt": "' + "x" * 600 + '"}')
+    output = tmp_path / "out.jsonl"
+    assert main(base_args(tiny_dir, "--input", source, "--output", str(output), "--compare-greedy")) == 0
+    records = {r.get("id") if r.get("id") is not None else r["line"]: r for r in json_lines(output.read_text())}
+    assert set(records) == {"p", 2, "m", "long"}
+    assert RESULT_FIELDS | {"greedy_match"} <= set(records["p"]) and records["p"]["greedy_match"] is True
+    assert records["m"]["new_tokens"] == 5 and records["m"]["greedy_match"] is True
+    assert records[2]["error"].startswith("line 2: not valid JSON")
+    assert "shorten it" in records["long"]["error"]
+    captured = capsys.readouterr()
+    summary = json.loads(captured.err.strip().splitlines()[-1])["summary"]
+    assert (summary["records"], summary["ok"], summary["errors"]) == (4, 2, 2)
+    assert captured.out.splitlines()[-1].startswith("lp: 2 of 4 prompts")
+
+    # Rerunning with the same output skips every id already there.
+    assert main(base_args(tiny_dir, "--input", source, "--output", str(output))) == 0
+    assert len(output.read_text().splitlines()) == 4
+    assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["summary"]["skipped"] == 4
+
+
+def test_json_batch_prints_one_record_per_input_line(tiny_dir, tmp_path, capsys):
+    source = write_lines(tmp_path / "in.jsonl", '{"id": 1, "prompt": "a"}', "oops", '{"id": 2, "prompt": "b"}')
+    assert main(base_args(tiny_dir, "--input", source, "--json")) == 0
+    records = json_lines(capsys.readouterr().out)
+    assert [r.get("id") for r in records] == [1, None, 2] and records[1]["line"] == 2
+
+
+def test_a_killed_job_resumes_with_every_id_exactly_once(tiny_dir, tmp_path):
+    ids = [f"r{i}" for i in range(150)]
+    source = write_lines(tmp_path / "in.jsonl", *(json.dumps({"id": i, "prompt": f"{i}:abcab"}) for i in ids))
+    output = tmp_path / "out.jsonl"
+    cmd = [sys.executable, str(RUN), *base_args(tiny_dir, "--input", source, "--output", str(output),
+                                                "--max-new-tokens", "24")]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not output.exists() or output.read_text().count("\n") < 5):
+        time.sleep(0.01)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    done = output.read_bytes()
+    assert done.endswith(b"\n") and 5 <= done.count(b"\n") < len(ids), "the kill must land mid-job"
+    json_lines(done.decode())  # every line written so far is whole
+    with open(output, "ab") as f:
+        f.write(b'{"id": "r149", "text": "half a rec')  # as if a machine died mid-write
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    records = json_lines(output.read_text())
+    assert sorted(r["id"] for r in records) == sorted(ids)
+    assert all("error" not in r and r["new_tokens"] == 24 for r in records)

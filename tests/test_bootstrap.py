@@ -1,0 +1,127 @@
+"""Launcher detection and process-group setup: torchrun/deepspeed, mpirun, srun and plain python."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lp import bootstrap
+from lp.bootstrap import BootstrapError, Launch, detect
+
+ROOT = Path(__file__).resolve().parents[1]
+MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
+
+
+def subprocess_env(**extra) -> dict:
+    launcher_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher_vars and not k.startswith("SLURM_")}
+    return dict(env, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+
+
+def test_plain_python_is_one_rank_on_loopback():
+    assert detect({}) == Launch("single", 0, 1, 0, 1, "127.0.0.1")
+
+
+def test_torchrun_and_deepspeed_environment():
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node7",
+           "MASTER_PORT": "29511"}
+    assert detect(env) == Launch("torchrun", 3, 4, 1, 2, "node7", 29511)
+    # deepspeed's launcher exports the same variables (and passes --local_rank, which the CLI ignores)
+    assert detect({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}) == Launch("torchrun", 0, 2, 0, 2)
+
+
+def test_torchrun_inside_a_slurm_job_is_still_torchrun():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "MASTER_ADDR": "n1"}
+    assert detect(env).launcher == "torchrun"
+
+
+def test_srun_on_one_node_uses_loopback():
+    env = {"SLURM_PROCID": "1", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_NNODES": "1", "SLURM_JOB_ID": "77"}
+    assert detect(env) == Launch("slurm", 1, 4, 1, 4, "127.0.0.1", 20077)
+
+
+def test_srun_on_many_nodes_takes_the_first_host_from_scontrol(tmp_path, monkeypatch):
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[03-04]" ] && printf "gpu03\\ngpu04\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
+           "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[03-04]", "SLURM_JOB_ID": "12345"}
+    assert detect(env) == Launch("slurm", 5, 8, 1, 4, "gpu03", 32345)
+    assert detect(dict(env, MASTER_ADDR="head", MASTER_PORT="1234")).master_addr == "head"
+
+
+def test_srun_without_scontrol_says_to_set_master_addr(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[03-04]"}
+    with pytest.raises(BootstrapError, match="set MASTER_ADDR"):
+        detect(env)
+
+
+def test_cpu_ranks_use_gloo_and_the_flag_wins():
+    launch = Launch("torchrun", 0, 2, 0, 2)
+    if not torch.cuda.is_available():
+        assert bootstrap.choose_backend("auto", launch) == "gloo"
+        assert bootstrap.choose_device("auto", "gloo", launch) == torch.device("cpu")
+    assert bootstrap.choose_backend("nccl", launch) == "nccl"
+    with pytest.raises(BootstrapError, match="--backend gloo"):
+        bootstrap.choose_device("cpu", "nccl", launch)
+
+
+def test_free_port_is_free_on_loopback():
+    port = bootstrap.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_missing_peers_time_out_with_a_one_line_error():
+    launch = Launch("torchrun", 0, 2, 0, 2, "127.0.0.1", bootstrap.free_port())
+    with pytest.raises(BootstrapError, match=r"could not join 2 ranks .* within 2s") as info:
+        bootstrap.init_process_group(launch, "gloo", timeout_s=2)
+    assert "\n" not in str(info.value)
+
+
+AGREE = """
+import json, os, sys
+from lp import bootstrap
+launch = bootstrap.detect()
+bootstrap.init_process_group(launch, "gloo", 30)
+assert os.environ["GLOO_SOCKET_IFNAME"] in ("lo", "lo0")
+mine = "model folder missing" if launch.rank == 1 else None
+seen = [launch.launcher, launch.master_addr, bootstrap.first_error(mine, launch),
+        bootstrap.broadcast_json({"items": [launch.rank, "é"]}, launch)]
+open(f"{sys.argv[1]}/rank{launch.rank}.json", "w").write(json.dumps(seen))
+bootstrap.shutdown()
+"""
+
+
+def seen_by_each_rank(folder) -> list:
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_torchrun_ranks_agree_on_one_ranks_error(tmp_path):
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(tmp_path)], env=subprocess_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert seen_by_each_rank(tmp_path) == [["torchrun", "localhost", "rank 1: model folder missing",
+                                            {"items": [0, "é"]}]] * 2
+
+
+@pytest.mark.skipif(MPIRUN is None, reason="no mpirun/mpiexec on PATH (pip install 'lp[mpi]')")
+def test_mpirun_ranks_get_a_broadcast_loopback_port(tmp_path):
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+    script = tmp_path / "agree.py"
+    script.write_text(AGREE)
+    out = subprocess.run([MPIRUN, "-np", "2", sys.executable, str(script), str(tmp_path)], env=subprocess_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert seen_by_each_rank(tmp_path) == [["mpi", "127.0.0.1", "rank 1: model folder missing",
+                                            {"items": [0, "é"]}]] * 2
