@@ -79,7 +79,11 @@ def test_free_port_is_free_on_loopback():
         s.bind(("127.0.0.1", port))
 
 
-def test_missing_peers_time_out_with_a_one_line_error():
+def test_missing_peers_time_out_with_a_one_line_error(monkeypatch):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GLOO_SOCKET_IFNAME",
+                 "NCCL_SOCKET_IFNAME"):  # joining exports these: restore them for the tests that follow
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     launch = Launch("torchrun", 0, 2, 0, 2, "127.0.0.1", bootstrap.free_port())
     with pytest.raises(BootstrapError, match=r"could not join 2 ranks .* within 2s") as info:
         bootstrap.init_process_group(launch, "gloo", timeout_s=2)
