@@ -23,6 +23,7 @@ from .config import ConfigError
 from .decoding import Decoder, GenerationResult, PromptError
 from .greedy_rules import UnsupportedGenerationSetting, greedy_rules
 from .run_config import RunConfig
+from .tensor_parallel import TensorParallelError, make_team, plan_groups, shard_model, split_world
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -32,6 +33,7 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (UsageError, ConfigError, PromptError, UnsupportedGenerationSetting, FileNotFoundError, InputError,
+               TensorParallelError,
                BootstrapError)
 RECORD_ERRORS = (PromptError, UnsupportedGenerationSetting)  # deterministic: every rank raises them alike
 
@@ -74,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=run_config.BACKENDS, help="process group backend (auto: nccl with a GPU "
                    "per rank, else gloo)")
     p.add_argument("--fault-timeout", type=float, metavar="SECONDS", help="give up on a silent peer after this long")
-    p.add_argument("--tp", type=int, help="tensor parallel size (reserved: only 1 for now)")
+    p.add_argument("--tp", type=int, help="tensor-parallel ranks per replica (DeepSpeed AutoTP, pip install 'lp[deepspeed]'); "
+                   "world = replicas x tp")
+    p.add_argument("--lp", type=int, help="lookahead replicas (default: world size / tp); checked against the world")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="run a model's own Python code from the hub (off by default)")
     p.add_argument("--chat", action="store_true", default=None, help="wrap plain prompts in the chat template")
@@ -87,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "kv_sync", "dtype": "dtype",
-             "device": "device", "seed": "seed", "backend": "backend", "fault_timeout": "fault_timeout", "tp": "tp",
+             "device": "device", "seed": "seed", "backend": "backend", "fault_timeout": "fault_timeout", "tp": "tp", "lp": "lp",
              "trust_remote_code": "trust_remote_code", "chat": "chat", "window": "lookahead.window",
              "ngram": "lookahead.ngram", "guess": "lookahead.guess"}
 
@@ -127,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     cfg = resolve_config(args)  # same input on every rank, so every rank fails alike: no hang
     launch = bootstrap.detect()
-    if launch.world_size > cfg.lookahead.window:
-        raise UsageError(f"{launch.world_size} ranks but the window has {cfg.lookahead.window} columns to share; "
-                         f"launch at most {cfg.lookahead.window} ranks or raise --window")
+    replicas, _ = split_world(launch.world_size, cfg.tp, cfg.lp)
+    if replicas > cfg.lookahead.window:
+        raise UsageError(f"{replicas} lookahead replicas but the window has {cfg.lookahead.window} columns to "
+                         f"share; launch at most {cfg.lookahead.window * cfg.tp} ranks or raise --window")
     backend = bootstrap.choose_backend(cfg.backend, launch)
     device = bootstrap.choose_device(cfg.device, backend, launch)
     if device.type == "cpu" and launch.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -154,7 +159,7 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device) -> int:
     try:
         log(f"loading {cfg.model or 'the embedded default model'} ({launch.world_size} rank"
             f"{'s' if launch.world_size > 1 else ''}, {launch.launcher}, {device})")
-        model, tokenizer = load_model(cfg, device)
+        model, tokenizer = load_model(cfg, torch.device("cpu") if cfg.tp > 1 else device)  # sharded later
         if rank0:
             records = _records(args)
             done = batch.done_keys(args.output) if args.output else set()  # also cuts a killed run's partial line
@@ -196,8 +201,10 @@ def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Deco
                 printer.start()
             result = _decode(item, decoder, tokenizer, printer, launch.world_size)
             if args.compare_greedy and "error" not in result:
-                if rank0:
-                    result.update(_greedy_check(model, item, result))
+                if launch.rank < cfg.tp:  # a sharded replica's generate is collective: all of replica 0 runs it
+                    check = _greedy_check(model, item, result)
+                    if rank0:
+                        result.update(check)
                 bootstrap.release(launch)
             if not rank0:
                 continue
@@ -373,7 +380,11 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
 
 def _decoder(model, cfg: RunConfig, launch: Launch) -> Decoder:
     team = None
-    if launch.world_size > 1:
+    if cfg.tp > 1:  # DeepSpeed AutoTP inside each replica, lookahead exchange between replicas
+        plan = plan_groups(launch.world_size, cfg.tp)
+        model = shard_model(model, plan.tp_group, plan.tp)
+        team = make_team(cfg.kv_sync, plan, cfg.fault_timeout)
+    elif launch.world_size > 1:
         try:
             from .parallel import ProcessGroupTeam
         except ImportError:

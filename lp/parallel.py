@@ -51,7 +51,7 @@ class ProcessGroupTeam:
         self.comm = CommStats()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         self._slots = (0, 0)
-        self._heartbeat = _Heartbeat(store if store is not None else _default_store(), self.rank, self.size,
+        self._heartbeat = _Heartbeat(store if store is not None else default_store(), self.rank, self.size,
                                      fault_timeout_s)
 
     # -- per-generation setup ---------------------------------------------------------------------------
@@ -141,9 +141,9 @@ class ProcessGroupTeam:
             raise RankFailure(self._heartbeat.diagnose(what, error)) from error
 
 
-def _default_store():
+def default_store():
     try:
-        return dist.distributed_c10d._get_default_store()
+        return dist.distributed_c10d._getdefault_store()
     except Exception:  # no store (e.g. an MPI-initialised group): failures are reported without rank names
         return None
 

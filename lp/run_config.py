@@ -27,6 +27,7 @@ class RunConfig:
     trust_remote_code: bool = False
     fault_timeout: float = 60.0
     tp: int = 1
+    lp: int | None = None  # lookahead replicas; None = world size // tp
     chat: bool = False
     lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
     generation: dict = field(default_factory=dict)  # overrides of the model's generation_config
@@ -146,9 +147,8 @@ def _validate(cfg: RunConfig) -> None:
     _int("max_new_tokens", cfg.max_new_tokens, 1)
     _int("seed", cfg.seed, 0)
     _int("tp", cfg.tp, 1)
-    if cfg.tp > 1:
-        raise ConfigError(f"tp={cfg.tp}: tensor parallelism is not implemented yet; use tp 1 (lookahead "
-                          "parallelism spreads the work over ranks instead)")
+    if cfg.lp is not None:
+        _int("lp", cfg.lp, 1)
     for name in ("trust_remote_code", "chat"):
         if not isinstance(getattr(cfg, name), bool):
             raise ConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")

@@ -1,4 +1,5 @@
 """launch/run.py end to end: one process, torchrun, mpirun; --json purity; --compare-greedy; user mistakes."""
+import importlib.util
 import json
 import os
 import shutil
@@ -119,7 +120,8 @@ def test_deepspeeds_local_rank_argument_is_accepted(tiny_dir, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--model", "/no/such/model"], "model path '/no/such/model' does not exist; pass --model"),
     (["--set", "lookahead.windw=3"], "unknown config key 'lookahead.windw' in --set; known lookahead keys: window"),
-    (["--tp", "2"], "tensor parallelism is not implemented yet; use tp 1"),
+    (["--tp", "2"], "world size 1 is not divisible by tp=2: launch a multiple of 2 ranks"),
+    (["--tp", "1", "--lp", "2"], "lp=2 x tp=1 = 2 ranks, but the world has 1"),
     (["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
     (["--input", "/no/such.jsonl"], "input file '/no/such.jsonl' does not exist"),
 ])
@@ -269,3 +271,13 @@ def test_launch_scripts_are_valid_shell():
         assert subprocess.run(["bash", "-n", ROOT / "launch" / script]).returncode == 0
     sbatch = (ROOT / "launch" / "slurm_multinode.sbatch").read_text()
     assert "srun" in sbatch and "--rdzv_backend c10d" in sbatch and "launch/run.py" in sbatch
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed "
+                    "(pip install 'lp[deepspeed]')")
+def test_torchrun_with_tp_2_shards_one_replica_and_still_matches_greedy(tiny_dir):
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", RUN,
+               *base_args(tiny_dir, "--prompt", "abab", "--json", "--compare-greedy", "--tp", "2")], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    [record] = json_lines(out.stdout)
+    assert record["greedy_match"] is True and record["new_tokens"] == 12

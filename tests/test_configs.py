@@ -114,7 +114,7 @@ def test_merge_is_deep():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("tp=2", "tensor parallelism is not implemented yet"),
+    ("tp=0", "tp must be an integer >= 1"),
     ("kv_sync=broadcast", "kv_sync must be one of recompute, gather"),
     ("max_new_tokens=0", "max_new_tokens must be an integer >= 1"),
     ("fault_timeout=-1", "fault_timeout must be a positive number"),

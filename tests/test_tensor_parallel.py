@@ -1,0 +1,149 @@
+"""Lookahead x tensor parallelism (DeepSpeed AutoTP) on real gloo groups: every rank's output equals greedy."""
+import functools
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lp.tensor_parallel import SHARDABLE, TensorParallelError, shard_model, split_world
+from models import FAMILIES, STORIES, greedy, stories, tiny_model
+from test_exactness import repetitive_prompt
+from test_parallel import free_port
+
+NO_DEEPSPEED = "DeepSpeed is not installed (pip install 'lp[deepspeed]'): multi-process tensor parallelism is untested"
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+WNG = {"llama": (15, 5, 15), "mistral": (4, 3, 4), "qwen2": (5, 4, 0), "gemma": (7, 4, 7), "gpt_neox": (3, 6, 5),
+       "phi": (1, 2, 1)}
+
+
+def all_cases() -> tuple[list[dict], list[list[int]]]:
+    """Every shardable tiny family and stories260k (when present), both KV strategies; with greedy references."""
+    cases, expected = [], []
+    for i, family in enumerate(SHARDABLE):
+        prompt = repetitive_prompt(300 + i, 24)
+        reference = greedy(tiny_model(family, seed=i), prompt, 40)
+        for kv_sync in ("recompute", "gather"):
+            cases.append(dict(model=family, seed=i, prompt=prompt, wng=WNG[family], max_new=40, kv_sync=kv_sync))
+            expected.append(reference)
+    if STORIES.exists():
+        model, tokenizer = stories()
+        reference = greedy(model, tokenizer("Once upon a time").input_ids, 128)
+        for kv_sync in ("recompute", "gather"):
+            cases.append(dict(model="stories", prompt="Once upon a time", wng=(15, 5, 15), max_new=128,
+                              kv_sync=kv_sync))
+            expected.append(reference)
+    return cases, expected
+
+
+@functools.cache
+def model_config(name: str):
+    """The config of a case's model (tiny family or stories260k)."""
+    return stories()[0].config if name == "stories" else tiny_model(name).config
+
+
+@pytest.fixture(scope="module", params=[(2, 2), (1, 2)], ids=lambda p: f"lp{p[0]}xtp{p[1]}")
+def grid_run(request, tmp_path_factory):
+    """Run every case once on P_lp * P_tp ranks started as torchrun would (LOCAL_SIZE set, as launchers do)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip(NO_DEEPSPEED)
+    lp_size, tp = request.param
+    world = lp_size * tp
+    tmp = tmp_path_factory.mktemp(f"lp{lp_size}tp{tp}")
+    cases, expected = all_cases()
+    (tmp / "spec.json").write_text(json.dumps({"tp": tp, "cases": cases}))
+    port = free_port()
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+               LOCAL_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    logs = [(tmp / f"rank{r}.log").open("w") for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp / "spec.json"), str(tmp / f"out{r}.json")],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=logs[r], stderr=subprocess.STDOUT)
+             for r in range(world)]
+    deadline = time.time() + 600
+    for r, p in enumerate(procs):
+        try:
+            p.wait(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{lp_size}x{tp} ranks hung past 600 s")
+        logs[r].close()
+        if p.returncode:
+            pytest.fail(f"rank {r} of {lp_size}x{tp} failed:\n{(tmp / f'rank{r}.log').read_text()[-3000:]}")
+    outs = [json.loads((tmp / f"out{r}.json").read_text()) for r in range(world)]
+    return dict(lp=lp_size, tp=tp, cases=cases, expected=expected, outs=outs, port=port)
+
+
+def test_every_rank_of_every_replica_matches_single_process_greedy(grid_run):
+    for rank, out in enumerate(grid_run["outs"]):
+        for case, got, want in zip(grid_run["cases"], out["cases"], grid_run["expected"]):
+            assert got["tokens"] == want, f"rank {rank}, {case['model']} {case['kv_sync']}"
+
+
+def test_replicas_are_consecutive_ranks_and_lookahead_groups_share_a_tensor_index(grid_run):
+    lp_size, tp = grid_run["lp"], grid_run["tp"]
+    for rank, out in enumerate(grid_run["outs"]):
+        g, t = divmod(rank, tp)
+        assert out["plan"] == {"lp": lp_size, "tp": tp, "replica": g, "tp_rank": t,
+                               "tp_group": list(range(g * tp, (g + 1) * tp)),
+                               "lp_group": [h * tp + t for h in range(lp_size)]}
+
+
+def test_gather_moves_only_this_ranks_head_shard(grid_run):
+    lp_size, tp = grid_run["lp"], grid_run["tp"]
+    for rank, out in enumerate(grid_run["outs"]):
+        t = rank % tp
+        for case, got in zip(grid_run["cases"], out["cases"]):
+            if case["kv_sync"] != "gather":
+                continue
+            config = model_config(case["model"])
+            window, ngram, _ = case["wng"]
+            kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            my_heads = kv_heads // tp + (1 if t < kv_heads % tp else 0)  # AutoTP splits whole KV heads
+            exchange = lp_size * (2 + ngram + window) * 8  # the all-gathered step results
+            kv_shard = config.num_hidden_layers * 2 * my_heads * ngram * head_dim * 8  # float64 K and V, N slots
+            per_step = exchange + kv_shard
+            assert got["comm_bytes"] == got["steps"] * per_step, f"rank {rank}, {case['model']}"
+
+
+def test_no_shared_memory_segment_is_left_behind(grid_run):
+    prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{grid_run['port']}_"
+    assert not [p for p in Path("/dev/shm").glob(prefix + "*")]
+
+
+def test_a_world_not_divisible_by_tp_is_refused():
+    assert split_world(4, 2) == (2, 2) and split_world(2, 2) == (1, 2) and split_world(3, 1) == (3, 1)
+    with pytest.raises(TensorParallelError, match="world size 6 is not divisible by tp=4"):
+        split_world(6, 4)
+    with pytest.raises(TensorParallelError, match="lp=3 x tp=2"):
+        split_world(4, 2, lp=3)
+
+
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(SHARDABLE)))
+def test_a_family_autotp_cannot_shard_is_refused_before_any_work(family):
+    with pytest.raises(TensorParallelError, match=f"'{family}'.*tp=1"):
+        shard_model(tiny_model(family), tp_group=None, tp=2)
+
+
+def test_tp_of_one_leaves_the_model_alone():
+    model = tiny_model("gpt2")
+    assert shard_model(model, tp_group=None, tp=1) is model
+
+
+def test_deepspeed_never_picks_an_address_itself(monkeypatch):
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(TensorParallelError, match="MASTER_ADDR is not set"):
+        shard_model(tiny_model("llama"), tp_group=None, tp=2)
+
+
+def test_a_missing_deepspeed_is_named_with_its_install_command(monkeypatch):
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    with pytest.raises(TensorParallelError, match=r"needs DeepSpeed \(pip install 'lp\[deepspeed\]'\)"):
+        shard_model(tiny_model("llama"), tp_group=None, tp=2)
