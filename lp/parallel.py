@@ -143,7 +143,7 @@ class ProcessGroupTeam:
 
 def default_store():
     try:
-        return dist.distributed_c10d._getdefault_store()
+        return dist.distributed_c10d._get_default_store()
     except Exception:  # no store (e.g. an MPI-initialised group): failures are reported without rank names
         return None
 
@@ -155,11 +155,13 @@ class _Heartbeat:
         self.store, self.rank, self.size, self.timeout_s = store, rank, size, timeout_s
         self.period = max(0.2, min(2.0, timeout_s / 6))
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         if store is None:
             return
         self.store = dist.PrefixStore("lp-heartbeat", store)
         self._beat()
-        threading.Thread(target=self._run, name="lp-heartbeat", daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name="lp-heartbeat", daemon=True)
+        self._thread.start()
 
     def _beat(self) -> None:
         self.store.set(f"alive/{self.rank}", repr(time.time()))
@@ -172,7 +174,11 @@ class _Heartbeat:
                 return  # the store host is gone; the next collective will fail and be diagnosed
 
     def stop(self) -> None:
+        """Stop stamping and wait for the thread, so no store call is in flight when the group is torn down."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.period + 5)
+            self._thread = None
 
     def report(self, message: str) -> None:
         if self.store is not None:
