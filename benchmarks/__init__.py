@@ -1,0 +1,1 @@
+"""Latency benchmarks of lookahead decoding and lookahead parallelism (see benchmarks/README.md)."""

@@ -1,0 +1,116 @@
+"""Models and prompt suites for the benchmarks, offline: a path/hub id, "default", "stories260k" or random-llama."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
+STORIES = REPO.parent / "shared" / "models" / "stories260k"
+DEFAULT_SUITES = {"default": "code.jsonl", "stories260k": "stories.jsonl"}
+
+
+class ModelUnavailable(RuntimeError):
+    """The requested model is not on this machine (the message says where it was looked for)."""
+
+
+@dataclass
+class Prompt:
+    """One benchmark prompt: an id and its token ids (text kept for the record)."""
+
+    id: str
+    text: str
+    ids: list[int]
+
+
+def random_llama_config(spec: str):
+    """LlamaConfig from "random-llama:hidden=768,layers=4,heads=12,vocab=32000[,kv=..,ffn=..,seed=..]"."""
+    from transformers import LlamaConfig
+
+    values = dict(hidden=512, layers=4, heads=8, vocab=32000, seed=0)
+    body = spec.split(":", 1)[1] if ":" in spec else ""
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("hidden", "layers", "heads", "vocab", "kv", "ffn", "seed", "context"):
+            raise ValueError(f"unknown random-llama key {key!r} in {spec!r}")
+        values[key] = int(value)
+    hidden = values["hidden"]
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=values["layers"], num_attention_heads=values["heads"],
+                         num_key_value_heads=values.get("kv", values["heads"]), vocab_size=values["vocab"],
+                         intermediate_size=values.get("ffn", 64 * round(8 * hidden / 3 / 64)),
+                         max_position_embeddings=values.get("context", 4096), bos_token_id=1, eos_token_id=None,
+                         pad_token_id=0, tie_word_embeddings=False)
+    return config, values["seed"]
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer or None) for a model spec; tokenizer is None for random models (prompts map bytes to ids)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    if spec.startswith("random-llama"):
+        config, seed = random_llama_config(spec)
+        torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = 0
+        return model.eval(), None
+    if spec == "default":
+        try:
+            from lp.default_model import DEFAULT_MODEL_PATH, load_default_model
+        except ImportError as error:
+            raise ModelUnavailable(f"the embedded default model is not available ({error})") from error
+        if not (Path(DEFAULT_MODEL_PATH) / "config.json").exists():
+            raise ModelUnavailable(f"the embedded default model is not trained yet ({DEFAULT_MODEL_PATH} is empty)")
+        return load_default_model(dtype)
+    path = STORIES if spec == "stories260k" else spec
+    if spec == "stories260k" and not STORIES.exists():
+        raise ModelUnavailable(f"stories260k is absent (looked in {STORIES})")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(path)
+
+
+def default_suite(spec: str) -> Path:
+    """The prompt suite that suits a model spec (code for the default model, stories otherwise)."""
+    return PROMPTS_DIR / DEFAULT_SUITES.get(spec, "stories.jsonl")
+
+
+def render(record: dict, tokenizer) -> str:
+    """The prompt text of a suite record: "prompt", or "messages" through the chat template (or a plain transcript)."""
+    if "prompt" in record:
+        return record["prompt"]
+    messages = record["messages"]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+def encode(text: str, tokenizer, vocab_size: int) -> list[int]:
+    """Token ids of `text`: the tokenizer's, or UTF-8 bytes (offset past the special ids) for random models."""
+    if tokenizer is not None:
+        return list(tokenizer(text).input_ids)
+    return [3 + b % (vocab_size - 3) for b in text.encode()]
+
+
+def load_prompts(path: str | Path, tokenizer, vocab_size: int, limit: int | None = None) -> list[Prompt]:
+    """Read a JSONL suite ({id, prompt} or {id, messages}) and tokenise the first `limit` prompts."""
+    out = []
+    for n, line in enumerate(Path(path).read_text().splitlines()):
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        text = render(record, tokenizer)
+        out.append(Prompt(str(record.get("id", n)), text, encode(text, tokenizer, vocab_size)))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"no prompts in {path}")
+    return out

@@ -1,0 +1,74 @@
+"""Timed single runs: HF generate (greedy or prompt lookup) and lp's Decoder.stream, each step timed."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from lp.decoding import Decoder, GenerationResult
+
+
+@dataclass
+class Run:
+    """One timed generation of one prompt. step_s[0] includes the prefill; comm_s is per step (zeros alone)."""
+
+    tokens: list[int]
+    wall_s: float
+    step_s: list[float]
+    accepted: list[int]
+    fed: list[int] = field(default_factory=list)
+    comm_s: list[float] = field(default_factory=list)
+    comm_bytes: int = 0
+
+    def record(self, keep_tokens: bool = True) -> dict:
+        out = asdict(self)
+        if not keep_tokens:
+            out["tokens"] = []
+        return out
+
+
+class StepClock:
+    """A transformers streamer that stamps each put(): the first is the prompt, each later one ends a step."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+        self.counts: list[int] = []
+
+    def put(self, value) -> None:
+        self.stamps.append(time.perf_counter())
+        self.counts.append(int(value.numel()))
+
+    def end(self) -> None:
+        pass
+
+
+def time_hf(model, prompt: list[int], max_new_tokens: int, prompt_lookup: int = 0) -> Run:
+    """transformers generate(do_sample=False), plain greedy or with prompt_lookup_num_tokens=prompt_lookup."""
+    ids = torch.tensor([prompt], device=model.device)
+    extra = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
+    clock = StepClock()
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, streamer=clock, **extra)
+        wall = time.perf_counter() - start
+    stamps = [start] + clock.stamps[1:]
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    tokens = out[0, len(prompt):].tolist()
+    return Run(tokens, wall, steps, clock.counts[1:], [], [0.0] * len(steps))
+
+
+def time_lookahead(decoder: Decoder, prompt: list[int], max_new_tokens: int) -> Run:
+    """lp decoding through Decoder.stream, stamping each step as it yields; comm per step from the team."""
+    result = GenerationResult([], 0, [], 0.0, 0, "max_new_tokens")
+    steps = []
+    with torch.inference_mode():
+        start = last = time.perf_counter()
+        for _ in decoder.stream(prompt, max_new_tokens, result):
+            now = time.perf_counter()
+            steps.append(now - last)
+            last = now
+    comm = list(decoder.team.comm.seconds) or [0.0] * len(steps)
+    return Run(list(result.token_ids), last - start, steps, list(result.accepted_per_step),
+               list(result.tokens_fed_per_step), comm, int(result.comm_bytes))

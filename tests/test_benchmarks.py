@@ -1,0 +1,89 @@
+"""Smoke tests of the benchmark harness: it runs end to end on a tiny config and writes the files it promises."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks import loading, report  # noqa: E402
+
+TINY = "random-llama:hidden=32,layers=1,heads=4,vocab=97"
+
+
+def test_sweep_runs_end_to_end_on_a_tiny_random_llama(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--model", TINY, "--prompts",
+           str(REPO / "benchmarks" / "prompts" / "chat.jsonl"), "--limit", "2", "--configs", "4:3:4,2:2:2",
+           "--nproc", "1,2", "--kv-sync", "recompute,gather", "--prompt-lookup", "3", "--max-new-tokens", "12",
+           "--repeats", "1", "--warmup", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| configuration |" in done.stdout
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(report.COLUMNS)
+    # greedy, prompt lookup, 2 configs on one process, 2 configs x 2 KV strategies on 2 ranks
+    assert [r["method"] for r in rows] == ["hf_greedy", "hf_prompt_lookup"] + ["lookahead"] * 6
+    assert all(r["matched_greedy"] == "True" for r in rows)
+    team = [r for r in rows if r["ranks"] == "2"]
+    assert {r["kv_sync"] for r in team} == {"recompute", "gather"}
+    assert all(len(r["fed_per_step_by_rank"].split("/")) == 2 for r in team)
+    assert all(float(r["tokens_per_step"]) >= 1 for r in rows)
+
+    data = json.loads((out / "results.json").read_text())
+    for key in ("torch", "transformers", "cpu", "torch_threads_per_process", "date_utc", "command", "gpu"):
+        assert key in data["environment"]
+    assert len(data["rows"]) == len(rows) and data["settings"]["prompt_count"] == 2
+    for name in ("speedup_vs_ranks.png", "tokens_per_step.png", "step_latency.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_missing_model_is_skipped_cleanly(tmp_path, monkeypatch):
+    monkeypatch.setattr(loading, "STORIES", tmp_path / "absent")
+    with pytest.raises(loading.ModelUnavailable):
+        loading.load_model("stories260k")
+
+
+def test_random_llama_spec_and_byte_prompts():
+    config, seed = loading.random_llama_config("random-llama:hidden=64,layers=2,heads=4,vocab=300,seed=7")
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size, seed) == (
+        64, 2, 4, 300, 7)
+    prompts = loading.load_prompts(REPO / "benchmarks" / "prompts" / "chat.jsonl", None, 300, limit=3)
+    assert len(prompts) == 3 and all(3 <= t < 300 for p in prompts for t in p.ids)
+    assert prompts[0].text.endswith("Assistant:")
+
+
+def test_every_prompt_suite_parses():
+    for suite in (REPO / "benchmarks" / "prompts").glob("*.jsonl"):
+        assert loading.load_prompts(suite, None, 1000), suite
+
+
+def test_percentile():
+    assert report.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert report.percentile([1.0, 2.0], 90) == pytest.approx(1.9)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+def test_gpu_script_refuses_cleanly_without_cuda():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_forward_scaling.py")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("skipped:") and len(done.stdout.splitlines()) == 1
+
+
+def test_gpu_script_logic_on_a_tiny_cpu_model(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_forward_scaling.py"), "--device", "cpu", "--hidden", "32",
+           "--layers", "1", "--heads", "4", "--kv-heads", "4", "--ffn", "64", "--vocab", "97", "--prefix", "16",
+           "--max-tokens", "8", "--iters", "1", "--warmup", "0", "--configs", "2:3:2", "--nproc", "2",
+           "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_forward_scaling.json").read_text())
+    assert sorted(map(int, result["forward_ms"])) == [1, 2, 4, 8]
+    assert {(r["gpus"], r["kv_sync"]) for r in result["projected"]} == {(1, "none"), (2, "recompute"), (2, "gather")}
