@@ -21,9 +21,10 @@ def _lookahead(rows: list[dict]) -> list[dict]:
 
 
 def speedup_vs_ranks(rows: list[dict], path: Path, title: str) -> None:
-    """Speedup over HF greedy against the number of ranks, one line per (W,N,G) and KV strategy."""
+    """Speedup over HF greedy against the number of ranks, one line per (W,N,G) and KV strategy (LP only:
+    tensor-parallel rows are in the tables)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    la = _lookahead(rows)
+    la = [r for r in _lookahead(rows) if r.get("tp", 1) == 1]
     for wng in sorted({(r["window"], r["ngram"], r["guess"]) for r in la}):
         same = [r for r in la if (r["window"], r["ngram"], r["guess"]) == wng]
         solo = [r for r in same if r["ranks"] == 1]

@@ -21,15 +21,21 @@ from benchmarks.timing import time_lookahead  # noqa: E402
 from lp.config import LookaheadConfig  # noqa: E402
 from lp.decoding import Decoder  # noqa: E402
 from lp.parallel import ProcessGroupTeam  # noqa: E402
+from lp.tensor_parallel import make_team, plan_groups, shard_model  # noqa: E402
 
 
 def run_jobs(spec: dict) -> list[dict]:
     """Warm up each job, then time it on every prompt (one repeat, numbered spec["repeat"]); this rank's records."""
     rank = dist.get_rank()
     model, _ = load_model(spec["model"], getattr(torch, spec["dtype"]))
+    plan = None
+    if spec.get("tp", 1) > 1:  # replicas of tp ranks sharded with DeepSpeed AutoTP; lookahead between replicas
+        plan = plan_groups(dist.get_world_size(), spec["tp"])
+        model = shard_model(model, plan.tp_group, plan.tp)
     records = []
     for j, job in enumerate(spec["jobs"]):
-        team = ProcessGroupTeam(job["kv_sync"], fault_timeout_s=spec["fault_timeout"])
+        team = (make_team(job["kv_sync"], plan, spec["fault_timeout"]) if plan else
+                ProcessGroupTeam(job["kv_sync"], fault_timeout_s=spec["fault_timeout"]))
         decoder = Decoder(model, LookaheadConfig(job["window"], job["ngram"], job["guess"]), team)
         first = spec["prompts"][0]["ids"]
         for _ in range(spec["warmup"]):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-CONFIG_KEYS = ("method", "window", "ngram", "guess", "ranks", "kv_sync", "prompt_lookup")
+CONFIG_KEYS = ("method", "window", "ngram", "guess", "ranks", "tp", "kv_sync", "prompt_lookup")
 COLUMNS = CONFIG_KEYS + (
     "prompts", "repeats", "new_tokens", "steps", "tokens_per_step", "step_ms_mean", "step_ms_p50", "step_ms_p90",
     "compute_ms_per_step", "comm_ms_per_step", "comm_ms_by_rank", "comm_ms_min", "comm_share", "comm_bytes_per_step", "wall_s", "wall_s_std",
@@ -153,6 +153,9 @@ def _label(row: dict) -> str:
     if row["method"] == "hf_prompt_lookup":
         return f"HF prompt lookup (K={row['prompt_lookup']})"
     where = "1 process" if row["ranks"] == 1 else f"P={row['ranks']} {row['kv_sync']}"
+    if row.get("tp", 1) > 1:
+        replicas = row["ranks"] // row["tp"]
+        where = f"TP={row['tp']} only" if replicas == 1 else f"P_lp={replicas} x TP={row['tp']} {row['kv_sync']}"
     return f"lookahead ({row['window']},{row['ngram']},{row['guess']}) {where}"
 
 

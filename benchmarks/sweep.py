@@ -28,7 +28,7 @@ from lp.config import LookaheadConfig  # noqa: E402
 from lp.decoding import Decoder  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("rank_worker.py")
-HF_KEYS = dict(window=None, ngram=None, guess=None, ranks=1, kv_sync=None)
+HF_KEYS = dict(window=None, ngram=None, guess=None, ranks=1, tp=1, kv_sync=None)
 
 
 def int_list(text: str) -> list[int]:
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guess", type=int_list, default=[15])
     p.add_argument("--configs", help="explicit W:N:G list instead of the grid, e.g. 15:5:15,7:5:7")
     p.add_argument("--nproc", type=int_list, default=[1], help="ranks; 1 = one process (no process group)")
+    p.add_argument("--tp", type=int_list, default=[1], help="tensor-parallel ranks per replica (DeepSpeed AutoTP) "
+                   "for P>1 teams: --nproc 2 --tp 2 is TP only, --nproc 4 --tp 2 is 2 replicas x TP 2")
     p.add_argument("--kv-sync", default="recompute,gather", help="KV strategies for P>1: recompute,gather")
     p.add_argument("--prompt-lookup", type=int_list, default=[10], help="HF prompt_lookup_num_tokens values; 0 = skip")
     p.add_argument("--no-greedy", action="store_true", help="skip HF greedy (then no speedups and no exactness check)")
@@ -90,7 +92,7 @@ def in_process_methods(args, model, configs) -> list[tuple]:
     if 1 in args.nproc:
         for cfg in configs:
             decoder = Decoder(model, cfg)
-            keys = dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, ranks=1, kv_sync="none",
+            keys = dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, ranks=1, tp=1, kv_sync="none",
                         prompt_lookup=0)
             methods.append(("lookahead", keys, lambda ids, d=decoder: time_lookahead(d, ids, args.max_new_tokens)))
     return methods
@@ -131,11 +133,12 @@ def launch(args, ranks: int, spec_file: Path, bar, scratch: Path) -> list[int]:
     return codes
 
 
-def team(args, ranks: int, prompts, configs, kv_syncs, repeat: int, bar, scratch: Path) -> list[dict]:
-    """Spawn `ranks` gloo workers (1 process per rank) that time one repeat of every config x KV strategy."""
+def team(args, ranks: int, tp: int, prompts, configs, kv_syncs, repeat: int, bar, scratch: Path) -> list[dict]:
+    """Spawn `ranks` gloo workers (1 process per rank, replicas of `tp` ranks) that time one repeat of every
+    config x KV strategy."""
     jobs = [dict(window=c.window, ngram=c.ngram, guess=c.guess, kv_sync=kv) for c in configs for kv in kv_syncs]
     spec = dict(model=args.model, dtype=args.dtype, threads=args.threads, max_new_tokens=args.max_new_tokens,
-                warmup=args.warmup, repeat=repeat, fault_timeout=args.fault_timeout, jobs=jobs,
+                warmup=args.warmup, repeat=repeat, fault_timeout=args.fault_timeout, jobs=jobs, tp=tp,
                 prompts=[dict(id=p.id, ids=p.ids) for p in prompts])
     spec_file = scratch / f"spec{ranks}.json"
     spec_file.write_text(json.dumps(spec))
@@ -151,7 +154,7 @@ def team(args, ranks: int, prompts, configs, kv_syncs, repeat: int, bar, scratch
     for r in range(ranks):
         for rec in json.loads((scratch / f"out{ranks}-{r}.json").read_text()):
             job = jobs[rec.pop("job")]
-            records.append(dict(method="lookahead", **job, ranks=ranks, prompt_lookup=0, **rec))
+            records.append(dict(method="lookahead", **job, ranks=ranks, tp=tp, prompt_lookup=0, **rec))
     return records
 
 
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = loading.load_prompts(suite, tokenizer, model.config.vocab_size, args.limit)
     configs = lookahead_configs(args)
     kv_syncs = [k for k in args.kv_sync.split(",") if k]
-    teams = [p for p in args.nproc if p > 1]
+    teams = [(p, tp) for p in args.nproc if p > 1 for tp in args.tp if p % tp == 0]
     in_methods = (not args.no_greedy) + len(list(filter(None, args.prompt_lookup))) + len(configs) * (1 in args.nproc)
     total = args.repeats * len(prompts) * (in_methods + len(teams) * len(configs) * len(kv_syncs))
     name = args.model.split(":")[0].replace("/", "_")
@@ -188,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="lp-sweep-") as scratch:
             for repeat in range(args.repeats):  # each repeat: in-process methods, then one launch per team size
                 runs += in_process(methods, prompts, repeat, bar)
-                for ranks in teams:
-                    runs += team(args, ranks, prompts, configs, kv_syncs, repeat, bar, Path(scratch))
+                for ranks, tp in teams:
+                    runs += team(args, ranks, tp, prompts, configs, kv_syncs, repeat, bar, Path(scratch))
     rows = report.aggregate(runs)
     report.write_outputs(out_dir, rows, runs, env, settings)
     if not args.no_plots:

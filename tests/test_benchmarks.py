@@ -1,5 +1,6 @@
 """Smoke tests of the benchmark harness: it runs end to end on a tiny config and writes the files it promises."""
 import csv
+import importlib.util
 import json
 import subprocess
 import sys
@@ -43,6 +44,21 @@ def test_sweep_runs_end_to_end_on_a_tiny_random_llama(tmp_path):
     assert len(data["rows"]) == len(rows) and data["settings"]["prompt_count"] == 2
     for name in ("speedup_vs_ranks.png", "tokens_per_step.png", "step_latency.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed "
+                    "(pip install 'lp[deepspeed]')")
+def test_sweep_adds_tensor_parallel_rows(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--model", TINY, "--limit", "1", "--configs",
+           "4:3:4", "--nproc", "2", "--tp", "1,2", "--kv-sync", "gather", "--prompt-lookup", "0",
+           "--max-new-tokens", "8", "--repeats", "1", "--warmup", "0", "--no-plots", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "TP=2 only" in done.stdout and "P=2 gather" in done.stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert sorted(r["tp"] for r in rows if r["method"] == "lookahead") == [1, 2]
+    assert all(r["matched_greedy"] for r in rows)
 
 
 def test_a_missing_model_is_skipped_cleanly(tmp_path, monkeypatch):
