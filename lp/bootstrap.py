@@ -299,10 +299,14 @@ def broadcast_json(obj, launch: Launch, src: int = 0):
     return json.loads(buf.cpu().numpy().tobytes().decode()) if launch.rank != src else obj
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = False) -> None:
+    """Leave the process group; after a clean run, first wait for every rank, so rank 0 (which may host the
+    store) does not exit while a peer still talks to it (that can abort the peer at exit)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -148,7 +148,7 @@ def _run(args) -> int:
     except BaseException:
         bootstrap.shutdown()
         raise
-    bootstrap.shutdown()
+    bootstrap.shutdown(clean=True)
     return code
 
 

@@ -12,17 +12,11 @@ tokens. The lookahead exchange runs between replicas: the rank with tensor index
 """
 from __future__ import annotations
 
-import argparse
 import atexit
 import contextlib
 import importlib
-import json
 import os
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -183,137 +177,3 @@ def _accelerator_accepts(dtype: torch.dtype):
         yield
     finally:
         del accelerator.supported_dtypes
-
-
-# -- benchmark: python -m lp.tensor_parallel --bench -------------------------------------------------------
-
-BENCH_GRID = ((1, 1), (2, 1), (1, 2), (2, 2))
-
-
-def bench_model(hidden: int, layers: int, vocab: int, seed: int = 0):
-    """A seeded random float32 Llama for timing (64-dim heads, half as many KV heads)."""
-    import transformers
-
-    heads, intermediate = hidden // 64, hidden * 8 // 3 // 64 * 64
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                                      num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=max(1, heads // 2), max_position_embeddings=2048)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config.eos_token_id = None
-    return model.eval()
-
-
-def bench_prompts(count: int, length: int, vocab: int) -> list[list[int]]:
-    """Prompts that repeat a short random phrase with noise, so the n-gram pool has something to find."""
-    g = torch.Generator().manual_seed(1234)
-    prompts = []
-    for _ in range(count):
-        phrase = torch.randint(3, vocab, (8,), generator=g).tolist()
-        noise = torch.randint(3, vocab, (length,), generator=g).tolist()
-        prompts.append([phrase[i % 8] if i % 3 else noise[i] for i in range(length)])
-    return prompts
-
-
-def _bench_rank(spec: dict) -> dict:
-    """One rank of one (P_lp, P_tp) point: shard, decode every prompt, report per-prompt timings."""
-    import lp
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    plan = plan_groups(dist.get_world_size(), spec["tp"])
-    model = shard_model(bench_model(spec["hidden"], spec["layers"], spec["vocab"]), plan.tp_group, plan.tp)
-    team = make_team(spec["kv_sync"], plan)
-    decoder = lp.Decoder(model, lp.LookaheadConfig(*spec["wng"]), team)
-    decoder.generate(spec["prompts"][0], 8)  # warm-up
-    runs = []
-    for prompt in spec["prompts"]:
-        dist.barrier()
-        cpu = time.process_time()
-        r = decoder.generate(prompt, spec["max_new"])
-        runs.append({"tokens": r.token_ids, "steps": r.steps, "seconds": r.wall_time_s, "comm_s": r.comm_time_s,
-                     "cpu_s": time.process_time() - cpu})
-    team.close()
-    dist.destroy_process_group()
-    return {"runs": runs}
-
-
-def _launch(lp_size: int, tp: int, spec: dict, workdir: Path) -> list[dict]:
-    """Start lp_size * tp ranks of this module on 127.0.0.1 as torchrun would; return rank 0's report."""
-    world = lp_size * tp
-    spec_file = workdir / f"spec-{lp_size}x{tp}.json"
-    spec_file.write_text(json.dumps(dict(spec, tp=tp)))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-               OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
-    outs = [workdir / f"out-{lp_size}x{tp}-{r}.json" for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, "-m", "lp.tensor_parallel", "--rank-spec", str(spec_file), str(outs[r])],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for r in range(world)]
-    for r, p in enumerate(procs):
-        _, err = p.communicate()
-        if p.returncode:
-            raise RuntimeError(f"rank {r} of {lp_size}x{tp} failed:\n{err[-2000:]}")
-    return [json.loads(o.read_text()) for o in outs]
-
-
-def bench(hidden: int = 768, layers: int = 4, vocab: int = 8192, prompts: int = 3, prompt_len: int = 64,
-          max_new: int = 96, wng=(15, 5, 15), kv_sync: str = "gather", grid=BENCH_GRID) -> list[dict]:
-    """Step latency of each (P_lp, P_tp) on the same model and prompts; one row per grid point.
-
-    busiest_rank_cpu_ms_per_step (CPU time, not wall time) shows the work split even on a crowded machine.
-    """
-    spec = dict(hidden=hidden, layers=layers, vocab=vocab, wng=list(wng), max_new=max_new, kv_sync=kv_sync,
-                prompts=bench_prompts(prompts, prompt_len, vocab))
-    rows, baseline = [], None
-    with tempfile.TemporaryDirectory() as tmp:
-        for lp_size, tp in grid:
-            ranks = _launch(lp_size, tp, spec, Path(tmp))
-            runs = ranks[0]["runs"]
-            tokens = [r["tokens"] for r in runs]
-            baseline = baseline or tokens
-            steps, seconds = sum(r["steps"] for r in runs), sum(r["seconds"] for r in runs)
-            new = sum(len(t) for t in tokens)
-            agree = all(rk["runs"][i]["tokens"] == tokens[i] for rk in ranks for i in range(len(runs)))
-            rows.append({"lp": lp_size, "tp": tp, "ranks": lp_size * tp, "steps": steps,
-                         "tokens_per_step": round(new / steps, 3), "step_ms": round(1000 * seconds / steps, 2),
-                         "tokens_per_s": round(new / seconds, 2),
-                         "comm_ms_per_step": round(1000 * sum(r["comm_s"] for r in runs) / steps, 2),
-                         "busiest_rank_cpu_ms_per_step": round(1000 * max(sum(r["cpu_s"] for r in rk["runs"])
-                                                                          for rk in ranks) / steps, 2),
-                         "same_tokens_as_first": tokens == baseline,
-                         "ranks_agree": agree})
-    return rows
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Benchmark lookahead x tensor parallelism on CPU (gloo).")
-    parser.add_argument("--bench", action="store_true", help="time the (P_lp, P_tp) grid and print JSON rows")
-    parser.add_argument("--rank-spec", nargs=2, metavar=("SPEC", "OUT"), help=argparse.SUPPRESS)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--prompts", type=int, default=3)
-    parser.add_argument("--max-new", type=int, default=96)
-    parser.add_argument("--wng", type=int, nargs=3, default=(15, 5, 15))
-    parser.add_argument("--kv-sync", default="gather")
-    parser.add_argument("--grid", default="1x1,2x1,1x2,2x2", help="comma-separated LPxTP points")
-    args = parser.parse_args(argv)
-    if args.rank_spec:
-        spec_path, out_path = args.rank_spec
-        Path(out_path).write_text(json.dumps(_bench_rank(json.loads(Path(spec_path).read_text()))))
-        return
-    if not args.bench:
-        parser.error("nothing to do: pass --bench")
-    grid = [tuple(int(x) for x in point.split("x")) for point in args.grid.split(",")]
-    began = time.time()
-    for row in bench(args.hidden, args.layers, args.vocab, args.prompts, max_new=args.max_new, wng=args.wng,
-                     kv_sync=args.kv_sync, grid=grid):
-        print(json.dumps(row), flush=True)
-    print(f"# {time.time() - began:.0f}s on {os.cpu_count()} CPUs, 1 thread per rank", file=sys.stderr)
-
-
-if __name__ == "__main__":
-    main()

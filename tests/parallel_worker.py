@@ -56,6 +56,9 @@ def main(spec_path: str, out_path: str) -> None:
                         "fed": result.tokens_fed_per_step, "comm_bytes": result.comm_bytes})
         team.close()
     Path(out_path.replace("{rank}", str(rank))).write_text(json.dumps(results))
+    if not any("failure" in r for r in results):  # a clean exit: nobody leaves while a peer still talks to it
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
