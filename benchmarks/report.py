@@ -155,7 +155,7 @@ def _label(row: dict) -> str:
     where = "1 process" if row["ranks"] == 1 else f"P={row['ranks']} {row['kv_sync']}"
     if row.get("tp", 1) > 1:
         replicas = row["ranks"] // row["tp"]
-        where = f"TP={row['tp']} only" if replicas == 1 else f"P_lp={replicas} x TP={row['tp']} {row['kv_sync']}"
+        where = f"TP={row['tp']} only {row['kv_sync']}" if replicas == 1 else f"P_lp={replicas} x TP={row['tp']} {row['kv_sync']}"
     return f"lookahead ({row['window']},{row['ngram']},{row['guess']}) {where}"
 
 

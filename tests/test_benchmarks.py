@@ -55,7 +55,7 @@ def test_sweep_adds_tensor_parallel_rows(tmp_path):
            "--max-new-tokens", "8", "--repeats", "1", "--warmup", "0", "--no-plots", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "TP=2 only" in done.stdout and "P=2 gather" in done.stdout
+    assert "TP=2 only gather" in done.stdout and "P=2 gather" in done.stdout
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert sorted(r["tp"] for r in rows if r["method"] == "lookahead") == [1, 2]
     assert all(r["matched_greedy"] for r in rows)
