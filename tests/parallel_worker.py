@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the lp of this checkout, installed or not
 torch.set_num_threads(1)
 
 import lp  # noqa: E402
