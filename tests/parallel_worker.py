@@ -1,4 +1,5 @@
-"""One rank of a lookahead-parallel test run: decode the cases of a JSON spec, write what it got.
+"""One rank of a lookahead-parallel test run (optionally with tensor-parallel replicas): decode the cases of a
+JSON spec, write what it got.
 
 Started P times by tests/test_parallel.py with RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT set (as torchrun does).
 """
@@ -18,6 +19,7 @@ torch.set_num_threads(1)
 
 import lp  # noqa: E402
 from lp.parallel import DivergenceError, ProcessGroupTeam, RankFailure  # noqa: E402
+from lp.tensor_parallel import make_team, plan_groups, shard_model  # noqa: E402
 from models import stories, tiny_model  # noqa: E402
 
 
@@ -30,6 +32,7 @@ def main(spec_path: str, out_path: str) -> None:
         os.environ.update(RANK=str(mpi_comm.Get_rank()), WORLD_SIZE=str(mpi_comm.Get_size()))
     dist.init_process_group("gloo", timeout=timedelta(seconds=spec.get("fault_timeout", 60)))
     rank = dist.get_rank()
+    plan = plan_groups(dist.get_world_size(), spec["tp"]) if spec.get("tp", 1) > 1 else None
     results = []
     for case in spec["cases"]:
         if case["model"] == "stories":
@@ -38,7 +41,11 @@ def main(spec_path: str, out_path: str) -> None:
         else:
             model = tiny_model(case["model"], seed=case.get("seed", 0))
             prompt = case["prompt"]
-        team = ProcessGroupTeam(case["kv_sync"], fault_timeout_s=spec.get("fault_timeout", 60), mpi_comm=mpi_comm)
+        if plan:  # replicas of tp ranks sharded with DeepSpeed AutoTP, lookahead between replicas
+            model = shard_model(model, plan.tp_group, plan.tp)
+            team = make_team(case["kv_sync"], plan)
+        else:
+            team = ProcessGroupTeam(case["kv_sync"], fault_timeout_s=spec.get("fault_timeout", 60), mpi_comm=mpi_comm)
         seed = case.get("window_seed_per_rank", [0] * (rank + 1))[rank]
         config = lp.LookaheadConfig(*case["wng"], seed=seed)
         steps = []
@@ -56,7 +63,10 @@ def main(spec_path: str, out_path: str) -> None:
         results.append({"tokens": result.token_ids, "steps": result.steps,
                         "fed": result.tokens_fed_per_step, "comm_bytes": result.comm_bytes})
         team.close()
-    Path(out_path.replace("{rank}", str(rank))).write_text(json.dumps(results))
+    layout = plan and dict(lp=plan.lp, tp=plan.tp, replica=plan.replica, tp_rank=plan.tp_rank,
+                           tp_group=dist.get_process_group_ranks(plan.tp_group),
+                           lp_group=dist.get_process_group_ranks(plan.lp_group))
+    Path(out_path.replace("{rank}", str(rank))).write_text(json.dumps({"plan": layout, "cases": results}))
     if not any("failure" in r for r in results):  # a clean exit: nobody leaves while a peer still talks to it
         dist.barrier()
         dist.destroy_process_group()

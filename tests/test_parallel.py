@@ -23,12 +23,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_team(ranks: int, spec: dict, tmp_path: Path, timeout: float = 240) -> tuple[list, list]:
-    """Start `ranks` worker processes as torchrun would; return each rank's results and exit codes."""
+def run_team(ranks: int, spec: dict, tmp_path: Path, timeout: float = 240, port: int | None = None,
+             **env_extra) -> tuple[list, list]:
+    """Start `ranks` worker processes as torchrun would; return each rank's case results and exit codes."""
     spec_file = tmp_path / "spec.json"
     spec_file.write_text(json.dumps(spec))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks),
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()), WORLD_SIZE=str(ranks),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_extra)
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(spec_file), str(tmp_path / f"out{r}.json")],
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
              for r in range(ranks)]
@@ -45,7 +46,7 @@ def run_team(ranks: int, spec: dict, tmp_path: Path, timeout: float = 240) -> tu
     outs = []
     for r, p in enumerate(procs):
         path = tmp_path / f"out{r}.json"
-        outs.append(json.loads(path.read_text()) if path.exists() else None)
+        outs.append(json.loads(path.read_text())["cases"] if path.exists() else None)
         if p.returncode not in (0, -9) and outs[-1] is None:
             pytest.fail(f"rank {r} crashed: {p.stderr.read()[-2000:]}")
     return outs, codes
@@ -136,4 +137,5 @@ def test_the_step_exchange_can_run_over_mpi(tmp_path):
                           env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     for rank in (0, 1):
-        assert [r["tokens"] for r in json.loads((tmp_path / f"out{rank}.json").read_text())] == [expected] * 2
+        cases = json.loads((tmp_path / f"out{rank}.json").read_text())["cases"]
+        assert [r["tokens"] for r in cases] == [expected] * 2

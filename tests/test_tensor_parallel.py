@@ -3,9 +3,7 @@ import functools
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +11,10 @@ import pytest
 from lp.tensor_parallel import SHARDABLE, TensorParallelError, shard_model, split_world
 from models import FAMILIES, STORIES, greedy, stories, tiny_model
 from test_exactness import repetitive_prompt
-from test_parallel import free_port
+from test_parallel import free_port, run_team
 
 NO_DEEPSPEED = "DeepSpeed is not installed (pip install 'lp[deepspeed]'): multi-process tensor parallelism is untested"
 
-WORKER = Path(__file__).with_name("tp_worker.py")
 WNG = {"llama": (15, 5, 15), "mistral": (4, 3, 4), "qwen2": (5, 4, 0), "gemma": (7, 4, 7), "gpt_neox": (3, 6, 5),
        "phi": (1, 2, 1)}
 
@@ -56,26 +53,11 @@ def grid_run(request, tmp_path_factory):
     world = lp_size * tp
     tmp = tmp_path_factory.mktemp(f"lp{lp_size}tp{tp}")
     cases, expected = all_cases()
-    (tmp / "spec.json").write_text(json.dumps({"tp": tp, "cases": cases}))
     port = free_port()
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
-               LOCAL_SIZE=str(world), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    logs = [(tmp / f"rank{r}.log").open("w") for r in range(world)]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp / "spec.json"), str(tmp / f"out{r}.json")],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=logs[r], stderr=subprocess.STDOUT)
-             for r in range(world)]
-    deadline = time.time() + 600
-    for r, p in enumerate(procs):
-        try:
-            p.wait(timeout=max(1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"{lp_size}x{tp} ranks hung past 600 s")
-        logs[r].close()
-        if p.returncode:
-            pytest.fail(f"rank {r} of {lp_size}x{tp} failed:\n{(tmp / f'rank{r}.log').read_text()[-3000:]}")
-    outs = [json.loads((tmp / f"out{r}.json").read_text()) for r in range(world)]
+    outs, codes = run_team(world, {"tp": tp, "cases": cases}, tmp, timeout=600, port=port, LOCAL_SIZE=str(world))
+    assert codes == [0] * world
+    plans = [json.loads((tmp / f"out{r}.json").read_text())["plan"] for r in range(world)]
+    outs = [dict(plan=plan, cases=got) for plan, got in zip(plans, outs)]
     return dict(lp=lp_size, tp=tp, cases=cases, expected=expected, outs=outs, port=port)
 
 
