@@ -1,6 +1,7 @@
 """Exact lookahead decoding: one forward per step over [pending | lookahead window | candidates]."""
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
@@ -70,6 +71,13 @@ def context_length(config) -> int | None:
     return None
 
 
+def cache_argument(model) -> str:
+    """The forward's name for the KV cache: `cache` in recent transformers 5.x, `past_key_values` in models of
+    earlier 5.x releases (GPT-2 in 5.17, say), where an unknown `cache=` would be swallowed silently."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _prompt_ids(input_ids) -> list[int]:
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 2:
@@ -106,6 +114,7 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.context = context_length(model.config)
+        self._cache_arg = cache_argument(model)
         self._layouts: dict[StepShape, _DeviceLayout] = {}
 
     def stream(self, input_ids, max_new_tokens: int | None = None, result: GenerationResult | None = None
@@ -230,8 +239,8 @@ class Decoder:
         ids = torch.tensor([tokens], device=self.device)
         positions = torch.arange(n, device=self.device).unsqueeze(0)
         mask = torch.full((n, n), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device).triu_(1)
-        self.model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None], cache=cache,
-                   use_cache=True, logits_to_keep=1)
+        self.model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None], use_cache=True,
+                   logits_to_keep=1, **{self._cache_arg: cache})
 
     def _device_layout(self, shape: StepShape) -> "_DeviceLayout":
         """The step layout's tensors on the model's device, made once per shape (shapes repeat)."""
@@ -262,8 +271,8 @@ class Decoder:
         cached = cache.length
         ids = torch.tensor([tokens], dtype=torch.long).to(self.device, non_blocking=True)
         mask = step_mask(plan.hidden, cached, self.dtype)
-        out = self.model(input_ids=ids, position_ids=plan.depth + cached, attention_mask=mask, cache=cache,
-                         use_cache=True, logits_to_keep=plan.keep_rows)
+        out = self.model(input_ids=ids, position_ids=plan.depth + cached, attention_mask=mask, use_cache=True,
+                         logits_to_keep=plan.keep_rows, **{self._cache_arg: cache})
         logits = out.logits[0]
         if rules.active:
             logits = rules.apply(logits.clone(), plan.keep_depth + (cached + 1 - rules.prompt_len))

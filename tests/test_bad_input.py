@@ -38,3 +38,19 @@ def test_errors_are_one_line():
         with pytest.raises(lp.ConfigError) as info:
             lp.LookaheadConfig(**bad)
         assert "\n" not in str(info.value)
+
+
+def test_the_cache_goes_by_the_name_the_models_forward_takes():
+    """transformers 5.17's GPT-2 takes past_key_values and would silently swallow cache=, ignoring the cache."""
+    from lp.decoding import cache_argument
+
+    class OldStyle(torch.nn.Module):
+        def forward(self, input_ids=None, past_key_values=None, attention_mask=None, **kwargs):
+            return None
+
+    class NewStyle(torch.nn.Module):
+        def forward(self, input_ids=None, cache=None, attention_mask=None, **kwargs):
+            return None
+
+    assert cache_argument(OldStyle()) == "past_key_values"
+    assert cache_argument(NewStyle()) == "cache"
