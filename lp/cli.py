@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except _peer_failures() as exc:
         _error(exc)
+        if argv is None:  # the command line's own process: leave without tearing down the broken group,
+            sys.stdout.flush()  # whose threads can abort the interpreter's exit (SIGABRT instead of 1)
+            sys.stderr.flush()
+            os._exit(EXIT_FAILED)
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130

@@ -138,7 +138,10 @@ class ProcessGroupTeam:
             if sink is not None and sink.device.type == "cuda":
                 torch.cuda.current_stream().synchronize()
         except Exception as error:  # a dead or stuck peer surfaces here as a gloo/NCCL/MPI error or timeout
-            raise RankFailure(self._heartbeat.diagnose(what, error)) from error
+            message = self._heartbeat.diagnose(what, error)
+            if dist.get_rank() == 0:  # rank 0 may host the store: stay a moment so the peers can read it too
+                time.sleep(3 * self._heartbeat.period + 2)
+            raise RankFailure(message) from error
 
 
 def default_store():

@@ -67,9 +67,10 @@ def main(spec_path: str, out_path: str) -> None:
                            tp_group=dist.get_process_group_ranks(plan.tp_group),
                            lp_group=dist.get_process_group_ranks(plan.lp_group))
     Path(out_path.replace("{rank}", str(rank))).write_text(json.dumps({"plan": layout, "cases": results}))
-    if not any("failure" in r for r in results):  # a clean exit: nobody leaves while a peer still talks to it
-        dist.barrier()
-        dist.destroy_process_group()
+    if any(r.get("failure", "").startswith("RankFailure") for r in results):
+        os._exit(0)  # the group is broken: tearing it down can abort the exit
+    dist.barrier()  # a clean exit: nobody leaves while a peer still talks to it
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
