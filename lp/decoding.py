@@ -275,7 +275,7 @@ class Decoder:
                          logits_to_keep=plan.keep_rows, **{self._cache_arg: cache})
         logits = out.logits[0]
         if rules.active:
-            logits = rules.apply(logits.clone(), plan.keep_depth + (cached + 1 - rules.prompt_len))
+            logits = rules.apply(logits, plan.keep_depth + (cached + 1 - rules.prompt_len))
         return logits.argmax(-1).tolist()
 
 

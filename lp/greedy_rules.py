@@ -6,7 +6,7 @@ depend on the text generated so far (repetition penalties, n-gram blocking, ...)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +51,7 @@ class GreedyRules:
     begin_suppress: tuple[int, ...] = ()
     forced_bos: int | None = None
     forced_eos: tuple[int, ...] = ()
+    _tensors: dict = field(default_factory=dict, compare=False, repr=False)  # device copies, see _on
 
     @property
     def active(self) -> bool:
@@ -59,32 +60,47 @@ class GreedyRules:
                     or (self.min_new_tokens and self.eos_ids))
 
     def apply(self, logits: torch.Tensor, next_index: torch.Tensor) -> torch.Tensor:
-        """Mask `logits` [R, V] in place; next_index [R] is the index among new tokens each row predicts."""
+        """Mask `logits` [R, V] in place; next_index [R] is the index among new tokens each row predicts.
+
+        Token ids and forced rows live on the logits' device, made once per generation (`_on`), so a step
+        adds no host-to-device copies."""
         if not self.active:
             return logits
         low = torch.finfo(logits.dtype).min
         if self.suppress:
-            logits[:, list(self.suppress)] = low
+            logits.index_fill_(1, self._on("suppress", logits), low)
         if self.begin_suppress:
-            first = (next_index == 0).unsqueeze(1)
-            cols = list(self.begin_suppress)
-            logits[:, cols] = logits[:, cols].masked_fill(first, low)
+            _fill_rows(logits, self._on("begin_suppress", logits), next_index == 0, low)
         if self.min_new_tokens and self.eos_ids:
-            early = (next_index < self.min_new_tokens).unsqueeze(1)
-            cols = list(self.eos_ids)
-            logits[:, cols] = logits[:, cols].masked_fill(early, low)
+            _fill_rows(logits, self._on("eos_ids", logits), next_index < self.min_new_tokens, low)
         if self.forced_bos is not None and self.prompt_len == 1:
-            _force(logits, next_index == 0, [self.forced_bos], low)
+            _force(logits, next_index == 0, self._on("forced_bos", logits, forced=True))
         if self.forced_eos:
-            _force(logits, next_index == self.max_new_tokens - 1, list(self.forced_eos), low)
+            _force(logits, next_index == self.max_new_tokens - 1, self._on("forced_eos", logits, forced=True))
         return logits
 
+    def _on(self, name: str, logits: torch.Tensor, forced: bool = False) -> torch.Tensor:
+        """The ids of rule `name` as a device index, or with `forced` as a [V] row: 0 on them, the minimum elsewhere
+        (what transformers' forced-token processors produce)."""
+        key = (name, forced, logits.device, logits.dtype)
+        found = self._tensors.get(key)
+        if found is None:
+            ids = torch.tensor(_as_ids(getattr(self, name)), dtype=torch.long, device=logits.device)
+            if forced:
+                row = torch.full((logits.shape[-1],), torch.finfo(logits.dtype).min, dtype=logits.dtype,
+                                 device=logits.device)
+                ids = row.index_fill_(0, ids, 0)
+            found = self._tensors[key] = ids
+        return found
 
-def _force(logits: torch.Tensor, rows: torch.Tensor, tokens: list[int], low: float) -> None:
-    """As transformers' forced-token processors: the row becomes 0 on `tokens`, the minimum elsewhere."""
-    forced = torch.full((logits.shape[-1],), low, dtype=logits.dtype, device=logits.device)
-    forced[tokens] = 0
-    logits.copy_(torch.where(rows.unsqueeze(1), forced, logits))
+
+def _fill_rows(logits: torch.Tensor, cols: torch.Tensor, rows: torch.Tensor, low: float) -> None:
+    """Set logits[r, cols] = low for the rows r where `rows` is true."""
+    logits[:, cols] = logits[:, cols].masked_fill(rows.unsqueeze(1), low)
+
+
+def _force(logits: torch.Tensor, rows: torch.Tensor, forced_row: torch.Tensor) -> None:
+    logits.copy_(torch.where(rows.unsqueeze(1), forced_row, logits))
 
 
 def _as_ids(value) -> tuple[int, ...]:
