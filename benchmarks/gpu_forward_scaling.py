@@ -6,9 +6,10 @@ Measures, after a KV prefix of --prefix tokens, one forward of T = 1, 2, 4, ...,
 additive float mask (what lp passes; SDPA's cost does not depend on the mask's pattern), keeping the logits of all
 T rows (an upper bound on lp's kept rows). Next to it the memory-bandwidth floor: (weight + KV-prefix bytes) /
 measured device-to-device copy bandwidth. From those, PROJECTED (not measured) LP step latency on P GPUs:
-    step(P) = t_fwd(ceil(L / P) + pending) + t_comm(P)
-where L = W*(N-1) + G*(N-1) lookahead+verification tokens, pending = 1 (kv gather) or the tokens/step A
-(recompute, the losing ranks re-feed the winner's tokens), and NCCL is modelled as a ring all-gather of the
+    step(P) = t_fwd(tokens fed by the busiest rank) + t_comm(P)
+where the W*(N-1) lookahead and G*(N-1) verification tokens are split over P ranks as lp.partition splits them
+(a later window slice also feeds the level-0 prefix before it), each rank adds its pending tokens: 1, or with
+kv recompute the tokens/step A on the ranks that lost the step (they re-feed the winner's tokens), and NCCL is modelled as a ring all-gather of the
 (2+N+W) int64 step row, (P-1)*(alpha + row/beta), plus for kv gather a broadcast of the N KV slots,
 ceil(log2 P)*alpha + bytes/beta. Speedup over greedy assumes A tokens per step (--tokens-per-step): measure A on
 a real model with benchmarks/sweep.py; LP does not change A.
@@ -27,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from lp.partition import rank_load, split_step  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,24 +133,31 @@ def interpolate(lat: dict[int, float], tokens: float) -> float:
     return lat[keys[-1]] * tokens / keys[-1]
 
 
+def busiest_rank_tokens(window: int, ngram: int, guess: int, pending: list[int]) -> int:
+    """Tokens the busiest rank feeds in a full step, split exactly as lp splits it (level-0 prefix included)."""
+    slices = split_step(window, ngram - 1, guess, ngram - 1, pending)
+    return max(rank_load(s, ngram - 1, ngram - 1, p) for s, p in zip(slices, pending))
+
+
 def project(lat: dict[int, float], args, kv_bytes_per_token: int) -> list[dict]:
     """PROJECTED LP step latency and speedups for every W:N:G, P and KV strategy (see the module docstring)."""
     alpha, beta, a = args.nccl_alpha_us * 1e-6, args.nccl_bw_gbs * 1e9, args.tokens_per_step
     rows = []
     for cfg in args.configs.split(","):
         w, n, g = map(int, cfg.split(":"))
-        work = (w + g) * (n - 1)
-        single = interpolate(lat, 1 + work)
+        single = interpolate(lat, busiest_rank_tokens(w, n, g, [1]))
         for p in [1] + [int(x) for x in args.nproc.split(",")]:
             for kv in (["none"] if p == 1 else ["recompute", "gather"]):
-                pending = 1 if kv != "recompute" else a
-                fwd = interpolate(lat, math.ceil(work / p) + pending) if p > 1 else single
+                # recompute: the ranks that lost the step re-feed the A accepted tokens at its head
+                pending = [1] + [1 if kv != "recompute" else math.ceil(a)] * (p - 1)
+                fed = busiest_rank_tokens(w, n, g, pending)
+                fwd = interpolate(lat, fed) if p > 1 else single
                 comm = 0.0 if p == 1 else (p - 1) * (alpha + (2 + n + w) * 8 / beta)
                 if kv == "gather":
                     comm += math.ceil(math.log2(p)) * alpha + n * kv_bytes_per_token / beta
                 step = fwd + comm
-                rows.append(dict(window=w, ngram=n, guess=g, gpus=p, kv_sync=kv, tokens_fed_per_rank=round(
-                    (math.ceil(work / p) + pending) if p > 1 else 1 + work, 1), fwd_ms=round(1e3 * fwd, 3),
+                rows.append(dict(window=w, ngram=n, guess=g, gpus=p, kv_sync=kv, tokens_fed_per_rank=fed,
+                    fwd_ms=round(1e3 * fwd, 3),
                     comm_ms=round(1e3 * comm, 4), step_ms=round(1e3 * step, 3),
                     projected_speedup_vs_1gpu_lookahead=round(single / step, 3),
                     projected_speedup_vs_greedy=round(a * lat[1] / step, 3)))
