@@ -10,7 +10,6 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks import loading, plots, report  # noqa: E402
 from benchmarks.timing import time_hf, time_lookahead  # noqa: E402
 from lp.config import LookaheadConfig  # noqa: E402
+from lp.bootstrap import free_port  # noqa: E402
 from lp.decoding import Decoder  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("rank_worker.py")
@@ -74,12 +74,6 @@ def shown(path: Path) -> str:
         return str(path.resolve().relative_to(loading.REPO))
     except ValueError:
         return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def in_process_methods(args, model, configs) -> list[tuple]:

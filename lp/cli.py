@@ -22,6 +22,7 @@ from .bootstrap import BootstrapError, Launch
 from .config import ConfigError
 from .decoding import Decoder, GenerationResult, PromptError
 from .greedy_rules import UnsupportedGenerationSetting, greedy_rules
+from .parallel import DivergenceError, ProcessGroupTeam, RankFailure
 from .run_config import RunConfig
 from .tensor_parallel import TensorParallelError, make_team, plan_groups, shard_model, split_world
 
@@ -35,6 +36,7 @@ class UsageError(ValueError):
 USER_ERRORS = (UsageError, ConfigError, PromptError, UnsupportedGenerationSetting, FileNotFoundError, InputError,
                TensorParallelError,
                BootstrapError)
+PEER_FAILURES = (RankFailure, DivergenceError)  # the group is broken or the ranks disagree: stop the job
 RECORD_ERRORS = (PromptError, UnsupportedGenerationSetting)  # deterministic: every rank raises them alike
 
 
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank0 or isinstance(exc, BootstrapError):
             _error(exc)
         return EXIT_USAGE
-    except _peer_failures() as exc:
+    except PEER_FAILURES as exc:
         _error(exc)
         if argv is None:  # the command line's own process: leave without tearing down the broken group,
             sys.stdout.flush()  # whose threads can abort the interpreter's exit (SIGABRT instead of 1)
@@ -147,7 +149,7 @@ def _run(args) -> int:
     bootstrap.init_process_group(launch, backend, cfg.fault_timeout)
     try:
         code = _serve(args, cfg, launch, device)
-    except _peer_failures():
+    except PEER_FAILURES:
         raise  # the group is broken: leave it alone
     except BaseException:
         bootstrap.shutdown()
@@ -277,7 +279,7 @@ def _decode(item: dict, decoder: Decoder, tokenizer, printer, world_size: int) -
     except RECORD_ERRORS as exc:
         return record.error_result(_one_line(exc))
     except Exception as exc:
-        if world_size > 1 or isinstance(exc, _peer_failures()):
+        if world_size > 1 or isinstance(exc, PEER_FAILURES):
             raise  # the ranks may now disagree: stop the job rather than guess
         return record.error_result(f"{type(exc).__name__}: {_one_line(exc)}")
     return _result(item, res, tokenizer)
@@ -389,11 +391,6 @@ def _decoder(model, cfg: RunConfig, launch: Launch) -> Decoder:
         model = shard_model(model, plan.tp_group, plan.tp)
         team = make_team(cfg.kv_sync, plan, cfg.fault_timeout)
     elif launch.world_size > 1:
-        try:
-            from .parallel import ProcessGroupTeam
-        except ImportError:
-            raise UsageError("multi-rank runs need lp.parallel, which this installation lacks; run one process") \
-                from None
         team = ProcessGroupTeam(kv_sync=cfg.kv_sync, fault_timeout_s=cfg.fault_timeout, mpi_comm=launch.mpi_comm)
     try:
         return Decoder(model, cfg.lookahead, team=team)
@@ -473,12 +470,6 @@ def _one_line(exc) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _peer_failures() -> tuple:
-    try:
-        from .parallel import DivergenceError, RankFailure
-    except ImportError:
-        return ()
-    return (RankFailure, DivergenceError)
 
 
 def _quiet_libraries() -> None:

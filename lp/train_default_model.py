@@ -307,7 +307,7 @@ def main(argv=None):
         "heldout_bits_per_byte": bits_per_byte, "samples": samples,
     }
     (out / "training_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    md = [f"# Training report\n", f"- heldout loss/token: {loss_tok:.4f} nats; ~{bits_per_byte:.3f} bits/byte",
+    md = ["# Training report\n", f"- heldout loss/token: {loss_tok:.4f} nats; ~{bits_per_byte:.3f} bits/byte",
           f"- params: {n_params}; steps: {step}; tokens seen: {tokens_seen}; train time: {train_secs:.0f}s\n"]
     for s in samples:
         md.append(f"## `{s['file']}`\n\n```python\n{s['prompt']}\u2038{s['completion']}\n```\n")

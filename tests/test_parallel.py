@@ -1,7 +1,6 @@
 """Lookahead parallelism on real multi-process gloo groups: every rank's output equals single-process greedy."""
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,16 +10,11 @@ import shutil
 
 import pytest
 
+from lp.bootstrap import free_port
 from models import STORIES, greedy, stories, tiny_model
 from test_exactness import repetitive_prompt
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_team(ranks: int, spec: dict, tmp_path: Path, timeout: float = 240, port: int | None = None,
