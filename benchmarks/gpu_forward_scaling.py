@@ -7,7 +7,7 @@ additive float mask (what lp passes; SDPA's cost does not depend on the mask's p
 T rows (an upper bound on lp's kept rows). Next to it the memory-bandwidth floor: (weight + KV-prefix bytes) /
 measured device-to-device copy bandwidth. From those, PROJECTED (not measured) LP step latency on P GPUs:
     step(P) = t_fwd(tokens fed by the busiest rank) + t_comm(P)
-where the W*(N-1) lookahead and G*(N-1) verification tokens are split over P ranks as lp.partition splits them
+where the W*(N-1) lookahead and G*(N-1) verification tokens are split over P ranks as lp.distributed.partition splits them
 (a later window slice also feeds the level-0 prefix before it), each rank adds its pending tokens: 1, or with
 kv recompute the tokens/step A on the ranks that lost the step (they re-feed the winner's tokens), and NCCL is modelled as a ring all-gather of the
 (2+N+W) int64 step row, (P-1)*(alpha + row/beta), plus for kv gather a broadcast of the N KV slots,
@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from lp.partition import rank_load, split_step  # noqa: E402
+from lp.distributed.partition import rank_load, split_step  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

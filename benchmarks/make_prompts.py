@@ -5,10 +5,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tools"))  # the default model's trainer: a development tool, not part of lp
 
 from lp.default_model import DEFAULT_PROMPTS  # noqa: E402
-from lp.train_default_model import function_headers, split_files, stdlib_files  # noqa: E402
+from train_default_model import function_headers, split_files, stdlib_files  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "prompts" / "code.jsonl"
 

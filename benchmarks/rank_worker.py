@@ -20,8 +20,8 @@ from benchmarks.loading import load_model  # noqa: E402
 from benchmarks.timing import time_lookahead  # noqa: E402
 from lp.config import LookaheadConfig  # noqa: E402
 from lp.decoding import Decoder  # noqa: E402
-from lp.parallel import ProcessGroupTeam  # noqa: E402
-from lp.tensor_parallel import make_team, plan_groups, shard_model  # noqa: E402
+from lp.distributed.parallel import ProcessGroupTeam  # noqa: E402
+from lp.distributed.tensor_parallel import make_team, plan_groups, shard_model  # noqa: E402
 
 
 def run_jobs(spec: dict) -> list[dict]:

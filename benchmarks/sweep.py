@@ -24,8 +24,8 @@ from tqdm import tqdm  # noqa: E402
 from benchmarks import loading, plots, report  # noqa: E402
 from benchmarks.timing import time_hf, time_lookahead  # noqa: E402
 from lp.config import LookaheadConfig  # noqa: E402
-from lp.bootstrap import free_port  # noqa: E402
 from lp.decoding import Decoder  # noqa: E402
+from lp.distributed.bootstrap import free_port  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("rank_worker.py")
 HF_KEYS = dict(window=None, ngram=None, guess=None, ranks=1, tp=1, kv_sync=None)

@@ -1,4 +1,4 @@
-"""Entry point for every launcher: python, torchrun, mpirun, srun, deepspeed (see lp/cli.py and --help)."""
+"""Entry point for every launcher: python, torchrun, mpirun, srun, deepspeed (see lp/cli/main.py and --help)."""
 import sys
 from pathlib import Path
 

@@ -9,12 +9,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .config import LookaheadConfig
+from .distributed.partition import split_step
+from .distributed.team import SoloTeam
 from .greedy_rules import GreedyRules, greedy_rules
 from .kv_cache import InPlaceCache
 from .ngram_pool import NGramPool
-from .partition import split_step
 from .step_layout import StepLayout, StepShape, build_layout, step_mask, tokens_fed
-from .team import SoloTeam
 from .window import LookaheadWindow
 
 

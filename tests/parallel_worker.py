@@ -18,8 +18,8 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the lp of this c
 torch.set_num_threads(1)
 
 import lp  # noqa: E402
-from lp.parallel import DivergenceError, ProcessGroupTeam, RankFailure  # noqa: E402
-from lp.tensor_parallel import make_team, plan_groups, shard_model  # noqa: E402
+from lp.distributed.parallel import DivergenceError, ProcessGroupTeam, RankFailure  # noqa: E402
+from lp.distributed.tensor_parallel import make_team, plan_groups, shard_model  # noqa: E402
 from models import stories, tiny_model  # noqa: E402
 
 

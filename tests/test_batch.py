@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from lp.batch import InputError, JsonlWriter, done_keys, read_records
+from lp.cli.batch import InputError, JsonlWriter, done_keys, read_records
 from lp.cli import main
 from test_cli import RESULT_FIELDS, ROOT, RUN, base_args, clean_env, json_lines, tiny_dir  # noqa: F401 (fixture)
 

@@ -105,7 +105,7 @@ def test_gpu_script_logic_on_a_tiny_cpu_model(tmp_path):
     assert {(r["gpus"], r["kv_sync"]) for r in result["projected"]} == {(1, "none"), (2, "recompute"), (2, "gather")}
     # tokens per rank come from lp's own split: one rank feeds the whole (2,3,2) step, 1 + 2*2 + 2*2 tokens;
     # on 2 ranks the busiest feeds what split_step gives it
-    from lp.partition import rank_load, split_step
+    from lp.distributed.partition import rank_load, split_step
     fed = {(r["gpus"], r["kv_sync"]): r["tokens_fed_per_rank"] for r in result["projected"]}
     pending = [1, 1]
     assert fed[(1, "none")] == 9

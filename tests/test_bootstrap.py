@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lp import bootstrap
-from lp.bootstrap import BootstrapError, Launch, detect
+from lp.distributed import bootstrap
+from lp.distributed.bootstrap import BootstrapError, Launch, detect
 
 ROOT = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun") or shutil.which("mpiexec")
@@ -92,7 +92,7 @@ def test_missing_peers_time_out_with_a_one_line_error(monkeypatch):
 
 AGREE = """
 import json, os, sys
-from lp import bootstrap
+from lp.distributed import bootstrap
 launch = bootstrap.detect()
 bootstrap.init_process_group(launch, "gloo", 30)
 assert os.environ["GLOO_SOCKET_IFNAME"] in ("lo", "lo0")

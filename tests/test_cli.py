@@ -207,7 +207,7 @@ def srun_env(rank: int, port: int) -> dict:
 
 
 def test_srun_style_tasks_form_one_team(tiny_dir):
-    from lp.bootstrap import free_port
+    from lp.distributed.bootstrap import free_port
 
     port = free_port()
     args = base_args(tiny_dir, "--prompt", "abab", "--json")
@@ -221,7 +221,7 @@ def test_srun_style_tasks_form_one_team(tiny_dir):
 
 
 def test_a_rank_killed_mid_job_stops_the_others_with_a_message_naming_it(tiny_dir, tmp_path):
-    from lp.bootstrap import free_port
+    from lp.distributed.bootstrap import free_port
 
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"id": i, "prompt": f"{i}abab"}) + "\n" for i in range(400)))

@@ -5,7 +5,7 @@ import pytest
 
 from lp import ConfigError, LookaheadConfig
 from lp.cli import build_parser, resolve_config
-from lp.run_config import RunConfig, build, load_yaml, merge, parse_overrides
+from lp.cli.run_config import RunConfig, build, load_yaml, merge, parse_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

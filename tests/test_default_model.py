@@ -1,12 +1,25 @@
-"""Tests for the packaged default model (lp/assets/code_model) and its training script."""
+"""Tests for the packaged default model (lp/assets/code_model) and its training script (tools/)."""
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from lp import train_default_model as tdm
 from lp.default_model import DEFAULT_MODEL_PATH, DEFAULT_PROMPTS, load_default_model
+
+
+def _load_trainer():
+    """tools/train_default_model.py, a development script outside the installed package, loaded from its file."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "train_default_model.py"
+    spec = importlib.util.spec_from_file_location("train_default_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tdm = _load_trainer()
 
 TRICKY = "def f(x):\n\tif x:  \n\t\treturn  'é中🙂'\r\n\n\n    # trailing   \n  \n"
 

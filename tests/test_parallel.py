@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from lp.bootstrap import free_port
+from lp.distributed.bootstrap import free_port
 from models import STORIES, greedy, stories, tiny_model
 from test_exactness import repetitive_prompt
 

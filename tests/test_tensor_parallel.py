@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from lp.tensor_parallel import SHARDABLE, TensorParallelError, shard_model, split_world
+from lp.distributed.bootstrap import free_port
+from lp.distributed.tensor_parallel import SHARDABLE, TensorParallelError, shard_model, split_world
 from models import FAMILIES, STORIES, greedy, stories, tiny_model
 from test_exactness import repetitive_prompt
-from lp.bootstrap import free_port
 from test_parallel import run_team
 
 NO_DEEPSPEED = "DeepSpeed is not installed (pip install 'lp[deepspeed]'): multi-process tensor parallelism is untested"

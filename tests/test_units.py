@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from lp.config import ConfigError, LookaheadConfig
+from lp.distributed.partition import rank_load, split_step
 from lp.kv_cache import InPlaceCache, InPlaceLayer
 from lp.ngram_pool import NGramPool
-from lp.partition import rank_load, split_step
 from lp.step_layout import StepShape, build_layout, step_mask, tokens_fed
 from lp.window import LookaheadWindow
 

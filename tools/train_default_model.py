@@ -1,8 +1,8 @@
 """Train the project's default model: a tiny LLaMA-style causal LM on Python stdlib source.
 
-Reproducible and seeded. Example:
-    python -m lp.train_default_model --out lp/assets/code_model --minutes 42
-    python -m lp.train_default_model --out /tmp/smoke --smoke
+A development tool, not installed with lp (needs the [train] extra). Reproducible and seeded. Example:
+    python tools/train_default_model.py --out lp/assets/code_model --minutes 42
+    python tools/train_default_model.py --out /tmp/smoke --smoke
 """
 
 from __future__ import annotations
@@ -294,7 +294,7 @@ def main(argv=None):
 
     samples = greedy_samples(model, hf_tok, function_headers(held, args.samples), args.sample_tokens)
     report = {
-        "command": "python -m lp.train_default_model " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python tools/train_default_model.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "args": vars(args), "python": platform.python_version(), "torch": torch.__version__,
         "stdlib": str(args.stdlib or sysconfig.get_paths()["stdlib"]),
         "train_files": len(train), "heldout_files": [r for r, _ in held],

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import torch
 
-from . import batch, bootstrap, run_config
+from ..config import ConfigError
+from ..decoding import Decoder, GenerationResult, PromptError
+from ..distributed import bootstrap
+from ..distributed.bootstrap import BootstrapError, Launch
+from ..distributed.parallel import DivergenceError, ProcessGroupTeam, RankFailure
+from ..distributed.tensor_parallel import TensorParallelError, make_team, plan_groups, shard_model, split_world
+from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules
+from . import batch, run_config
 from .batch import InputError, Record
-from .bootstrap import BootstrapError, Launch
-from .config import ConfigError
-from .decoding import Decoder, GenerationResult, PromptError
-from .greedy_rules import UnsupportedGenerationSetting, greedy_rules
-from .parallel import DivergenceError, ProcessGroupTeam, RankFailure
 from .run_config import RunConfig
-from .tensor_parallel import TensorParallelError, make_team, plan_groups, shard_model, split_world
 
 EXIT_USAGE, EXIT_FAILED = 2, 1
 
@@ -249,7 +250,7 @@ def _records(args) -> list[Record]:
         return batch.read_records(args.input)
     if args.prompt:
         return batch.prompt_records(args.prompt)
-    from .default_model import DEFAULT_PROMPTS
+    from ..default_model import DEFAULT_PROMPTS
 
     return batch.prompt_records(list(DEFAULT_PROMPTS))
 
@@ -332,7 +333,7 @@ def load_model(cfg: RunConfig, device: torch.device):
     dtype = _dtype(cfg.dtype, device)
     if cfg.model is None:
         try:
-            from .default_model import DEFAULT_MODEL_PATH, load_default_model
+            from ..default_model import DEFAULT_MODEL_PATH, load_default_model
         except ImportError:
             raise UsageError("the embedded default model is not installed; pass --model") from None
         if not (Path(DEFAULT_MODEL_PATH) / "config.json").exists():

@@ -1,7 +1,7 @@
 """Lookahead parallelism: the ranks of a process group decode one sequence together.
 
 Every rank holds a full model replica and feeds its own slice of the window columns and candidates
-(lp.partition). After each step one all-gather of a fixed-shape int64 vector per rank tells everyone
+(lp.distributed.partition). After each step one all-gather of a fixed-shape int64 vector per rank tells everyone
 each rank's accepted run, its window outputs and a state fingerprint; the longest run wins, ties to
 the lowest rank, so all ranks commit the same tokens and update identical n-gram pools. The winner's
 KV entries then reach the others by recomputation (tokens only) or by a broadcast of a fixed-size

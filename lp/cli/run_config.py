@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import ConfigError, LookaheadConfig
+from ..config import ConfigError, LookaheadConfig
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 KV_SYNCS = ("recompute", "gather")
