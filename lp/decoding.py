@@ -14,7 +14,7 @@ from .distributed.team import SoloTeam
 from .greedy_rules import GreedyRules, greedy_rules
 from .kv_cache import InPlaceCache
 from .ngram_pool import NGramPool
-from .step_layout import StepLayout, StepShape, build_layout, step_mask, tokens_fed
+from .step_layout import StepShape, build_layout, step_mask, tokens_fed
 from .window import LookaheadWindow
 
 
@@ -253,7 +253,7 @@ class Decoder:
             keep += layout.candidate_rows.flatten().tolist()
             to = dict(device=self.device)
             found = self._layouts[shape] = _DeviceLayout(
-                layout, layout.depth.to(**to).unsqueeze(0), torch.tensor(keep, **to),
+                layout.depth.to(**to).unsqueeze(0), torch.tensor(keep, **to),
                 layout.depth[keep].to(**to), ~layout.allowed.to(**to), layout.candidate_rows.to(**to))
         return found
 
@@ -281,7 +281,6 @@ class Decoder:
 
 @dataclass(frozen=True)
 class _DeviceLayout:
-    layout: StepLayout
     depth: torch.Tensor  # [1, T] position offsets
     keep_rows: torch.Tensor  # rows whose logits are needed: last pending, top window level, candidates
     keep_depth: torch.Tensor  # position offsets of those rows

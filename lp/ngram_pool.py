@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from typing import Sequence
 
 
 class NGramPool:
@@ -48,6 +48,3 @@ class NGramPool:
 
     def __len__(self) -> int:
         return sum(len(b) for b in self._table.values())
-
-    def keys(self) -> Iterable[int]:
-        return self._table.keys()
