@@ -20,7 +20,7 @@ from ..config import ConfigError
 from ..decoding import Decoder, GenerationResult, PromptError
 from ..distributed import bootstrap
 from ..distributed.bootstrap import BootstrapError, Launch
-from ..distributed.parallel import DivergenceError, ProcessGroupTeam, RankFailure
+from ..distributed.parallel import KV_SYNC, DivergenceError, ProcessGroupTeam, RankFailure
 from ..distributed.tensor_parallel import TensorParallelError, make_team, plan_groups, shard_model, split_world
 from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules
 from . import batch, run_config
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help="W: lookahead window width")
     p.add_argument("--ngram", type=int, help="N: n-gram size")
     p.add_argument("--guess", type=int, help="G: candidate n-grams verified per step")
-    p.add_argument("--kv-sync", choices=run_config.KV_SYNCS, help="how ranks keep their KV caches equal")
+    p.add_argument("--kv-sync", choices=KV_SYNC, help="how ranks keep their KV caches equal")
     p.add_argument("--dtype", choices=run_config.DTYPES)
     p.add_argument("--device", help="auto, cpu, cuda (cuda:LOCAL_RANK per rank) or cuda:N")
     p.add_argument("--seed", type=int)

@@ -7,9 +7,9 @@ from pathlib import Path
 import yaml
 
 from ..config import ConfigError, LookaheadConfig
+from ..distributed.parallel import KV_SYNC
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
-KV_SYNCS = ("recompute", "gather")
 BACKENDS = ("auto", "gloo", "nccl")
 
 
@@ -140,7 +140,7 @@ def _validate(cfg: RunConfig) -> None:
     if cfg.model is not None and (not isinstance(cfg.model, str) or not cfg.model.strip()):
         raise ConfigError(f"model must be a hub id or a local path (or null for the embedded model), got {cfg.model!r}")
     _choice("dtype", cfg.dtype, DTYPES)
-    _choice("kv_sync", cfg.kv_sync, KV_SYNCS)
+    _choice("kv_sync", cfg.kv_sync, KV_SYNC)
     _choice("backend", cfg.backend, BACKENDS)
     if not isinstance(cfg.device, str) or not cfg.device:
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")

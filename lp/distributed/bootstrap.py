@@ -15,6 +15,8 @@ from datetime import timedelta
 
 import torch
 
+from .parallel import default_store
+
 LOOPBACK = "127.0.0.1"
 SETUP_TIMEOUT_S = 1800.0  # how long ranks wait for each other to load the model (the fault timeout covers decoding)
 MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
@@ -230,7 +232,7 @@ def first_error(message: str | None, launch: Launch, timeout_s: float = SETUP_TI
     """
     if launch.world_size <= 1:
         return message
-    store, tag = _store(), _next_tag("setup")
+    store, tag = default_store(), _next_tag("setup")
     store.set(f"{tag}/{launch.rank}", json.dumps(message))
     _wait(store, [f"{tag}/{r}" for r in range(launch.world_size)], timeout_s, launch, "finish setting up")
     for r in range(launch.world_size):
@@ -244,7 +246,7 @@ def release(launch: Launch, timeout_s: float = SETUP_TIMEOUT_S) -> None:
     """Rank 0 lets the others go on once it is done with work of its own (e.g. the greedy comparison)."""
     if launch.world_size <= 1:
         return
-    store, tag = _store(), _next_tag("release")
+    store, tag = default_store(), _next_tag("release")
     if launch.rank == 0:
         store.set(tag, "1")
     else:
@@ -274,12 +276,6 @@ def _next_tag(kind: str) -> str:
     """Store keys unique per call; every rank makes the same calls in the same order, so they agree."""
     _TAGS[kind] = _TAGS.get(kind, 0) + 1
     return f"lp-cli/{kind}/{_TAGS[kind]}"
-
-
-def _store():
-    import torch.distributed as dist
-
-    return dist.distributed_c10d._get_default_store()
 
 
 def broadcast_json(obj, launch: Launch, src: int = 0):

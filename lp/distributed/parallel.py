@@ -145,6 +145,7 @@ class ProcessGroupTeam:
 
 
 def default_store():
+    """The default process group's rendezvous store, or None when it has none."""
     try:
         return dist.distributed_c10d._get_default_store()
     except Exception:  # no store (e.g. an MPI-initialised group): failures are reported without rank names
