@@ -27,13 +27,12 @@ class LookaheadConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check_int("window", self.window, 1, 1024)
-        _check_int("ngram", self.ngram, 2, 64)
-        _check_int("guess", self.guess, 0, 1024)
-        _check_int("seed", self.seed, 0, 2**63 - 1)
-        for name in ("seed_pool_from_prompt", "seed_pool_from_output"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_int("window", self.window, 1, 1024)
+        check_int("ngram", self.ngram, 2, 64)
+        check_int("guess", self.guess, 0, 1024)
+        check_int("seed", self.seed, 0, 2**63 - 1)
+        check_bool("seed_pool_from_prompt", self.seed_pool_from_prompt)
+        check_bool("seed_pool_from_output", self.seed_pool_from_output)
 
     @property
     def levels(self) -> int:
@@ -50,8 +49,14 @@ class LookaheadConfig:
         return cls(**values)
 
 
-def _check_int(name: str, value, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    """Refuse anything but an integer (a bool is not one) in [low, high]; high None means no upper bound."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{name} must be an integer {allowed}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    """Refuse anything but True or False."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")

@@ -119,7 +119,7 @@ def test_merge_is_deep():
     ("max_new_tokens=0", "max_new_tokens must be an integer >= 1"),
     ("fault_timeout=-1", "fault_timeout must be a positive number"),
     ("trust_remote_code=yes please", "trust_remote_code must be true or false"),
-    ("lookahead.window=0", "window must be in"),
+    ("lookahead.window=0", r"window must be an integer in \[1, 1024\], got 0"),
 ])
 def test_bad_values_get_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as info:

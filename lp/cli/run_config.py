@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, LookaheadConfig
+from ..config import ConfigError, LookaheadConfig, check_bool, check_int
 from ..distributed.parallel import KV_SYNC
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
@@ -144,14 +144,13 @@ def _validate(cfg: RunConfig) -> None:
     _choice("backend", cfg.backend, BACKENDS)
     if not isinstance(cfg.device, str) or not cfg.device:
         raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {cfg.device!r}")
-    _int("max_new_tokens", cfg.max_new_tokens, 1)
-    _int("seed", cfg.seed, 0)
-    _int("tp", cfg.tp, 1)
+    check_int("max_new_tokens", cfg.max_new_tokens, 1)
+    check_int("seed", cfg.seed, 0)
+    check_int("tp", cfg.tp, 1)
     if cfg.lp is not None:
-        _int("lp", cfg.lp, 1)
-    for name in ("trust_remote_code", "chat"):
-        if not isinstance(getattr(cfg, name), bool):
-            raise ConfigError(f"{name} must be true or false, got {getattr(cfg, name)!r}")
+        check_int("lp", cfg.lp, 1)
+    check_bool("trust_remote_code", cfg.trust_remote_code)
+    check_bool("chat", cfg.chat)
     timeout = cfg.fault_timeout
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ConfigError(f"fault_timeout must be a positive number of seconds, got {timeout!r}")
@@ -160,8 +159,3 @@ def _validate(cfg: RunConfig) -> None:
 def _choice(name: str, value, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
