@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from lp.decoding import Decoder, GenerationResult
+from lp.greedy_rules import hf_greedy
 
 
 @dataclass
@@ -45,17 +46,13 @@ class StepClock:
 
 def time_hf(model, prompt: list[int], max_new_tokens: int, prompt_lookup: int = 0) -> Run:
     """transformers generate(do_sample=False), plain greedy or with prompt_lookup_num_tokens=prompt_lookup."""
-    ids = torch.tensor([prompt], device=model.device)
     extra = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
     clock = StepClock()
-    with torch.inference_mode():
-        start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, streamer=clock, **extra)
-        wall = time.perf_counter() - start
+    start = time.perf_counter()
+    tokens = hf_greedy(model, prompt, max_new_tokens, streamer=clock, **extra)
+    wall = time.perf_counter() - start
     stamps = [start] + clock.stamps[1:]
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    tokens = out[0, len(prompt):].tolist()
     return Run(tokens, wall, steps, clock.counts[1:], [], [0.0] * len(steps))
 
 

@@ -111,6 +111,19 @@ def _as_ids(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def hf_greedy(model, prompt: list[int], max_new_tokens: int, **generate_kwargs) -> list[int]:
+    """transformers' own `generate(do_sample=False)` on one prompt, new tokens only: the output lookahead decoding
+    reproduces. Extra keyword arguments go to generate (a streamer, prompt_lookup_num_tokens, ...)."""
+    ids = torch.tensor([list(prompt)], device=next(model.parameters()).device)
+    gc = model.generation_config
+    if gc.pad_token_id is None and gc.eos_token_id is not None:  # generate's own choice, minus its warning
+        generate_kwargs.setdefault("pad_token_id", _as_ids(gc.eos_token_id)[0])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             **generate_kwargs)
+    return out[0, ids.shape[1]:].tolist()
+
+
 def greedy_rules(generation_config, prompt_len: int, max_new_tokens: int | None) -> GreedyRules:
     """Read a transformers GenerationConfig the way `generate(do_sample=False)` would, or refuse it."""
     gc = generation_config

@@ -37,14 +37,6 @@ def tiny_model(family: str = "llama", seed: int = 0, attn: str = "sdpa", **overr
     return model.eval()
 
 
-def greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """The reference: transformers' own greedy decoding, new tokens only."""
-    ids = torch.tensor([prompt])
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens)
-    return out[0, len(prompt):].tolist()
-
-
 def stories():
     """The real stories260k model in float64 (caller skips when STORIES is absent)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float64).eval()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lp.default_model import DEFAULT_MODEL_PATH, DEFAULT_PROMPTS, load_default_model
+from lp.greedy_rules import hf_greedy
 
 
 def _load_trainer():
@@ -110,8 +111,7 @@ def test_lookahead_equals_greedy_on_the_default_model(window, ngram, guess):
     model, tokenizer = load_default_model(dtype=torch.float64)
     for prompt in DEFAULT_PROMPTS[:3]:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            expected = model.generate(ids, do_sample=False, max_new_tokens=96)[0, ids.shape[1]:].tolist()
+        expected = hf_greedy(model, ids[0].tolist(), 96)
         result = lp.generate(model, ids, lp.LookaheadConfig(window, ngram, guess), max_new_tokens=96)
         assert result.token_ids == expected
         if guess:

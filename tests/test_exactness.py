@@ -6,7 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lp
-from models import FAMILIES, STORIES, VOCAB, greedy, stories, tiny_model
+from lp.greedy_rules import hf_greedy
+from models import FAMILIES, STORIES, VOCAB, stories, tiny_model
 
 GRID = [(1, 2, 0), (1, 2, 1), (2, 3, 2), (4, 3, 4), (5, 4, 0), (7, 5, 7), (15, 5, 15), (3, 6, 40)]
 
@@ -26,7 +27,7 @@ def family_model(request):
 @pytest.mark.parametrize("window,ngram,guess", GRID)
 def test_every_family_matches_greedy(family_model, window, ngram, guess):
     prompt = repetitive_prompt(window * 31 + ngram, 24)
-    expected = greedy(family_model, prompt, 48)
+    expected = hf_greedy(family_model, prompt, 48)
     result = lp.generate(family_model, prompt, lp.LookaheadConfig(window, ngram, guess), max_new_tokens=48)
     assert result.token_ids == expected
     assert sum(result.accepted_per_step) == 48 and result.steps == len(result.accepted_per_step)
@@ -38,7 +39,7 @@ def test_both_attention_implementations_take_the_float_mask(attn):
     model = tiny_model("llama", seed=3, attn=attn)
     prompt = repetitive_prompt(5, 30)
     assert lp.generate(model, prompt, lp.LookaheadConfig(5, 4, 5), max_new_tokens=64).token_ids == \
-        greedy(model, prompt, 64)
+        hf_greedy(model, prompt, 64)
 
 
 @pytest.mark.parametrize("prompt_len", [1, 2, 7, 150, 400])
@@ -47,7 +48,7 @@ def test_prompt_lengths_and_budgets(prompt_len, max_new):
     model = tiny_model("llama", seed=1)
     prompt = repetitive_prompt(prompt_len, prompt_len)
     result = lp.generate(model, prompt, lp.LookaheadConfig(6, 4, 6), max_new_tokens=max_new)
-    assert result.token_ids == greedy(model, prompt, max_new)
+    assert result.token_ids == hf_greedy(model, prompt, max_new)
     assert result.stop_reason == "max_new_tokens"
 
 
@@ -55,14 +56,14 @@ def test_window_longer_than_the_tokens_left_in_the_context():
     model = tiny_model("gpt2", seed=2, n_positions=64)  # learned positions: an overflow would crash
     prompt = repetitive_prompt(9, 50)
     result = lp.generate(model, prompt, lp.LookaheadConfig(15, 5, 15), max_new_tokens=40)
-    assert result.token_ids == greedy(model, prompt, 14)
+    assert result.token_ids == hf_greedy(model, prompt, 14)
     assert result.stop_reason == "context" and len(result.token_ids) == 14
 
 
 def test_eos_inside_a_step_ends_the_output_there():
     model = tiny_model("phi", seed=4)
     prompt = repetitive_prompt(11, 20)
-    free_run = greedy(model, prompt, 120)
+    free_run = hf_greedy(model, prompt, 120)
     result = lp.generate(model, prompt, lp.LookaheadConfig(8, 5, 8), max_new_tokens=120)
     assert result.token_ids == free_run
     # choose as EOS a token first produced late, inside a multi-token step
@@ -75,7 +76,7 @@ def test_eos_inside_a_step_ends_the_output_there():
     assert position, "this seed should give a multi-token step with a fresh token"
     eos = free_run[position]
     model.generation_config.eos_token_id = [eos, VOCAB + 5]  # several EOS ids
-    expected = greedy(model, prompt, 120)
+    expected = hf_greedy(model, prompt, 120)
     assert expected == free_run[: position + 1]
     result = lp.generate(model, prompt, lp.LookaheadConfig(8, 5, 8), max_new_tokens=120)
     assert result.token_ids == expected and result.stop_reason == "eos"
@@ -88,7 +89,7 @@ def test_random_prompts_and_configs(seed, prompt_len, window, ngram, guess, max_
     model = _shared_model()
     prompt = repetitive_prompt(seed, prompt_len)
     config = lp.LookaheadConfig(window, ngram, guess, seed=seed % 7)
-    assert lp.generate(model, prompt, config, max_new_tokens=max_new).token_ids == greedy(model, prompt, max_new)
+    assert lp.generate(model, prompt, config, max_new_tokens=max_new).token_ids == hf_greedy(model, prompt, max_new)
 
 
 _MODEL = {}
@@ -114,7 +115,7 @@ def test_the_bonus_token_makes_a_full_match_yield_n_tokens():
     model = tiny_model("gemma", seed=0)
     prompt = repetitive_prompt(3, 40)
     result = lp.generate(model, prompt, lp.LookaheadConfig(10, 4, 10), max_new_tokens=80)
-    assert result.token_ids == greedy(model, prompt, 80)
+    assert result.token_ids == hf_greedy(model, prompt, 80)
     assert max(result.accepted_per_step) == 4  # N, not N - 1
 
 
@@ -129,7 +130,7 @@ def test_stories260k_matches_greedy(window, ngram, guess, prompt):
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     result = lp.generate(model, ids, lp.LookaheadConfig(window, ngram, guess), max_new_tokens=256,
                          tokenizer=tokenizer)
-    assert result.token_ids == greedy(model, ids[0].tolist(), 256)
+    assert result.token_ids == hf_greedy(model, ids[0].tolist(), 256)
     assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
     if guess:
         assert result.tokens_per_step > 1.3  # real text repeats: n-grams get accepted
@@ -143,7 +144,7 @@ def test_stories260k_long_prompt_and_short_budgets():
     prompt = tokenizer("Once upon a time").input_ids + story
     for max_new in (1, 3, 17, 150):
         assert lp.generate(model, prompt, lp.LookaheadConfig(7, 5, 7), max_new_tokens=max_new).token_ids == \
-            greedy(model, prompt, max_new)
+            hf_greedy(model, prompt, max_new)
 
 
 _STORIES = {}

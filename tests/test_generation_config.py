@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import lp
-from lp.greedy_rules import greedy_rules
-from models import greedy, tiny_model
+from lp.greedy_rules import greedy_rules, hf_greedy
+from models import tiny_model
 from test_exactness import repetitive_prompt
 
 CONFIG = lp.LookaheadConfig(6, 4, 6)
@@ -15,33 +15,29 @@ def model():
     return tiny_model("llama", seed=8)
 
 
-def free_run(model, prompt, n):
-    return greedy(model, prompt, n)
-
-
 def test_min_new_tokens_holds_back_eos(model):
     prompt = repetitive_prompt(1, 20)
-    run = free_run(model, prompt, 60)
+    run = hf_greedy(model, prompt, 60)
     model.generation_config.eos_token_id = run[5]  # would stop after 6 tokens
     model.generation_config.min_new_tokens = 30
-    expected = greedy(model, prompt, 60)
+    expected = hf_greedy(model, prompt, 60)
     assert len(expected) > 6
     assert lp.generate(model, prompt, CONFIG, max_new_tokens=60).token_ids == expected
 
 
 def test_min_length_counts_the_prompt(model):
     prompt = repetitive_prompt(2, 20)
-    model.generation_config.eos_token_id = free_run(model, prompt, 60)[3]
+    model.generation_config.eos_token_id = hf_greedy(model, prompt, 60)[3]
     model.generation_config.min_length = 35
-    assert lp.generate(model, prompt, CONFIG, max_new_tokens=60).token_ids == greedy(model, prompt, 60)
+    assert lp.generate(model, prompt, CONFIG, max_new_tokens=60).token_ids == hf_greedy(model, prompt, 60)
 
 
 def test_suppressed_and_bad_single_tokens_never_appear(model):
     prompt = repetitive_prompt(3, 20)
-    run = free_run(model, prompt, 60)
+    run = hf_greedy(model, prompt, 60)
     model.generation_config.suppress_tokens = [run[0], run[7]]
     model.generation_config.bad_words_ids = [[run[12]]]
-    expected = greedy(model, prompt, 60)
+    expected = hf_greedy(model, prompt, 60)
     result = lp.generate(model, prompt, CONFIG, max_new_tokens=60)
     assert result.token_ids == expected
     assert not {run[0], run[7], run[12]} & set(result.token_ids)
@@ -49,15 +45,15 @@ def test_suppressed_and_bad_single_tokens_never_appear(model):
 
 def test_begin_suppress_tokens_apply_to_the_first_new_token_only(model):
     prompt = repetitive_prompt(4, 20)
-    model.generation_config.begin_suppress_tokens = [free_run(model, prompt, 1)[0]]
-    assert lp.generate(model, prompt, CONFIG, max_new_tokens=40).token_ids == greedy(model, prompt, 40)
+    model.generation_config.begin_suppress_tokens = [hf_greedy(model, prompt, 1)[0]]
+    assert lp.generate(model, prompt, CONFIG, max_new_tokens=40).token_ids == hf_greedy(model, prompt, 40)
 
 
 def test_forced_eos_ends_at_max_length(model):
     prompt = repetitive_prompt(5, 20)
     model.generation_config.eos_token_id = 2
     model.generation_config.forced_eos_token_id = 2
-    expected = greedy(model, prompt, 30)
+    expected = hf_greedy(model, prompt, 30)
     assert expected[-1] == 2
     assert lp.generate(model, prompt, CONFIG, max_new_tokens=30).token_ids == expected
 
@@ -65,7 +61,7 @@ def test_forced_eos_ends_at_max_length(model):
 def test_max_new_tokens_defaults_to_the_generation_config(model):
     prompt = repetitive_prompt(6, 10)
     model.generation_config.max_new_tokens = 13
-    assert lp.generate(model, prompt, CONFIG).token_ids == greedy(model, prompt, 13)
+    assert lp.generate(model, prompt, CONFIG).token_ids == hf_greedy(model, prompt, 13)
 
 
 @pytest.mark.parametrize("setting,value", [("repetition_penalty", 1.2), ("no_repeat_ngram_size", 3),

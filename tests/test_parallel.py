@@ -11,7 +11,8 @@ import shutil
 import pytest
 
 from lp.distributed.bootstrap import free_port
-from models import STORIES, greedy, stories, tiny_model
+from lp.greedy_rules import hf_greedy
+from models import STORIES, stories, tiny_model
 from test_exactness import repetitive_prompt
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
@@ -54,7 +55,7 @@ def test_every_rank_matches_single_process_greedy(ranks, tmp_path):
     cases, expected = [], []
     for i, (family, wng) in enumerate(TINY_CASES):
         prompt = repetitive_prompt(100 + i, 24)
-        reference = greedy(tiny_model(family, seed=i), prompt, 40)
+        reference = hf_greedy(tiny_model(family, seed=i), prompt, 40)
         for kv_sync in ("recompute", "gather"):
             cases.append(dict(model=family, seed=i, prompt=prompt, wng=wng, max_new=40, kv_sync=kv_sync))
             expected.append(reference)
@@ -77,7 +78,7 @@ def test_every_rank_matches_single_process_greedy(ranks, tmp_path):
 def test_stories260k_on_a_team(ranks, tmp_path):
     model, tokenizer = stories()
     prompt = "Once upon a time"
-    expected = greedy(model, tokenizer(prompt).input_ids, 128)
+    expected = hf_greedy(model, tokenizer(prompt).input_ids, 128)
     cases = [dict(model="stories", prompt=prompt, wng=wng, max_new=128, kv_sync=kv)
              for wng in [(15, 5, 15), (5, 4, 5)] for kv in ("recompute", "gather")]
     outs, codes = run_team(ranks, {"cases": cases}, tmp_path)
@@ -88,7 +89,7 @@ def test_stories260k_on_a_team(ranks, tmp_path):
 
 def test_more_ranks_than_work_still_decodes_exactly(tmp_path):
     prompt = repetitive_prompt(7, 20)
-    expected = greedy(tiny_model("llama", seed=3), prompt, 30)
+    expected = hf_greedy(tiny_model("llama", seed=3), prompt, 30)
     cases = [dict(model="llama", seed=3, prompt=prompt, wng=(1, 2, 1), max_new=30, kv_sync=kv)
              for kv in ("recompute", "gather")]
     outs, codes = run_team(4, {"cases": cases}, tmp_path)  # 1 column + 1 candidate for 4 ranks: idle slices
@@ -121,7 +122,7 @@ def test_ranks_that_drift_apart_raise_instead_of_decoding_wrong(tmp_path):
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found (pip install '.[mpi]')")
 def test_the_step_exchange_can_run_over_mpi(tmp_path):
     prompt = repetitive_prompt(10, 24)
-    expected = greedy(tiny_model("llama", seed=4), prompt, 40)
+    expected = hf_greedy(tiny_model("llama", seed=4), prompt, 40)
     cases = [dict(model="llama", seed=4, prompt=prompt, wng=(6, 4, 6), max_new=40, kv_sync=kv)
              for kv in ("recompute", "gather")]
     spec = tmp_path / "spec.json"

@@ -10,7 +10,8 @@ import pytest
 
 from lp.distributed.bootstrap import free_port
 from lp.distributed.tensor_parallel import SHARDABLE, TensorParallelError, shard_model, split_world
-from models import FAMILIES, STORIES, greedy, stories, tiny_model
+from lp.greedy_rules import hf_greedy
+from models import FAMILIES, STORIES, stories, tiny_model
 from test_exactness import repetitive_prompt
 from test_parallel import run_team
 
@@ -25,13 +26,13 @@ def all_cases() -> tuple[list[dict], list[list[int]]]:
     cases, expected = [], []
     for i, family in enumerate(SHARDABLE):
         prompt = repetitive_prompt(300 + i, 24)
-        reference = greedy(tiny_model(family, seed=i), prompt, 40)
+        reference = hf_greedy(tiny_model(family, seed=i), prompt, 40)
         for kv_sync in ("recompute", "gather"):
             cases.append(dict(model=family, seed=i, prompt=prompt, wng=WNG[family], max_new=40, kv_sync=kv_sync))
             expected.append(reference)
     if STORIES.exists():
         model, tokenizer = stories()
-        reference = greedy(model, tokenizer("Once upon a time").input_ids, 128)
+        reference = hf_greedy(model, tokenizer("Once upon a time").input_ids, 128)
         for kv_sync in ("recompute", "gather"):
             cases.append(dict(model="stories", prompt="Once upon a time", wng=(15, 5, 15), max_new=128,
                               kv_sync=kv_sync))

@@ -22,7 +22,7 @@ from ..distributed import bootstrap
 from ..distributed.bootstrap import BootstrapError, Launch
 from ..distributed.parallel import KV_SYNC, DivergenceError, ProcessGroupTeam, RankFailure
 from ..distributed.tensor_parallel import TensorParallelError, make_team, plan_groups, shard_model, split_world
-from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules
+from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules, hf_greedy
 from . import batch, run_config
 from .batch import InputError, Record
 from .run_config import RunConfig
@@ -305,27 +305,14 @@ def completion_text(tokenizer, prompt: list[int], new: list[int]) -> str:
 def _greedy_check(model, item: dict, result: dict) -> dict:
     """transformers' generate(do_sample=False) on the same prompt and budget: equal tokens, and how much slower."""
     device = next(model.parameters()).device
-    prompt = item["ids"]
     budget = item["max_new_tokens"] if result["stop_reason"] == "eos" else result["new_tokens"]
-    ids = torch.tensor([prompt], device=device)
-    gc = model.generation_config
-    extra = {} if gc.pad_token_id is not None or gc.eos_token_id is None else {"pad_token_id": _first(gc.eos_token_id)}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=budget,
-                             **extra)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    greedy = hf_greedy(model, item["ids"], budget)  # host ids: the device has finished when it returns
     seconds = time.perf_counter() - start
-    greedy = out[0, len(prompt):].tolist()
     return {"greedy_match": greedy == result["token_ids"], "greedy_latency_s": round(seconds, 6),
             "speedup": round(seconds / result["latency_s"], 3) if result["latency_s"] > 0 else 0.0}
-
-
-def _first(value):
-    return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def load_model(cfg: RunConfig, device: torch.device):
