@@ -51,8 +51,12 @@ def random_llama_config(spec: str):
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer or None) for a model spec; tokenizer is None for random models (prompts map bytes to ids)."""
+    """(model, tokenizer or None) for a model spec, on the CPU; tokenizer is None for random models (prompts map
+    bytes to ids). The default model, stories260k and paths or hub ids load as the command line loads them."""
     import transformers
+
+    from lp.cli.main import UsageError, load_model as load_run_model
+    from lp.cli.run_config import RunConfig
 
     transformers.utils.logging.disable_progress_bar()
     if spec.startswith("random-llama"):
@@ -62,19 +66,13 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
         model.generation_config.eos_token_id = None
         model.generation_config.pad_token_id = 0
         return model.eval(), None
-    if spec == "default":
-        try:
-            from lp.default_model import DEFAULT_MODEL_PATH, load_default_model
-        except ImportError as error:
-            raise ModelUnavailable(f"the embedded default model is not available ({error})") from error
-        if not (Path(DEFAULT_MODEL_PATH) / "config.json").exists():
-            raise ModelUnavailable(f"the embedded default model is not trained yet ({DEFAULT_MODEL_PATH} is empty)")
-        return load_default_model(dtype)
-    path = STORIES if spec == "stories260k" else spec
     if spec == "stories260k" and not STORIES.exists():
         raise ModelUnavailable(f"stories260k is absent (looked in {STORIES})")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(path)
+    model = None if spec == "default" else str(STORIES if spec == "stories260k" else spec)
+    try:
+        return load_run_model(RunConfig(model=model, dtype=str(dtype).removeprefix("torch.")), torch.device("cpu"))
+    except UsageError as error:  # missing default model, bad path, not in the offline cache, ...
+        raise ModelUnavailable(str(error)) from None
 
 
 def default_suite(spec: str) -> Path:
