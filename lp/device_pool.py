@@ -1,0 +1,85 @@
+"""The n-gram pool as device tensors: for each key token a ring of at most G continuations of length N-1.
+
+Lookup and insertion are fixed-shape tensor ops, so they run inside the compiled step with no host sync.
+A continuation already stored under its key is not stored twice; a full ring drops its oldest entry.
+Lookup returns the newest first. The table is [vocab, G, N-1] (61 MB for a 128k vocabulary at G=15, N=5).
+"""
+from __future__ import annotations
+
+import torch
+
+from .ngram_pool import NGramPool
+
+
+class DevicePool:
+    """Rings of continuations per key token, with fixed-shape `lookup` and `insert`."""
+
+    def __init__(self, vocab: int, guess: int, length: int, device: torch.device):
+        self.vocab, self.guess, self.length = vocab, guess, length
+        rings = max(guess, 1)
+        # one spare key row (index `vocab`) takes the writes of rejected n-grams, so every scatter has a fixed size
+        self.tokens = torch.zeros(vocab + 1, rings, length, dtype=torch.long, device=device)
+        self.count = torch.zeros(vocab + 1, dtype=torch.long, device=device)
+        self.next = torch.zeros(vocab + 1, dtype=torch.long, device=device)
+        for t in (self.tokens, self.count, self.next):
+            torch._dynamo.mark_static_address(t)
+
+    def load(self, pool: NGramPool, keys) -> None:
+        """Start a generation from a host pool whose keys are among `keys` (the prompt's n-grams, in its order)."""
+        self.count.zero_()
+        self.next.zero_()
+        keys, slots, values, counts = [], [], [], []
+        for key in dict.fromkeys(keys):
+            entries = pool.candidates(key, self.guess)  # newest first
+            if not entries:
+                continue
+            c = len(entries)
+            for j, entry in enumerate(entries):
+                keys.append(key)
+                slots.append(c - 1 - j)  # the newest sits just before the write pointer
+                values.append(entry)
+            counts.append((key, c))
+        if not keys:
+            return
+        device = self.tokens.device
+        k = torch.tensor(keys, device=device)
+        self.tokens[k, torch.tensor(slots, device=device)] = torch.tensor(values, dtype=torch.long, device=device)
+        ck = torch.tensor([key for key, _ in counts], device=device)
+        cv = torch.tensor([c for _, c in counts], device=device)
+        self.count[ck] = cv
+        self.next[ck] = cv % max(self.guess, 1)
+
+    def lookup(self, key: torch.Tensor, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries first..first+size-1 (newest first) under `key` (0-d): tokens [size, N-1] and valid [size]."""
+        g = max(self.guess, 1)
+        key = key.view(1)  # a 1-element index gathers on the device (a 0-d one would be read on the host)
+        order = torch.arange(first, first + size, device=key.device)
+        slots = (self.next.index_select(0, key) - 1 - order) % g
+        return self.tokens.index_select(0, key)[0].index_select(0, slots), order < self.count.index_select(0, key)
+
+    def insert(self, grams: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Insert n-grams [M, N] where `valid` [M], in order; returns how many were new (a 0-d tensor)."""
+        if self.guess == 0:
+            return torch.zeros((), dtype=torch.long, device=grams.device)
+        g = self.guess
+        keys, conts = grams[:, 0], grams[:, 1:]
+        m = keys.numel()
+        safe_keys = torch.where(valid, keys, self.vocab)
+        stored = self.tokens[safe_keys]  # [M, G, N-1]
+        filled = torch.arange(g, device=keys.device)[None, :] < self.count[safe_keys][:, None]
+        present = ((stored == conts[:, None, :]).all(-1) & filled).any(-1)
+        same_key = keys[:, None] == keys[None, :]
+        earlier = torch.ones(m, m, dtype=torch.bool, device=keys.device).tril(-1)  # [i, j]: j before i
+        same = same_key & (conts[:, None, :] == conts[None, :, :]).all(-1) & earlier & valid[None, :]
+        new = valid & ~present & ~same.any(-1)
+        rank = (same_key & earlier & new[None, :]).sum(-1)  # new n-grams under the same key before this one
+        kept = new & (rank < g)
+        target_key = torch.where(kept, keys, self.vocab)
+        slot = torch.where(kept, (self.next[target_key] + rank) % g, 0)
+        self.tokens.index_put_((target_key, slot), conts)
+        added = kept.long()
+        self.count.index_add_(0, target_key, added)
+        self.next.index_add_(0, target_key, added)
+        self.count[target_key] = self.count[target_key].clamp(max=g)
+        self.next[target_key] = self.next[target_key] % g
+        return added.sum()

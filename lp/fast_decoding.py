@@ -1,0 +1,234 @@
+"""The fast path: lookahead decoding with a static KV cache, one step shape and a compiled step.
+
+Same contract as lp.decoding.Decoder (same GenerationResult, same generation rules, the same tokens as
+greedy decoding), but each step is a fixed-shape, device-resident graph: `torch.compile`d (CUDA graphs on
+GPUs), replayed with no Python work per token; the host reads one small tensor per step (the accepted
+tokens). Caches are sized in power-of-two capacity buckets, so a batch of prompts compiles once a bucket.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Callable, Iterator
+
+import torch
+
+from .config import LookaheadConfig
+from .decoding import (GenerationResult, PromptError, _prompt_ids, _refuse_unsupported_model, cache_argument,
+                       context_length)
+from .device_pool import DevicePool
+from .device_rules import DeviceRules
+from .fast_step import FastShape, FastStep
+from .greedy_rules import greedy_rules
+from .ngram_pool import NGramPool
+from .step_layout import tokens_fed
+from .distributed.partition import split_step
+from .distributed.team import SoloTeam
+
+log = logging.getLogger("lp")
+
+MIN_CAPACITY = 256
+
+
+def capacity_bucket(tokens: int) -> int:
+    """The smallest power of two (at least MIN_CAPACITY) that holds `tokens` cache entries."""
+    size = MIN_CAPACITY
+    while size < tokens:
+        size *= 2
+    return size
+
+
+class FastDecoder:
+    """Runs the fixed-shape step of `model` under `config`, alone or as one rank of a team."""
+
+    def __init__(self, model, config: LookaheadConfig | None = None, team=None, compile: bool = True):
+        _refuse_unsupported_model(model)
+        self.model = model
+        self.config = config or LookaheadConfig()
+        self.team = team or SoloTeam()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.context = context_length(model.config)
+        self.compile = compile
+        self.compile_error: str | None = None
+        self.host_reads = 0  # device-to-host copies made by the step loop (one per step)
+        cfg, team = self.config, self.team
+        kv_sync = "none" if team.size == 1 else team.kv_sync
+        pending = cfg.ngram if kv_sync == "recompute" else 1
+        slices = tuple(split_step(cfg.window, cfg.levels, cfg.guess, cfg.ngram - 1, [pending] * team.size))
+        self.shape = FastShape(cfg.window, cfg.ngram, cfg.guess, pending, slices, team.rank, kv_sync)
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
+        self._pool = DevicePool(self.vocab, cfg.guess, cfg.ngram - 1, self.device)
+        self._rules: DeviceRules | None = None
+        self._steps: dict[int, FastStep] = {}
+        self._compiled: dict[tuple[int, str], Callable] = {}
+        self._host = torch.zeros(cfg.ngram + 3, dtype=torch.long, pin_memory=self.device.type == "cuda")
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens this rank feeds every step (fixed by W, N, G and the team)."""
+        return tokens_fed(self.shape.step_shape)
+
+    def generate(self, input_ids, max_new_tokens: int | None = None, tokenizer=None,
+                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
+        """Decode to the end; `on_tokens` receives each step's committed tokens as the step ends."""
+        result = GenerationResult([], 0, [], 0.0, 0, "max_new_tokens")
+        with torch.inference_mode():
+            for tokens in self.stream(input_ids, max_new_tokens, result):
+                if on_tokens is not None:
+                    on_tokens(tokens)
+        if tokenizer is not None:
+            result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+        return result
+
+    def stream(self, input_ids, max_new_tokens: int | None = None, result: GenerationResult | None = None
+               ) -> Iterator[list[int]]:
+        """Yield the tokens committed by each step; fills `result` as it goes."""
+        prompt = _prompt_ids(input_ids)
+        rules = greedy_rules(self.model.generation_config, len(prompt), max_new_tokens)
+        if self.context is not None and len(prompt) >= self.context:
+            raise PromptError(f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; "
+                              f"shorten it to at most {self.context - 1} tokens")
+        if max(prompt) >= self.vocab or min(prompt) < 0:
+            raise PromptError(f"prompt token ids must be in [0, {self.vocab}), got {max(prompt)}")
+        limit = rules.max_new_tokens
+        if self.context is not None:
+            limit = min(limit, self.context - len(prompt))
+        stats = result if result is not None else GenerationResult([], 0, [], 0.0, len(prompt), "max_new_tokens")
+        stats.prompt_tokens, stats.ranks = len(prompt), self.team.size
+        self.team.begin(self.config.ngram, self.config.window)
+        try:
+            yield from self._decode(prompt, rules, limit, stats)
+        except Exception as error:
+            self.team.report_failure(f"{type(error).__name__}: {error}")
+            raise
+
+    # -- the loop -----------------------------------------------------------------------------------------
+
+    def _decode(self, prompt, rules, limit, stats) -> Iterator[list[int]]:
+        cfg = self.config
+        start = time.perf_counter()
+        if limit == 0:
+            stats.stop_reason = "max_new_tokens" if limit == rules.max_new_tokens else "context"
+            return
+        host_pool = NGramPool(cfg.guess, cfg.ngram - 1)
+        if cfg.seed_pool_from_prompt:
+            host_pool.add_sequence(prompt)
+        rng = random.Random(cfg.seed)
+        window = [[prompt[rng.randrange(len(prompt))] for _ in range(cfg.window)] for _ in range(cfg.levels)]
+        with torch.inference_mode():  # entered per step, never across a yield: the caller's code runs as usual
+            step = self._step(len(prompt) + limit, rules)
+            step.start(prompt, host_pool, window)
+        run = self._runner(step)
+
+        generated: list[int] = []
+        eos = set(rules.eos_ids)
+        while len(generated) < limit:
+            with torch.inference_mode():
+                count, accepted, diverged, _winner = self._read(run())
+            if diverged:
+                from .distributed.parallel import DivergenceError
+                raise DivergenceError("ranks disagree on the committed tokens/window/pool; the replicas are not "
+                                      "identical (same model, dtype and config on every rank?)")
+            emit = accepted[:count][: limit - len(generated)]
+            for i, tok in enumerate(emit):
+                if tok in eos:
+                    emit = emit[: i + 1]
+                    stats.stop_reason = "eos"
+                    break
+            generated.extend(emit)
+            stats.token_ids, stats.steps = generated, stats.steps + 1
+            stats.accepted_per_step.append(len(emit))
+            stats.tokens_fed_per_step.append(step.tokens)
+            stats.wall_time_s = time.perf_counter() - start
+            yield emit
+            if stats.stop_reason == "eos":
+                break
+        else:
+            if limit < rules.max_new_tokens:
+                stats.stop_reason = "context"
+        stats.comm_time_s = sum(self.team.comm.seconds)
+        stats.comm_bytes = sum(self.team.comm.bytes)
+        stats.wall_time_s = time.perf_counter() - start
+
+    def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool, int]:
+        """The step's one device-to-host copy: [count, N accepted, diverged, winner]."""
+        self.host_reads += 1
+        self._host.copy_(out, non_blocking=True)
+        if out.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        values = self._host.tolist()
+        n = self.config.ngram
+        return values[0], values[1 : 1 + n], bool(values[1 + n]), values[2 + n]
+
+    # -- building and compiling the step --------------------------------------------------------------------
+
+    def _step(self, tokens: int, rules) -> FastStep:
+        if self._rules is None or not self._rules.matches(rules):
+            self._rules = DeviceRules(rules, self.vocab, self.dtype, self.device)
+            self._steps.clear()
+            self._compiled.clear()
+        self._rules.load(rules)
+        capacity = capacity_bucket(tokens + self.step_tokens)
+        found = self._steps.get(capacity)
+        if found is None:
+            found = self._steps[capacity] = FastStep(
+                self.model, self.shape, capacity, self._rules, self._pool, self.context, cache_argument(self.model),
+                self.layers, self.config.seed_pool_from_output)
+        return found
+
+    def _runner(self, step: FastStep) -> Callable[[], torch.Tensor]:
+        """One call runs one step and returns its host-bound tensor (compiled graphs, collectives between)."""
+        team = self.team
+        if team.size == 1:
+            solo = self._compiled_fn(step, "solo", step.solo)
+            return solo
+        local = self._compiled_fn(step, "local", step.local)
+        commit = self._compiled_fn(step, "commit", step.commit)
+
+        def run() -> torch.Tensor:
+            row, keep = local()
+            table = team.gather_rows(row)
+            out = commit(table, keep)
+            if step.kv_buffer is not None:
+                team.sum_kv(step.kv_buffer)
+            return out
+        return run
+
+    def _compiled_fn(self, step: FastStep, name: str, fn: Callable) -> Callable:
+        if not self.compile or self.compile_error is not None:
+            return fn
+        key = (step.capacity, name)
+        found = self._compiled.get(key)
+        if found is None:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+            found = self._compiled[key] = _FallBack(compiled, fn, self)
+        return found
+
+
+class _FallBack:
+    """Calls the compiled step; if compiling fails, logs one line naming why and runs the same step eagerly."""
+
+    def __init__(self, compiled: Callable, eager: Callable, owner: FastDecoder):
+        self.compiled, self.eager, self.owner = compiled, eager, owner
+        self.compile_time_s: float | None = None
+
+    def __call__(self, *args):
+        if self.owner.compile_error is not None:
+            return self.eager(*args)
+        if self.compile_time_s is not None:
+            return self.compiled(*args)
+        began = time.perf_counter()
+        try:
+            out = self.compiled(*args)
+        except Exception as error:  # dynamo/inductor cannot take this model: stay exact, run eagerly
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            self.owner.compile_error = f"{type(error).__name__}: {first}"
+            log.warning("lp: torch.compile failed for %s (%s); running the fast path eagerly",
+                        type(self.owner.model).__name__, self.owner.compile_error)
+            return self.eager(*args)
+        self.compile_time_s = time.perf_counter() - began
+        return out

@@ -1,0 +1,267 @@
+"""The fast path's step: one fixed shape per (W, N, G, ranks) and every piece of bookkeeping on the device.
+
+A step feeds [pending slots | all N-1 window levels | this rank's candidate slots] as one token tree
+(lp.step_layout) whose shape never changes: the window is filled before the first step, missing
+candidates are fed as dummy rows that can never win, and with `recompute` the pending run is padded to
+N slots at its front with rows no one attends to. It runs in two halves so that a team can exchange
+between them: `local` (forward, verification, this rank's exchange row) and `commit` (winner, window,
+pool, KV cache compaction). Alone, both halves run as one compiled graph. All state lives in tensors
+updated in place, so a compiled graph (or a CUDA graph) replays it with no host work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .device_pool import DevicePool
+from .device_rules import DeviceRules
+from .ngram_pool import NGramPool
+from .distributed.partition import Slice
+from .slot_cache import SlotCache
+from .step_layout import StepShape, build_layout
+
+
+@dataclass(frozen=True)
+class FastShape:
+    """The static numbers of one rank's step."""
+
+    window: int
+    ngram: int
+    guess: int
+    pending: int  # pending slots: 1, or N when ranks recompute the winner's tokens
+    slices: tuple[Slice, ...]  # every rank's columns and candidates
+    rank: int
+    kv_sync: str  # "none" (one rank), "gather" or "recompute"
+
+    @property
+    def mine(self) -> Slice:
+        return self.slices[self.rank]
+
+    @property
+    def step_shape(self) -> StepShape:
+        s = self.mine
+        if s.columns == 0:  # no window columns: feed no window tokens at all, not even the level-0 prefix
+            return StepShape(self.pending, 0, 0, 0, s.cand_end - s.cand_start, self.ngram - 1)
+        return StepShape(self.pending, self.ngram - 1, s.col_start, s.col_end, s.cand_end - s.cand_start,
+                         self.ngram - 1)
+
+    @property
+    def max_columns(self) -> int:
+        return max(s.columns for s in self.slices)
+
+    @property
+    def row_size(self) -> int:
+        """The exchange row: [accepted count, N accepted tokens, window outputs (max columns), fingerprint]."""
+        return 2 + self.ngram + self.max_columns
+
+
+class FastStep:
+    """Device state and the two halves of one rank's fixed-shape step, for one cache capacity."""
+
+    def __init__(self, model, shape: FastShape, capacity: int, rules: DeviceRules, pool: DevicePool,
+                 context: int | None, cache_arg: str, layers: int, seed_from_output: bool):
+        self.model, self.shape, self.capacity, self.rules = model, shape, capacity, rules
+        self.cache_arg, self.seed_from_output = cache_arg, seed_from_output
+        param = next(model.parameters())
+        device, self.dtype = param.device, param.dtype
+        self.device = device
+        self.context = context if context is not None else 1 << 62
+        n, w = shape.ngram, shape.window
+        step = shape.step_shape
+        layout = build_layout(step)
+        self.tokens = layout.size
+        to = dict(device=device, dtype=torch.long)
+
+        # -- static layout: where each fed token comes from, its depth, what it may see, which logits to keep
+        sources = list(range(step.pending))  # into cat(pending, window.flatten(), candidates.flatten())
+        base = step.pending
+        if step.levels:
+            sources += [base + c for c in range(step.col_end)]
+            for j in range(1, step.levels):
+                sources += [base + j * w + c for c in range(step.col_start, step.col_end)]
+        base += (n - 1) * w
+        sources += [base + i for i in range(step.candidates * step.candidate_len)]
+        self.sources = torch.tensor(sources, **to)
+        self.depth = layout.depth.to(device)
+        self.hidden = (~layout.allowed).to(device)
+        top_rows = layout.window_rows[-1].tolist() if step.levels else []
+        keep = [step.pending - 1] + top_rows + layout.candidate_rows.flatten().tolist()
+        self.keep_rows = torch.tensor(keep, **to)
+        self.candidate_rows = layout.candidate_rows.to(device)
+        ranks = len(shape.slices)
+        row = shape.row_size
+        self.top_index = torch.tensor([r * row + 1 + n + c for r, s in enumerate(shape.slices) for c in range(s.columns)],
+                                      **to)
+        self.tail_index = torch.arange(n)[:, None] + torch.arange(n)[None, :]  # n-grams of [tail | accepted]
+        self.tail_index = self.tail_index.to(device)
+        self.ranks = ranks
+
+        # -- state, updated in place
+        self.cache = SlotCache(layers, capacity, device)
+        self.pool = pool
+        self.window = torch.zeros(n - 1, w, **to)
+        self.pending = torch.zeros(shape.pending, **to)
+        self.pending_count = torch.ones((), **to)
+        self.tail = torch.full((n - 1,), -1, **to)
+        self.prompt_len = torch.zeros((), **to)
+        self.fingerprint = torch.zeros((), **to)
+        self.step_slots = torch.zeros(self.tokens, **to)
+        self.out = torch.zeros(n + 3, **to)  # [count, N accepted tokens, diverged, winner]: what the host reads
+        self.kv_start = torch.zeros((), **to)
+        self.kv_buffer: torch.Tensor | None = None  # [layers, 2, b, h, N, d] with kv_sync == "gather"
+        for t in (self.window, self.pending, self.pending_count, self.tail, self.prompt_len, self.fingerprint,
+                  self.step_slots, self.out, self.kv_start):
+            torch._dynamo.mark_static_address(t)
+
+    # -- per generation (eager) ---------------------------------------------------------------------------
+
+    def start(self, prompt: list[int], host_pool: NGramPool, window_rows: list[list[int]]) -> None:
+        """Prefill the prompt, load the pool and window, and point the cache at the step's slots."""
+        n = self.shape.ngram
+        to = dict(device=self.device, dtype=torch.long)
+        cache = self.cache
+        cache.length.zero_()
+        body = prompt[:-1]
+        if body:
+            cache.slots = torch.arange(len(body), device=self.device)
+            ids = torch.tensor([body], **to)
+            k = len(body)
+            mask = torch.full((k, self.capacity), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+            mask[:, :k].triu_(1)
+            self.model(input_ids=ids, position_ids=cache.slots[None], attention_mask=mask[None, None], use_cache=True,
+                       logits_to_keep=1, **{self.cache_arg: cache})
+            cache.length.fill_(k)
+        cache.slots = self.step_slots
+        if self.shape.kv_sync == "gather" and self.kv_buffer is None:
+            k0 = cache.layers[0].keys
+            self.kv_buffer = torch.zeros(len(cache.layers), 2, k0.shape[0], k0.shape[1], n, k0.shape[-1],
+                                         dtype=k0.dtype, device=self.device)
+            torch._dynamo.mark_static_address(self.kv_buffer)
+        if self.kv_buffer is not None:
+            self.kv_buffer.zero_()
+        self.kv_start.fill_(len(body))
+        self.pool.load(host_pool, prompt)
+        self.window.copy_(torch.tensor(window_rows, **to))
+        self.pending.fill_(prompt[-1])
+        self.pending_count.fill_(1)
+        tail = ([-1] * (n - 1) + list(prompt))[-(n - 1):] if n > 1 else []
+        self.tail.copy_(torch.tensor(tail, **to))
+        self.prompt_len.fill_(len(prompt))
+        self.fingerprint.zero_()
+
+    # -- the step -----------------------------------------------------------------------------------------
+
+    def local(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and verify this rank's slice: its exchange row and, if it wins, the cache slots to keep."""
+        shape, n = self.shape, self.shape.ngram
+        cache = self.cache
+        if self.kv_buffer is not None:  # entries received from last step's winner
+            for i, layer in enumerate(cache.layers):
+                layer.write(self.kv_start, self.kv_buffer[i, 0], self.kv_buffer[i, 1])
+        cached = cache.length
+        p = self.pending_count
+        shift = shape.pending - p
+        mine = shape.mine
+        count = mine.cand_end - mine.cand_start
+        key = self.pending[-1]
+        candidates, valid = self.pool.lookup(key, mine.cand_start, count)
+        fed = torch.cat([self.pending, self.window.flatten(), candidates.flatten()])[self.sources]
+        positions = (cached + self.depth - shift).clamp(0, self.context - 1)
+        self.step_slots.copy_(cached + torch.arange(self.tokens, device=self.device))
+        out = self.model(input_ids=fed[None], position_ids=positions[None], attention_mask=self._mask(cached, shift),
+                         use_cache=True, logits_to_keep=self.keep_rows, **{self.cache_arg: cache})
+        logits = out.logits[0]
+        if self.rules.active:
+            logits = self.rules.apply(logits, positions[self.keep_rows] + 1 - self.prompt_len)
+        preds = logits.argmax(-1)
+        cols = mine.columns
+        pred0, top = preds[0], preds[1 : 1 + cols]
+        cand_preds = preds[1 + cols :].view(count, n - 1)
+        expect = torch.cat([pred0.expand(count, 1), cand_preds[:, :-1]], 1)
+        runs = (candidates == expect).long().cumprod(-1).sum(-1) * valid
+        best = runs.argmax() if count else torch.zeros((), dtype=torch.long, device=self.device)
+        run = _pick(runs, best) if count else torch.zeros((), dtype=torch.long, device=self.device)
+        winner_preds = _pick(cand_preds, best) if count else pred0.expand(n - 1)
+        accepted = torch.cat([pred0[None], winner_preds])
+        pad = torch.zeros(shape.max_columns - cols, dtype=torch.long, device=self.device)
+        row = torch.cat([(1 + run)[None], accepted, top, pad, self.fingerprint[None]])
+        # slots to keep if this rank wins: its real pending rows, then the winning candidate's rows
+        idx = torch.arange(shape.pending + n - 1, device=self.device)
+        cand_rows = _pick(self.candidate_rows, best) if count else torch.zeros(n - 1, dtype=torch.long, device=self.device)
+        rows = torch.where(idx < p, shift + idx, cand_rows[(idx - p).clamp(0, n - 2)])
+        return row, cached + rows
+
+    def commit(self, table: torch.Tensor, keep_slots: torch.Tensor) -> torch.Tensor:
+        """Apply the team's exchange table [ranks, row]: commit the winner's tokens, advance the window and pool,
+        compact the cache. Returns the host-bound [count, N accepted, diverged, winner]."""
+        shape, n = self.shape, self.shape.ngram
+        cache = self.cache
+        cached = cache.length.clone()
+        counts = table[:, 0]
+        winner = counts.argmax()  # the first maximum: ties go to the lowest rank
+        count = _pick(counts, winner)
+        accepted = _pick(table, winner)[1 : 1 + n]
+        diverged = (table[:, -1] != table[0, -1]).any()
+        won = winner == shape.rank
+        p = self.pending_count.clone()
+
+        for layer in cache.layers:
+            layer.keep(cached, keep_slots)
+        if shape.kv_sync == "recompute":
+            kept = torch.where(won, p + count - 1, p)
+            next_count = torch.where(won, torch.ones_like(count), count)
+        else:
+            kept = count  # the single pending token plus the accepted candidate tokens
+            next_count = torch.ones_like(count)
+        cache.length.copy_(cached + kept)
+        j = torch.arange(shape.pending, device=self.device)
+        self.pending.copy_(accepted[(count - shape.pending + j).clamp(0, n - 1)])
+        self.pending_count.copy_(next_count)
+        if self.kv_buffer is not None:  # the winner's entries [cached, cached + N) go to every rank (summed)
+            self.kv_start.copy_(cached)
+            slots = cached + torch.arange(n, device=self.device)
+            for i, layer in enumerate(cache.layers):
+                self.kv_buffer[i, 0].copy_(torch.where(won, layer.keys.index_select(2, slots), 0))
+                self.kv_buffer[i, 1].copy_(torch.where(won, layer.values.index_select(2, slots), 0))
+
+        top = table.flatten()[self.top_index]
+        grams = torch.cat([self.window, top[None]]).T  # [W, N]: one n-gram up each column
+        self.window.copy_(torch.cat([self.window[1:], top[None]]))
+        seq = torch.cat([self.tail, accepted])
+        out_grams = seq[self.tail_index]  # [N, N]
+        out_valid = (torch.arange(n, device=self.device) < count) & (out_grams >= 0).all(-1)
+        if not self.seed_from_output:
+            out_valid = torch.zeros_like(out_valid)
+        self.tail.copy_(seq[count + torch.arange(n - 1, device=self.device)])
+        added = self.pool.insert(torch.cat([grams, out_grams]),
+                                 torch.cat([torch.ones(shape.window, dtype=torch.bool, device=self.device), out_valid]))
+        live = torch.where(torch.arange(n, device=self.device) < count, accepted, 0)
+        self.fingerprint.copy_(self.fingerprint * 1000003 + (live * torch.arange(1, n + 1, device=self.device)).sum()
+                               + (top * torch.arange(7, 7 + shape.window, device=self.device)).sum() + added + count)
+        self.out.copy_(torch.cat([count[None], accepted, diverged.long()[None], winner[None]]))
+        return self.out
+
+    def solo(self) -> torch.Tensor:
+        """Both halves for a team of one (one compiled graph)."""
+        row, keep = self.local()
+        return self.commit(row[None], keep)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _mask(self, cached: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Additive mask [1, 1, T, capacity]: the committed cache is visible, the step's tree applies within it,
+        padded pending slots (the first `shift`) are seen by no other row, and slots past the step are hidden."""
+        t = self.tokens
+        rows = torch.arange(t, device=self.device)
+        within = self.hidden | ((rows[None, :] < shift) & (rows[None, :] != rows[:, None]))
+        rel = torch.arange(self.capacity, device=self.device) - cached
+        inside = (rel >= 0) & (rel < t)
+        hidden = (rel >= t)[None, :] | (inside[None, :] & within[:, rel.clamp(0, t - 1)])
+        mask = torch.zeros(t, self.capacity, dtype=self.dtype, device=self.device)
+        return mask.masked_fill(hidden, torch.finfo(self.dtype).min)[None, None]
+
+
+def _pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[index] for a 0-d device index, as a gather (plain indexing would read the index on the host)."""
+    return t.index_select(0, index.view(1))[0]

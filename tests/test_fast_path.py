@@ -1,0 +1,178 @@
+"""The fast path (static cache, one step shape, device-resident state, compiled step) equals greedy decoding,
+compiles once per configuration and capacity bucket, and reads the device once per step."""
+import logging
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import lp
+from lp.fast_decoding import FastDecoder, capacity_bucket
+from lp.greedy_rules import hf_greedy
+from models import FAMILIES, STORIES, VOCAB, stories, tiny_model
+from test_exactness import GRID, repetitive_prompt
+
+
+def fresh_compiler():
+    torch._dynamo.reset()
+    counters.clear()
+
+
+def graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+# -- the same tokens as greedy: the step's logic (uncompiled) on every family and config ---------------------
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("window,ngram,guess", GRID)
+def test_fixed_shape_step_matches_greedy_on_every_family_and_config(family, window, ngram, guess):
+    model = tiny_model(family, seed=2)
+    prompt = repetitive_prompt(window * 13 + guess, 24)
+    result = FastDecoder(model, lp.LookaheadConfig(window, ngram, guess), compile=False).generate(prompt, 40)
+    assert result.token_ids == hf_greedy(model, prompt, 40)
+    assert max(result.accepted_per_step) <= ngram and sum(result.accepted_per_step) == 40
+
+
+@pytest.mark.parametrize("prompt_len,max_new", [(1, 30), (2, 1), (3, 2), (150, 60), (400, 5)])
+def test_prompt_lengths_and_budgets(prompt_len, max_new):
+    model = tiny_model("llama", seed=1)
+    prompt = repetitive_prompt(prompt_len, prompt_len)
+    result = FastDecoder(model, lp.LookaheadConfig(6, 4, 6), compile=False).generate(prompt, max_new)
+    assert result.token_ids == hf_greedy(model, prompt, max_new)
+
+
+def test_the_context_limit_stops_decoding_exactly():
+    model = tiny_model("gpt2", seed=2, n_positions=64)  # learned positions: an overflow would crash
+    prompt = repetitive_prompt(9, 50)
+    result = FastDecoder(model, lp.LookaheadConfig(15, 5, 15), compile=False).generate(prompt, 40)
+    assert result.token_ids == hf_greedy(model, prompt, 14)
+    assert result.stop_reason == "context"
+
+
+def test_one_step_shape_feeds_the_same_number_of_tokens_every_step():
+    model = tiny_model("llama", seed=3)
+    result = FastDecoder(model, lp.LookaheadConfig(15, 5, 15), compile=False).generate(repetitive_prompt(1, 30), 60)
+    # 1 pending + level 0 (15) + 3 levels x 15 columns + 15 candidates x 4 tokens
+    assert set(result.tokens_fed_per_step) == {1 + 15 + 3 * 15 + 15 * 4}
+
+
+# -- compiled (inductor on CPU) ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_compiled_step_matches_greedy_on_every_family(family):
+    fresh_compiler()
+    model = tiny_model(family, seed=4)
+    prompt = repetitive_prompt(17, 30)
+    decoder = FastDecoder(model, lp.LookaheadConfig(5, 4, 5), compile=True)
+    result = decoder.generate(prompt, 48)
+    assert decoder.compile_error is None
+    assert result.token_ids == hf_greedy(model, prompt, 48)
+
+
+@pytest.mark.parametrize("window,ngram,guess", [(1, 2, 0), (15, 5, 15), (3, 6, 40)])
+def test_compiled_step_matches_greedy_across_configs(window, ngram, guess):
+    fresh_compiler()
+    model = tiny_model("qwen2", seed=5)
+    prompt = repetitive_prompt(window + ngram, 40)
+    decoder = FastDecoder(model, lp.LookaheadConfig(window, ngram, guess), compile=True)
+    assert decoder.generate(prompt, 64).token_ids == hf_greedy(model, prompt, 64)
+    assert decoder.compile_error is None
+
+
+def test_compiled_step_obeys_eos_inside_a_step_and_the_generation_rules():
+    fresh_compiler()
+    model = tiny_model("phi", seed=4)
+    prompt = repetitive_prompt(11, 20)
+    free_run = hf_greedy(model, prompt, 100)
+    gc = model.generation_config
+    gc.suppress_tokens = [free_run[0]]
+    gc.begin_suppress_tokens = [free_run[1]]
+    gc.eos_token_id = [free_run[30], VOCAB + 5]
+    gc.min_new_tokens = 12
+    expected = hf_greedy(model, prompt, 100)
+    assert free_run[0] not in expected and len(expected) < 100  # the rules bite and EOS ends the run
+    decoder = FastDecoder(model, lp.LookaheadConfig(8, 5, 8), compile=True)
+    result = decoder.generate(prompt, 100)
+    assert result.token_ids == expected and result.stop_reason == "eos"
+    assert decoder.compile_error is None
+
+
+def test_after_warm_up_a_256_token_generation_compiles_nothing_and_reads_the_device_once_a_step():
+    fresh_compiler()
+    model = tiny_model("llama", seed=6)
+    decoder = FastDecoder(model, lp.LookaheadConfig(15, 5, 15), compile=True)
+    decoder.generate(repetitive_prompt(1, 30), 256)  # warm-up: compiles the step of this capacity bucket
+    assert graphs() == 1
+    frames = counters["stats"]["calls_captured"]
+    prompt = repetitive_prompt(2, 30)
+    reads = decoder.host_reads
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = decoder.generate(prompt, 256)
+    assert result.token_ids == hf_greedy(model, prompt, 256)
+    assert graphs() == 1 and counters["stats"]["calls_captured"] == frames  # no recompile, no retrace
+    assert decoder.host_reads - reads == result.steps  # one device-to-host copy per step...
+    scalar_reads = [e for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense")]
+    assert sum(e.count for e in scalar_reads) == 0  # ...and no .item()/int()/bool() of a device value anywhere
+
+
+def test_a_batch_of_prompt_lengths_compiles_once_per_capacity_bucket():
+    fresh_compiler()
+    model = tiny_model("llama", seed=7)
+    decoder = FastDecoder(model, lp.LookaheadConfig(4, 3, 4), compile=True)
+    lengths = [3, 40, 90, 17, 250, 5, 120]
+    for n in lengths:
+        prompt = repetitive_prompt(n, n)
+        assert decoder.generate(prompt, 24).token_ids == hf_greedy(model, prompt, 24)
+    buckets = {capacity for capacity in decoder._steps}
+    assert buckets == {256, 512}  # prompt + 24 new tokens + one step fit 256 entries, except the 250-token one
+    assert graphs() == len(buckets)
+
+
+def test_the_cache_is_allocated_once_and_never_reallocated():
+    model = tiny_model("llama", seed=8)
+    decoder = FastDecoder(model, lp.LookaheadConfig(6, 4, 6), compile=False)
+    decoder.generate(repetitive_prompt(1, 30), 5)
+    step = next(iter(decoder._steps.values()))
+    before = [t.data_ptr() for t in step.cache.buffers()]
+    seen = []
+    for _ in decoder.stream(repetitive_prompt(2, 50), 150):
+        assert not torch.is_inference_mode_enabled()  # the caller's code between steps runs as usual
+        seen.append([t.data_ptr() for t in step.cache.buffers()])
+    assert len(seen) > 10 and all(ptrs == before for ptrs in seen)
+    assert step.cache.capacity == capacity_bucket(50 + 150 + decoder.step_tokens) == 256
+
+
+def test_capacity_buckets_are_powers_of_two():
+    assert [capacity_bucket(n) for n in (1, 256, 257, 1000, 5000)] == [256, 256, 512, 1024, 8192]
+
+
+def test_a_model_that_cannot_compile_falls_back_to_eager_with_one_log_line(caplog):
+    fresh_compiler()
+    model = tiny_model("llama", seed=9)
+    forward = model.forward
+
+    def breaking_forward(*args, **kwargs):
+        torch._dynamo.graph_break()  # fullgraph=True refuses this
+        return forward(*args, **kwargs)
+
+    model.forward = breaking_forward
+    decoder = FastDecoder(model, lp.LookaheadConfig(5, 4, 5), compile=True)
+    prompt = repetitive_prompt(3, 20)
+    with caplog.at_level(logging.WARNING, logger="lp"):
+        result = decoder.generate(prompt, 30)
+    model.forward = forward
+    assert result.token_ids == hf_greedy(model, prompt, 30)
+    assert decoder.compile_error and len([r for r in caplog.records if "torch.compile failed" in r.message]) == 1
+
+
+@pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260k is absent")
+def test_stories260k_compiled_matches_greedy_in_float32():
+    fresh_compiler()
+    model, tokenizer = stories()
+    model = model.float()
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    decoder = FastDecoder(model, lp.LookaheadConfig(7, 5, 7), compile=True)
+    result = decoder.generate(ids, 256)
+    assert result.token_ids == hf_greedy(model, ids[0].tolist(), 256)
+    assert result.tokens_per_step > 1.3
