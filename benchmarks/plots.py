@@ -16,6 +16,14 @@ def _legend(ax) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
+def _save(fig, ax, path: Path, title: str) -> None:
+    """Title, legend, write the PNG and free the figure."""
+    ax.set_title(title, fontsize=9)
+    _legend(ax)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
 def _lookahead(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["method"] == "lookahead"]
 
@@ -39,10 +47,7 @@ def speedup_vs_ranks(rows: list[dict], path: Path, title: str) -> None:
     ax.set_xlabel("ranks P (P=1: one process)")
     ax.set_ylabel("speedup over HF greedy (wall clock)")
     ax.set_xticks(sorted({r["ranks"] for r in la}) or [1])
-    ax.set_title(title, fontsize=9)
-    _legend(ax)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, ax, path, title)
 
 
 def tokens_per_step(rows: list[dict], path: Path, title: str) -> None:
@@ -62,10 +67,7 @@ def tokens_per_step(rows: list[dict], path: Path, title: str) -> None:
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="greedy (1 token/step)")
     ax.set_xlabel("window W")
     ax.set_ylabel("tokens per step")
-    ax.set_title(title, fontsize=9)
-    _legend(ax)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, ax, path, title)
 
 
 def step_latency(rows: list[dict], path: Path, title: str) -> None:
@@ -80,10 +82,7 @@ def step_latency(rows: list[dict], path: Path, title: str) -> None:
     ax.set_yticks(list(ys), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("ms per step (mean, prefill step excluded)")
-    ax.set_title(title, fontsize=9)
-    _legend(ax)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    _save(fig, ax, path, title)
 
 
 def plot_all(rows: list[dict], out_dir: Path, title: str) -> list[Path]:
