@@ -18,6 +18,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the lp of this c
 torch.set_num_threads(1)
 
 import lp  # noqa: E402
+from lp.fast_decoding import FastDecoder  # noqa: E402
 from lp.distributed.parallel import DivergenceError, ProcessGroupTeam, RankFailure  # noqa: E402
 from lp.distributed.tensor_parallel import make_team, plan_groups, shard_model  # noqa: E402
 from models import stories, tiny_model  # noqa: E402
@@ -56,7 +57,11 @@ def main(spec_path: str, out_path: str) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
 
         try:
-            result = lp.Decoder(model, config, team).generate(prompt, case["max_new"], on_tokens=maybe_die)
+            if case.get("fast"):  # the fixed-shape step, compiled or not
+                decoder = FastDecoder(model, config, team, compile=case["fast"] == "compiled")
+            else:
+                decoder = lp.Decoder(model, config, team)
+            result = decoder.generate(prompt, case["max_new"], on_tokens=maybe_die)
         except (RankFailure, DivergenceError) as failure:
             results.append({"failure": f"{type(failure).__name__}: {failure}"})
             break

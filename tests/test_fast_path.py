@@ -176,3 +176,46 @@ def test_stories260k_compiled_matches_greedy_in_float32():
     result = decoder.generate(ids, 256)
     assert result.token_ids == hf_greedy(model, ids[0].tolist(), 256)
     assert result.tokens_per_step > 1.3
+
+
+# -- lookahead parallelism on the fast path (gloo process groups) --------------------------------------------
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_every_rank_of_a_fast_path_team_matches_greedy_with_both_kv_strategies(ranks, tmp_path):
+    from test_parallel import run_team
+    cases, expected = [], []
+    for i, (family, wng) in enumerate([("llama", (15, 5, 15)), ("gpt2", (4, 3, 4)), ("qwen2", (1, 2, 1))]):
+        prompt = repetitive_prompt(200 + i, 24)
+        reference = hf_greedy(tiny_model(family, seed=i), prompt, 40)
+        for kv_sync in ("recompute", "gather"):
+            cases.append(dict(model=family, seed=i, prompt=prompt, wng=wng, max_new=40, kv_sync=kv_sync, fast="eager"))
+            expected.append(reference)
+    outs, codes = run_team(ranks, {"cases": cases}, tmp_path)
+    assert codes == [0] * ranks
+    for rank_results in outs:
+        assert [r["tokens"] for r in rank_results] == expected
+    for c, case in enumerate(cases):
+        assert len({len(o[c]["fed"]) for o in outs}) == 1  # every rank took part in every step
+        if case["wng"][0] >= 4:  # and the work was split
+            fed = [o[c]["fed"][0] for o in outs]
+            assert max(fed) <= 0.75 * sum(fed)
+
+
+def test_a_compiled_fast_path_team_matches_greedy(tmp_path):
+    from test_parallel import run_team
+    prompt = repetitive_prompt(300, 30)
+    expected = hf_greedy(tiny_model("llama", seed=5), prompt, 64)
+    cases = [dict(model="llama", seed=5, prompt=prompt, wng=(7, 5, 7), max_new=64, kv_sync=kv, fast="compiled")
+             for kv in ("gather", "recompute")]
+    outs, codes = run_team(2, {"cases": cases}, tmp_path, timeout=400)
+    assert codes == [0, 0]
+    assert all(r["tokens"] == expected for o in outs for r in o)
+
+
+def test_fast_path_ranks_that_drift_apart_raise(tmp_path):
+    from test_parallel import run_team
+    cases = [dict(model="llama", seed=2, prompt=repetitive_prompt(9, 20), wng=(5, 4, 5), max_new=40,
+                  kv_sync="gather", fast="eager", window_seed_per_rank=[0, 1])]
+    outs, codes = run_team(2, {"cases": cases}, tmp_path)
+    assert codes == [0, 0]
+    assert all("DivergenceError" in o[0]["failure"] for o in outs)

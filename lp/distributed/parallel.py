@@ -51,6 +51,7 @@ class ProcessGroupTeam:
         self.comm = CommStats()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         self._slots = (0, 0)
+        self._table: torch.Tensor | None = None
         self._heartbeat = _Heartbeat(store if store is not None else default_store(), self.rank, self.size,
                                      fault_timeout_s)
 
@@ -109,6 +110,32 @@ class ProcessGroupTeam:
         if self.rank != winner:
             for i, layer in enumerate(layers):
                 layer.write(start, buffer[i, 0, :, :, :count], buffer[i, 1, :, :, :count])
+
+    # -- the fast path's exchange: fixed-shape device tensors, no host round-trip -------------------------
+
+    def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """All-gather one int64 row per rank into a preallocated [ranks, len(row)] table (one collective)."""
+        if self._table is None or self._table.numel() != self.size * row.numel() or self._table.device != row.device:
+            self._table = torch.empty(self.size * row.numel(), dtype=torch.int64, device=row.device)
+        start = time.perf_counter()
+        if self.mpi_comm is not None:  # MPI moves host buffers
+            host = torch.empty(self.size * row.numel(), dtype=torch.int64)
+            self._collective(lambda: self.mpi_comm.Allgather(row.cpu().numpy(), host.numpy()), "MPI all-gather")
+            self._table.copy_(host)
+        else:
+            gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+            self._collective(lambda: gather(self._table, row, group=self.group), "all-gather of step results")
+        self.comm.seconds.append(time.perf_counter() - start)
+        self.comm.bytes.append(self._table.numel() * 8)
+        return self._table.view(self.size, row.numel())
+
+    def sum_kv(self, buffer: torch.Tensor) -> None:
+        """Sum a fixed-shape KV buffer over the ranks in place: only the winner's entries are non-zero, so every
+        rank ends with the winner's entries, bit for bit, without the host knowing who won."""
+        start = time.perf_counter()
+        self._collective(lambda: dist.all_reduce(buffer, group=self.group), "all-reduce of KV entries")
+        self.comm.seconds[-1] += time.perf_counter() - start
+        self.comm.bytes[-1] += buffer.numel() * buffer.element_size()
 
     def report_failure(self, message: str) -> None:
         """Tell the peers (through the store) why this rank is about to stop."""
