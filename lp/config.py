@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import torch
+
 
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message says which field and what is allowed."""
@@ -17,6 +19,8 @@ class LookaheadConfig:
     guess: G, at most G candidate (N-1)-grams verified per step and kept per pool key (0 = lookahead only).
     seed_pool_from_prompt / seed_pool_from_output: also fill the pool with n-grams read off the text.
     seed: seeds the initial guesses of the window so runs are reproducible (and identical on every rank).
+    compile: the fast path (static cache, one step shape, device-resident state, torch.compile; CUDA graphs
+        on GPUs). None = on for CUDA, off on CPU (compiling takes seconds a shape); False = the eager reference.
     """
 
     window: int = 15
@@ -25,6 +29,7 @@ class LookaheadConfig:
     seed_pool_from_prompt: bool = True
     seed_pool_from_output: bool = True
     seed: int = 0
+    compile: bool | None = None
 
     def __post_init__(self):
         check_int("window", self.window, 1, 1024)
@@ -33,11 +38,17 @@ class LookaheadConfig:
         check_int("seed", self.seed, 0, 2**63 - 1)
         check_bool("seed_pool_from_prompt", self.seed_pool_from_prompt)
         check_bool("seed_pool_from_output", self.seed_pool_from_output)
+        if self.compile is not None:
+            check_bool("compile", self.compile)
 
     @property
     def levels(self) -> int:
         """Number of Jacobi levels in the lookahead window (N - 1)."""
         return self.ngram - 1
+
+    def compiles_on(self, device: torch.device | str) -> bool:
+        """Whether decoding on `device` takes the compiled fast path."""
+        return self.compile if self.compile is not None else torch.device(device).type == "cuda"
 
     @classmethod
     def from_dict(cls, values: dict) -> "LookaheadConfig":

@@ -37,6 +37,8 @@ class GenerationResult:
     comm_time_s: float = 0.0
     comm_bytes: int = 0
     ranks: int = 1
+    compiled: bool = False  # the compiled fast path ran this generation
+    compile_time_s: float = 0.0  # compiling its step (the first generation of a cache-size bucket); not in wall_time_s
 
     @property
     def new_tokens(self) -> int:
@@ -59,6 +61,7 @@ class GenerationResult:
             "stop_reason": self.stop_reason, "ranks": self.ranks,
             "tokens_fed_per_step": round(sum(fed) / len(fed), 2) if fed else 0.0,
             "comm_time_s": round(self.comm_time_s, 6), "comm_bytes": self.comm_bytes,
+            "compiled": self.compiled, "compile_time_s": round(self.compile_time_s, 3),
         }
 
 
@@ -104,7 +107,16 @@ def _refuse_unsupported_model(model) -> None:
 
 
 class Decoder:
-    """Runs lookahead decoding of `model` with `config`, alone or as one rank of a team."""
+    """Runs lookahead decoding of `model` with `config`, alone or as one rank of a team.
+
+    `Decoder(model, config)` is the compiled fast path (lp.fast_decoding.FastDecoder) when config.compile is on
+    (by default on CUDA) and this eager reference engine otherwise; both give greedy decoding's tokens."""
+
+    def __new__(cls, model, config: LookaheadConfig | None = None, team=None, **kwargs):
+        if cls is Decoder and (config or LookaheadConfig()).compiles_on(next(model.parameters()).device):
+            from .fast_decoding import FastDecoder
+            return super().__new__(FastDecoder)
+        return super().__new__(cls)
 
     def __init__(self, model, config: LookaheadConfig | None = None, team=None):
         _refuse_unsupported_model(model)

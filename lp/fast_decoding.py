@@ -10,21 +10,19 @@ from __future__ import annotations
 import logging
 import random
 import time
+import types
 from typing import Callable, Iterator
 
 import torch
 
 from .config import LookaheadConfig
-from .decoding import (GenerationResult, PromptError, _prompt_ids, _refuse_unsupported_model, cache_argument,
-                       context_length)
+from .decoding import Decoder, PromptError
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .fast_step import FastShape, FastStep
-from .greedy_rules import greedy_rules
 from .ngram_pool import NGramPool
 from .step_layout import tokens_fed
 from .distributed.partition import split_step
-from .distributed.team import SoloTeam
 
 log = logging.getLogger("lp")
 
@@ -39,20 +37,17 @@ def capacity_bucket(tokens: int) -> int:
     return size
 
 
-class FastDecoder:
-    """Runs the fixed-shape step of `model` under `config`, alone or as one rank of a team."""
+class FastDecoder(Decoder):
+    """Runs the fixed-shape step of `model` under `config`, alone or as one rank of a team.
+
+    compile=False runs the same step eagerly (for debugging: same tokens, no compile time, slower steps)."""
 
     def __init__(self, model, config: LookaheadConfig | None = None, team=None, compile: bool = True):
-        _refuse_unsupported_model(model)
-        self.model = model
-        self.config = config or LookaheadConfig()
-        self.team = team or SoloTeam()
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        self.context = context_length(model.config)
+        super().__init__(model, config, team)
         self.compile = compile
         self.compile_error: str | None = None
         self.host_reads = 0  # device-to-host copies made by the step loop (one per step)
+        self.compile_time_s = 0.0  # spent compiling steps, all buckets together
         cfg, team = self.config, self.team
         kv_sync = "none" if team.size == 1 else team.kv_sync
         pending = cfg.ngram if kv_sync == "recompute" else 1
@@ -71,45 +66,13 @@ class FastDecoder:
         """Tokens this rank feeds every step (fixed by W, N, G and the team)."""
         return tokens_fed(self.shape.step_shape)
 
-    def generate(self, input_ids, max_new_tokens: int | None = None, tokenizer=None,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
-        """Decode to the end; `on_tokens` receives each step's committed tokens as the step ends."""
-        result = GenerationResult([], 0, [], 0.0, 0, "max_new_tokens")
-        with torch.inference_mode():
-            for tokens in self.stream(input_ids, max_new_tokens, result):
-                if on_tokens is not None:
-                    on_tokens(tokens)
-        if tokenizer is not None:
-            result.text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
-        return result
-
-    def stream(self, input_ids, max_new_tokens: int | None = None, result: GenerationResult | None = None
-               ) -> Iterator[list[int]]:
-        """Yield the tokens committed by each step; fills `result` as it goes."""
-        prompt = _prompt_ids(input_ids)
-        rules = greedy_rules(self.model.generation_config, len(prompt), max_new_tokens)
-        if self.context is not None and len(prompt) >= self.context:
-            raise PromptError(f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; "
-                              f"shorten it to at most {self.context - 1} tokens")
-        if max(prompt) >= self.vocab or min(prompt) < 0:
-            raise PromptError(f"prompt token ids must be in [0, {self.vocab}), got {max(prompt)}")
-        limit = rules.max_new_tokens
-        if self.context is not None:
-            limit = min(limit, self.context - len(prompt))
-        stats = result if result is not None else GenerationResult([], 0, [], 0.0, len(prompt), "max_new_tokens")
-        stats.prompt_tokens, stats.ranks = len(prompt), self.team.size
-        self.team.begin(self.config.ngram, self.config.window)
-        try:
-            yield from self._decode(prompt, rules, limit, stats)
-        except Exception as error:
-            self.team.report_failure(f"{type(error).__name__}: {error}")
-            raise
-
     # -- the loop -----------------------------------------------------------------------------------------
 
     def _decode(self, prompt, rules, limit, stats) -> Iterator[list[int]]:
         cfg = self.config
         start = time.perf_counter()
+        if max(prompt) >= self.vocab or min(prompt) < 0:
+            raise PromptError(f"prompt token ids must be in [0, {self.vocab}) for this model, got {max(prompt)}")
         if limit == 0:
             stats.stop_reason = "max_new_tokens" if limit == rules.max_new_tokens else "context"
             return
@@ -122,6 +85,7 @@ class FastDecoder:
             step = self._step(len(prompt) + limit, rules)
             step.start(prompt, host_pool, window)
         run = self._runner(step)
+        compiled_before = self.compile_time_s
 
         generated: list[int] = []
         eos = set(rules.eos_ids)
@@ -142,7 +106,8 @@ class FastDecoder:
             stats.token_ids, stats.steps = generated, stats.steps + 1
             stats.accepted_per_step.append(len(emit))
             stats.tokens_fed_per_step.append(step.tokens)
-            stats.wall_time_s = time.perf_counter() - start
+            stats.compile_time_s = self.compile_time_s - compiled_before
+            stats.wall_time_s = time.perf_counter() - start - stats.compile_time_s
             yield emit
             if stats.stop_reason == "eos":
                 break
@@ -151,7 +116,8 @@ class FastDecoder:
                 stats.stop_reason = "context"
         stats.comm_time_s = sum(self.team.comm.seconds)
         stats.comm_bytes = sum(self.team.comm.bytes)
-        stats.wall_time_s = time.perf_counter() - start
+        stats.compiled = self.compile and self.compile_error is None
+        stats.wall_time_s = time.perf_counter() - start - stats.compile_time_s
 
     def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool, int]:
         """The step's one device-to-host copy: [count, N accepted, diverged, winner]."""
@@ -175,7 +141,7 @@ class FastDecoder:
         found = self._steps.get(capacity)
         if found is None:
             found = self._steps[capacity] = FastStep(
-                self.model, self.shape, capacity, self._rules, self._pool, self.context, cache_argument(self.model),
+                self.model, self.shape, capacity, self._rules, self._pool, self.context, self._cache_arg,
                 self.layers, self.config.seed_pool_from_output)
         return found
 
@@ -204,9 +170,17 @@ class FastDecoder:
         found = self._compiled.get(key)
         if found is None:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+            compiled = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, mode=mode)
             found = self._compiled[key] = _FallBack(compiled, fn, self)
         return found
+
+
+def _own_code(method: Callable) -> Callable:
+    """`method` on a copy of its code object. Dynamo keeps compiled graphs per code object and stops compiling
+    past its recompile limit (8), so every (decoder, bucket) step gets a code object, and a cache, of its own."""
+    fn = method.__func__
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    return types.MethodType(copy, method.__self__)
 
 
 class _FallBack:
@@ -231,4 +205,5 @@ class _FallBack:
                         type(self.owner.model).__name__, self.owner.compile_error)
             return self.eager(*args)
         self.compile_time_s = time.perf_counter() - began
+        self.owner.compile_time_s += self.compile_time_s
         return out

@@ -219,3 +219,29 @@ def test_fast_path_ranks_that_drift_apart_raise(tmp_path):
     outs, codes = run_team(2, {"cases": cases}, tmp_path)
     assert codes == [0, 0]
     assert all("DivergenceError" in o[0]["failure"] for o in outs)
+
+
+# -- the switch: LookaheadConfig.compile, lp.Decoder and the command line --------------------------------------
+
+def test_compile_is_on_for_cuda_and_off_on_cpu_unless_asked():
+    assert lp.LookaheadConfig().compiles_on("cuda") and not lp.LookaheadConfig().compiles_on("cpu")
+    assert lp.LookaheadConfig(compile=True).compiles_on("cpu")
+    assert not lp.LookaheadConfig(compile=False).compiles_on("cuda")
+    with pytest.raises(lp.ConfigError, match="compile must be true or false"):
+        lp.LookaheadConfig(compile="yes")
+
+
+def test_decoder_takes_the_fast_path_when_compile_is_on():
+    model = tiny_model("llama", seed=1)
+    assert type(lp.Decoder(model, lp.LookaheadConfig(compile=True))) is FastDecoder
+    assert type(lp.Decoder(model, lp.LookaheadConfig())) is lp.Decoder  # CPU: the eager reference by default
+
+
+def test_the_command_line_compiles_on_request_and_reports_it(tmp_path, capsys):
+    from lp.cli import main
+    from test_cli import base_args, json_lines, save_tiny_model
+    fresh_compiler()
+    model_dir = str(save_tiny_model(tmp_path / "m"))
+    assert main(base_args(model_dir, "--prompt", "hello hello hello", "--compile", "--compare-greedy", "--json")) == 0
+    record = json_lines(capsys.readouterr().out)[0]
+    assert record["compiled"] is True and record["compile_time_s"] > 0 and record["greedy_match"] is True

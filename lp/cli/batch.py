@@ -181,6 +181,8 @@ class Totals:
     new_tokens: int = 0
     steps: int = 0
     latency_s: float = 0.0
+    compile_time_s: float = 0.0
+    compiled: bool = False
     greedy: list = field(default_factory=list)  # (match, greedy_latency_s, latency_s) per compared record
 
     def add(self, result: dict) -> None:
@@ -191,6 +193,8 @@ class Totals:
         self.new_tokens += result["new_tokens"]
         self.steps += result["steps"]
         self.latency_s += result["latency_s"]
+        self.compile_time_s += result.get("compile_time_s", 0.0)
+        self.compiled = self.compiled or bool(result.get("compiled"))
         if "greedy_match" in result:
             self.greedy.append((result["greedy_match"], result["greedy_latency_s"], result["latency_s"]))
 
@@ -203,7 +207,8 @@ class Totals:
                "skipped": self.skipped, "new_tokens": self.new_tokens, "steps": self.steps,
                "tokens_per_step": round(self.new_tokens / self.steps, 4) if self.steps else 0.0,
                "latency_s": round(self.latency_s, 6), "tokens_per_second": round(self.tokens_per_second, 3),
-               "wall_s": round(wall_s, 3), "ranks": ranks}
+               "wall_s": round(wall_s, 3), "ranks": ranks, "compiled": self.compiled,
+               "compile_time_s": round(self.compile_time_s, 3)}
         if self.greedy:
             greedy_s = sum(g for _, g, _ in self.greedy)
             lookahead_s = sum(t for _, _, t in self.greedy)

@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ngram", type=int, help="N: n-gram size")
     p.add_argument("--guess", type=int, help="G: candidate n-grams verified per step")
     p.add_argument("--kv-sync", choices=KV_SYNC, help="how ranks keep their KV caches equal")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="the compiled fast path (static cache, fixed step shape, CUDA graphs on GPUs); default: on "
+                   "for CUDA, off on CPU; compiling takes seconds per cache-size bucket, before the first step")
     p.add_argument("--dtype", choices=run_config.DTYPES)
     p.add_argument("--device", help="auto, cpu, cuda (cuda:LOCAL_RANK per rank) or cuda:N")
     p.add_argument("--seed", type=int)
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "kv_sync", "dtype": "dtype",
              "device": "device", "seed": "seed", "backend": "backend", "fault_timeout": "fault_timeout", "tp": "tp", "lp": "lp",
              "trust_remote_code": "trust_remote_code", "chat": "chat", "window": "lookahead.window",
-             "ngram": "lookahead.ngram", "guess": "lookahead.guess"}
+             "ngram": "lookahead.ngram", "guess": "lookahead.guess", "compile": "lookahead.compile"}
 
 
 def resolve_config(args) -> RunConfig:
@@ -292,7 +295,8 @@ def _result(item: dict, res: GenerationResult, tokenizer) -> dict:
             "token_ids": res.token_ids, "new_tokens": s["new_tokens"], "steps": s["steps"],
             "tokens_per_step": s["tokens_per_step"], "latency_s": s["latency_s"],
             "tokens_per_second": s["tokens_per_second"], "prompt_tokens": res.prompt_tokens,
-            "stop_reason": s["stop_reason"], "ranks": s["ranks"]}
+            "stop_reason": s["stop_reason"], "ranks": s["ranks"], "compiled": s["compiled"],
+            "compile_time_s": s["compile_time_s"]}
 
 
 def completion_text(tokenizer, prompt: list[int], new: list[int]) -> str:
@@ -426,7 +430,10 @@ def _summary_line(s: dict, cfg: RunConfig) -> str:
     la = cfg.lookahead
     line = (f"lp: {s['ok']} of {s['records']} prompts, {s['new_tokens']} new tokens, {s['steps']} steps, "
             f"{s['tokens_per_step']:.2f} tokens/step, {s['tokens_per_second']:.1f} tokens/s, {s['ranks']} rank"
-            f"{'s' if s['ranks'] > 1 else ''} (W={la.window} N={la.ngram} G={la.guess})")
+            f"{'s' if s['ranks'] > 1 else ''} (W={la.window} N={la.ngram} G={la.guess}"
+            f"{', compiled' if s.get('compiled') else ''})")
+    if s.get("compile_time_s"):
+        line += f"; compiling took {s['compile_time_s']:.1f} s (not in tokens/s)"
     if "greedy_match" in s:
         line += f"; greedy match: {'yes' if s['greedy_match'] else 'NO'}, speedup {s['speedup']:.2f}x"
     return line
