@@ -28,6 +28,20 @@ def _lookahead(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["method"] == "lookahead"]
 
 
+def _compiled(rows: list[dict]) -> list[dict]:
+    """lp's compiled fast path (one process), drawn apart from the eager engine's lines."""
+    return [r for r in rows if r["method"] == "lookahead_compiled"]
+
+
+def _baselines(ax, rows: list[dict], value: str) -> None:
+    """Horizontal lines for the HF baselines other than plain greedy (prompt lookup, compiled greedy)."""
+    for r in rows:
+        if r["method"] == "hf_prompt_lookup":
+            ax.axhline(r[value], color="grey", linestyle=":", label=_label(r))
+        elif r["method"] == "hf_greedy_compiled" and value != "tokens_per_step":  # 1 token a step, like greedy
+            ax.axhline(r[value], color="tab:green", linestyle="-.", linewidth=1, label=_label(r))
+
+
 def speedup_vs_ranks(rows: list[dict], path: Path, title: str) -> None:
     """Speedup over HF greedy against the number of ranks, one line per (W,N,G) and KV strategy (LP only:
     tensor-parallel rows are in the tables)."""
@@ -40,10 +54,11 @@ def speedup_vs_ranks(rows: list[dict], path: Path, title: str) -> None:
             pts = sorted(solo + [r for r in same if r["kv_sync"] == kv and r["ranks"] > 1], key=lambda r: r["ranks"])
             ax.plot([r["ranks"] for r in pts], [r["speedup_vs_greedy"] for r in pts], marker="o",
                     label=f"W,N,G={wng} {kv if kv != 'none' else ''}".strip())
+    for r in _compiled(rows):
+        ax.plot([1], [r["speedup_vs_greedy"]], marker="*", markersize=10, linestyle="none",
+                label=f"W,N,G={(r['window'], r['ngram'], r['guess'])} compiled")
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="HF greedy")
-    for r in rows:
-        if r["method"] == "hf_prompt_lookup":
-            ax.axhline(r["speedup_vs_greedy"], color="grey", linestyle=":", label=_label(r))
+    _baselines(ax, rows, "speedup_vs_greedy")
     ax.set_xlabel("ranks P (P=1: one process)")
     ax.set_ylabel("speedup over HF greedy (wall clock)")
     ax.set_xticks(sorted({r["ranks"] for r in la}) or [1])
@@ -51,7 +66,8 @@ def speedup_vs_ranks(rows: list[dict], path: Path, title: str) -> None:
 
 
 def tokens_per_step(rows: list[dict], path: Path, title: str) -> None:
-    """Accepted tokens per step against window W, one line per (N, G); single-process runs (or fewest ranks)."""
+    """Accepted tokens per step against window W, one line per (N, G); single-process runs (or fewest ranks), and
+    the compiled fast path's dashed."""
     la = _lookahead(rows)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if la:
@@ -61,9 +77,12 @@ def tokens_per_step(rows: list[dict], path: Path, title: str) -> None:
             pts = sorted((r for r in la if (r["ngram"], r["guess"]) == ng), key=lambda r: r["window"])
             ax.plot([r["window"] for r in pts], [r["tokens_per_step"] for r in pts], marker="o",
                     label=f"N={ng[0]}, G={ng[1]}")
-    for r in rows:
-        if r["method"] == "hf_prompt_lookup":
-            ax.axhline(r["tokens_per_step"], color="grey", linestyle=":", label=_label(r))
+    fast = _compiled(rows)
+    for ng in sorted({(r["ngram"], r["guess"]) for r in fast}):
+        pts = sorted((r for r in fast if (r["ngram"], r["guess"]) == ng), key=lambda r: r["window"])
+        ax.plot([r["window"] for r in pts], [r["tokens_per_step"] for r in pts], marker="x", linestyle="--",
+                label=f"N={ng[0]}, G={ng[1]} compiled")
+    _baselines(ax, rows, "tokens_per_step")
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="greedy (1 token/step)")
     ax.set_xlabel("window W")
     ax.set_ylabel("tokens per step")

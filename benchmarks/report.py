@@ -20,7 +20,8 @@ COLUMNS = CONFIG_KEYS + (
     "prompts", "repeats", "new_tokens", "steps", "tokens_per_step", "step_ms_mean", "step_ms_p50", "step_ms_p90",
     "compute_ms_per_step", "comm_ms_per_step", "comm_ms_by_rank", "comm_ms_min", "comm_share", "comm_bytes_per_step", "wall_s", "wall_s_std",
     "tokens_per_s", "speedup_vs_greedy", "speedup_vs_prompt_lookup", "fed_per_step_by_rank", "fed_per_step_max",
-    "matched_greedy")
+    "matched_greedy", "warmup_s")
+COMPILED = ("hf_greedy_compiled", "lookahead_compiled")  # methods that compile in their (untimed) warm-up
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -82,8 +83,9 @@ def summarise(runs: list[dict], greedy_tokens: dict[str, list[int]]) -> dict:
     return row
 
 
-def aggregate(runs: list[dict]) -> list[dict]:
-    """Rows in first-seen order, each with its speedups over HF greedy and HF prompt lookup of the same run."""
+def aggregate(runs: list[dict], warmup_s: dict[tuple, float] | None = None) -> list[dict]:
+    """Rows in first-seen order, each with its speedups over HF greedy and HF prompt lookup of the same run, and
+    the seconds its untimed warm-up took (`warmup_s`, by config_key; compiling included for compiled methods)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(config_key(r), []).append(r)
@@ -95,6 +97,7 @@ def aggregate(runs: list[dict]) -> list[dict]:
     for row in rows:
         row["speedup_vs_greedy"] = round(base / row["wall_s"], 3) if base else None
         row["speedup_vs_prompt_lookup"] = round(lookup / row["wall_s"], 3) if lookup else None
+        row["warmup_s"] = (warmup_s or {}).get(config_key(row))
     return rows
 
 
@@ -150,8 +153,12 @@ def write_outputs(out_dir: Path, rows: list[dict], runs: list[dict], env: dict, 
 def _label(row: dict) -> str:
     if row["method"] == "hf_greedy":
         return "HF greedy"
+    if row["method"] == "hf_greedy_compiled":
+        return "HF greedy, static cache + compiled"
     if row["method"] == "hf_prompt_lookup":
         return f"HF prompt lookup (K={row['prompt_lookup']})"
+    if row["method"] == "lookahead_compiled":
+        return f"lookahead ({row['window']},{row['ngram']},{row['guess']}) compiled fast path"
     where = "1 process" if row["ranks"] == 1 else f"P={row['ranks']} {row['kv_sync']}"
     if row.get("tp", 1) > 1:
         replicas = row["ranks"] // row["tp"]
@@ -187,4 +194,8 @@ def markdown(rows: list[dict], env: dict, settings: dict) -> str:
                  _fmt(r["tokens_per_s"], 1), _fmt(r["speedup_vs_greedy"]), _fmt(r["speedup_vs_prompt_lookup"]),
                  _fmt(r["fed_per_step_by_rank"]), _fmt(r["matched_greedy"])]
         lines.append("| " + " | ".join(cells) + " |")
+    compiled = [f"{_label(r)} {r['warmup_s']:.1f} s" for r in rows
+                if r["method"] in COMPILED and r.get("warmup_s") is not None]
+    if compiled:
+        lines += ["", "Untimed warm-up, compiling included: " + "; ".join(compiled) + "."]
     return head + "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """Sweep lookahead decoding over a grid, against HF greedy and HF prompt lookup measured in the same run.
 
 python benchmarks/sweep.py --model stories260k --window 15,7 --ngram 5 --guess 15 --nproc 1,2 \
-    --kv-sync recompute,gather --max-new-tokens 256 --repeats 3 --warmup 1
+    --kv-sync recompute,gather --max-new-tokens 256 --repeats 3 --warmup 1 [--compile]
 Writes results.csv, results.json, results.md, runs.json and three PNG plots into --out; see benchmarks/README.md.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from benchmarks.timing import time_hf, time_lookahead  # noqa: E402
 from lp.config import LookaheadConfig  # noqa: E402
 from lp.decoding import Decoder  # noqa: E402
 from lp.distributed.bootstrap import free_port  # noqa: E402
+from lp.fast_decoding import FastDecoder, capacity_bucket  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("rank_worker.py")
 HF_KEYS = dict(window=None, ngram=None, guess=None, ranks=1, tp=1, kv_sync=None)
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-sync", default="recompute,gather", help="KV strategies for P>1: recompute,gather")
     p.add_argument("--prompt-lookup", type=int_list, default=[10], help="HF prompt_lookup_num_tokens values; 0 = skip")
     p.add_argument("--no-greedy", action="store_true", help="skip HF greedy (then no speedups and no exactness check)")
+    p.add_argument("--compile", action="store_true", help="also time, in this process, hf_greedy_compiled (generate "
+                   "with a static cache and torch.compile) and lookahead_compiled (lp's FastDecoder) per W:N:G; their "
+                   "compiling happens in untimed warm-up runs, reported apart (warmup_s)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each configuration on the first prompt")
@@ -89,7 +93,85 @@ def in_process_methods(args, model, configs) -> list[tuple]:
             keys = dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, ranks=1, tp=1, kv_sync="none",
                         prompt_lookup=0)
             methods.append(("lookahead", keys, lambda ids, d=decoder: time_lookahead(d, ids, args.max_new_tokens)))
+    if args.compile:
+        methods += compiled_methods(args, model, configs)
     return methods
+
+
+def hf_compile_config(model):
+    """What generate() compiles its decoding forward with: one static-shape graph, CUDA graphs on a GPU."""
+    from transformers import CompileConfig
+
+    cuda = next(model.parameters()).device.type == "cuda"
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else "default")
+    # generate() auto-compiles only on accelerators (GenerationMixin._valid_auto_compile_criteria); this flag, which
+    # transformers documents in CompileConfig as its switch "to compile on e.g. CPU ... for testing purposes", makes
+    # it compile on the CPU too. It is a class attribute, not a field: set it on the instance.
+    config._compile_all_devices = True
+    return config
+
+
+def compiled_methods(args, model, configs) -> list[tuple]:
+    """hf_greedy_compiled and one lookahead_compiled (lp's fast path) per W:N:G, as (method, keys, run)."""
+    compile_config = hf_compile_config(model)
+    methods = [("hf_greedy_compiled", dict(HF_KEYS, prompt_lookup=0),
+                lambda ids: time_hf(model, ids, args.max_new_tokens, cache_implementation="static",
+                                    compile_config=compile_config))]
+    for cfg in configs:
+        decoder = FastDecoder(model, cfg, compile=True)
+        keys = dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, ranks=1, tp=1, kv_sync="none",
+                    prompt_lookup=0)
+        run = (lambda ids, d=decoder: time_lookahead(d, ids, args.max_new_tokens))
+        run.decoder = decoder
+        methods.append(("lookahead_compiled", keys, run))
+    return methods
+
+
+def warmup_prompts(name: str, run, prompts, max_new_tokens: int) -> list:
+    """The prompts a method's warm-up runs on: the first one, except for compiled methods, whose warm-up must
+    compile every shape the timed runs will meet. transformers sizes a static cache for the longest call so far
+    (and reuses that size), so its warm-up takes the longest prompt; lp's fast path compiles once per cache
+    capacity bucket, so its warm-up takes the first prompt of every bucket."""
+    if name == "hf_greedy_compiled":
+        return [max(prompts, key=lambda p: len(p.ids))]
+    if name == "lookahead_compiled":
+        step = run.decoder.step_tokens
+        buckets = {}
+        for p in prompts:
+            buckets.setdefault(capacity_bucket(len(p.ids) + max_new_tokens + step), p)
+        return list(buckets.values())
+    return prompts[:1]
+
+
+def graphs_compiled() -> int:
+    """Graphs torch.compile has built in this process so far (dynamo's own counter; a recompile adds one)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def warm_up(args, methods, prompts) -> dict[tuple, dict]:
+    """Untimed runs of every in-process method (compiled ones: at least one run per compiled shape); per method
+    the seconds they took and, for compiled methods, the graphs compiled and lp's own compile time."""
+    done = {}
+    for name, keys, run in methods:
+        compiled = name.endswith("_compiled")
+        graphs, began = graphs_compiled(), time.perf_counter()
+        for _ in range(max(args.warmup, 1) if compiled else args.warmup):
+            for prompt in warmup_prompts(name, run, prompts, args.max_new_tokens):
+                run(prompt.ids)
+        info = dict(warmup_s=round(time.perf_counter() - began, 3))
+        if compiled:
+            info["graphs_compiled"] = graphs_compiled() - graphs
+            decoder = getattr(run, "decoder", None)
+            if decoder is not None:
+                info["compile_s"] = round(decoder.compile_time_s, 3)
+                info["compile_error"] = decoder.compile_error
+            if not info["graphs_compiled"] or info.get("compile_error"):
+                print(f"warning: {name} {keys} did not compile ({info}); its rows time an eager run",
+                      file=sys.stderr)
+        done[report.config_key(dict(method=name, **keys))] = info
+    return done
 
 
 def in_process(methods, prompts, repeat: int, bar) -> list[dict]:
@@ -166,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     kv_syncs = [k for k in args.kv_sync.split(",") if k]
     teams = [(p, tp) for p in args.nproc if p > 1 for tp in args.tp if p % tp == 0]
     in_methods = (not args.no_greedy) + len(list(filter(None, args.prompt_lookup))) + len(configs) * (1 in args.nproc)
+    in_methods += (1 + len(configs)) * args.compile
     total = args.repeats * len(prompts) * (in_methods + len(teams) * len(configs) * len(kv_syncs))
     name = args.model.split(":")[0].replace("/", "_")
     out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / time.strftime(
@@ -173,21 +256,29 @@ def main(argv: list[str] | None = None) -> int:
     env = report.environment(args.threads)
     settings = dict(model=args.model, prompts=shown(suite), prompt_count=len(prompts),
                     prompt_ids=[p.id for p in prompts], max_new_tokens=args.max_new_tokens, repeats=args.repeats,
-                    warmup=args.warmup, dtype=args.dtype, threads=args.threads,
+                    warmup=args.warmup, dtype=args.dtype, threads=args.threads, compile=args.compile,
                     step_latency="per-step timings from Decoder.stream / a transformers streamer; step 1 "
                                  "(with the prefill) excluded from step latency, included in wall and tokens/s")
     runs = []
     with tqdm(total=total, desc=name, unit="run", file=sys.stderr) as bar:
         methods = in_process_methods(args, model, configs)
-        for _, _, run in methods:
-            for _ in range(args.warmup):
-                run(prompts[0].ids)
+        warm = warm_up(args, methods, prompts)
+        graphs_before = graphs_compiled()
         with tempfile.TemporaryDirectory(prefix="lp-sweep-") as scratch:
             for repeat in range(args.repeats):  # each repeat: in-process methods, then one launch per team size
                 runs += in_process(methods, prompts, repeat, bar)
                 for ranks, tp in teams:
                     runs += team(args, ranks, tp, prompts, configs, kv_syncs, repeat, bar, Path(scratch))
-    rows = report.aggregate(runs)
+    if args.compile:
+        settings["compiled"] = [dict(zip(report.CONFIG_KEYS, key), **info) for key, info in warm.items()
+                                if "graphs_compiled" in info]
+        settings["graphs_compiled_while_timing"] = graphs_compiled() - graphs_before
+        settings["compile_s_while_timing"] = round(sum(r["compile_s"] for r in runs), 3)
+        if settings["graphs_compiled_while_timing"] or settings["compile_s_while_timing"]:
+            print(f"warning: {settings['graphs_compiled_while_timing']} graph(s) compiled during timed runs "
+                  f"(lp fast path: {settings['compile_s_while_timing']} s); their wall times include it",
+                  file=sys.stderr)
+    rows = report.aggregate(runs, {key: info["warmup_s"] for key, info in warm.items()})
     report.write_outputs(out_dir, rows, runs, env, settings)
     if not args.no_plots:
         plots.plot_all(rows, out_dir, f"{args.model}, {args.max_new_tokens} new tokens, {env['cpu']}")

@@ -21,6 +21,7 @@ class Run:
     fed: list[int] = field(default_factory=list)
     comm_s: list[float] = field(default_factory=list)
     comm_bytes: int = 0
+    compile_s: float = 0.0  # compiling inside this run (lp's fast path reports it; 0 once warmed up)
 
     def record(self, keep_tokens: bool = True) -> dict:
         out = asdict(self)
@@ -44,9 +45,10 @@ class StepClock:
         pass
 
 
-def time_hf(model, prompt: list[int], max_new_tokens: int, prompt_lookup: int = 0) -> Run:
-    """transformers generate(do_sample=False), plain greedy or with prompt_lookup_num_tokens=prompt_lookup."""
-    extra = {"prompt_lookup_num_tokens": prompt_lookup} if prompt_lookup else {}
+def time_hf(model, prompt: list[int], max_new_tokens: int, prompt_lookup: int = 0, **generate_kwargs) -> Run:
+    """transformers generate(do_sample=False), plain greedy or with prompt_lookup_num_tokens=prompt_lookup; other
+    keyword arguments go to generate (cache_implementation, compile_config, ...)."""
+    extra = dict(generate_kwargs, prompt_lookup_num_tokens=prompt_lookup) if prompt_lookup else dict(generate_kwargs)
     clock = StepClock()
     start = time.perf_counter()
     tokens = hf_greedy(model, prompt, max_new_tokens, streamer=clock, **extra)
@@ -68,4 +70,4 @@ def time_lookahead(decoder: Decoder, prompt: list[int], max_new_tokens: int) -> 
             last = now
     comm = list(decoder.team.comm.seconds) or [0.0] * len(steps)
     return Run(list(result.token_ids), last - start, steps, list(result.accepted_per_step),
-               list(result.tokens_fed_per_step), comm, int(result.comm_bytes))
+               list(result.tokens_fed_per_step), comm, int(result.comm_bytes), float(result.compile_time_s))

@@ -61,6 +61,40 @@ def test_sweep_adds_tensor_parallel_rows(tmp_path):
     assert all(r["matched_greedy"] for r in rows)
 
 
+def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
+    out = tmp_path / "sweep"
+    # --warmup 0: the compiled methods must still compile in an untimed warm-up of their own
+    cmd = [sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--model", TINY, "--limit", "1", "--configs",
+           "2:3:2", "--prompt-lookup", "0", "--max-new-tokens", "8", "--repeats", "1", "--warmup", "0", "--compile",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "HF greedy, static cache + compiled" in done.stdout and "(2,3,2) compiled fast path" in done.stdout
+
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    assert [r["method"] for r in rows] == ["hf_greedy", "lookahead", "hf_greedy_compiled", "lookahead_compiled"]
+    compiled = {c["method"]: c for c in data["settings"]["compiled"]}
+    assert compiled["hf_greedy_compiled"]["graphs_compiled"] >= 1  # transformers really compiled on the CPU
+    assert compiled["lookahead_compiled"]["graphs_compiled"] >= 1 and not compiled["lookahead_compiled"]["compile_error"]
+    assert data["settings"]["graphs_compiled_while_timing"] == 0 and data["settings"]["compile_s_while_timing"] == 0
+    assert all(r["warmup_s"] > 0 for r in rows[2:]) and rows[3]["fed_per_step_max"] == 9  # 1 + 2*2 + 2*2
+
+    # greedy by hand, independent of transformers' generate and of lp: a full forward per token, argmax of the last
+    model, _ = loading.load_model(TINY)
+    prompt = loading.load_prompts(loading.default_suite(TINY), None, model.config.vocab_size, 1)[0].ids
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(8):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    runs = json.loads((out / "runs.json").read_text())
+    assert {r["method"] for r in runs} == {r["method"] for r in rows}
+    for run in runs:
+        assert run["tokens"] == ids[len(prompt):], run["method"]
+    for name in ("speedup_vs_ranks.png", "tokens_per_step.png", "step_latency.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_missing_model_is_skipped_cleanly(tmp_path, monkeypatch):
     monkeypatch.setattr(loading, "STORIES", tmp_path / "absent")
     with pytest.raises(loading.ModelUnavailable):
