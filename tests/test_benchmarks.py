@@ -76,7 +76,8 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
     assert [r["method"] for r in rows] == ["hf_greedy", "lookahead", "hf_greedy_compiled", "lookahead_compiled"]
     compiled = {c["method"]: c for c in data["settings"]["compiled"]}
     assert compiled["hf_greedy_compiled"]["graphs_compiled"] >= 1  # transformers really compiled on the CPU
-    assert compiled["lookahead_compiled"]["graphs_compiled"] >= 1 and not compiled["lookahead_compiled"]["compile_error"]
+    fast = compiled["lookahead_compiled"]
+    assert fast["graphs_compiled"] >= 1 and not fast["compile_error"] and fast["compile_s"] > 0
     assert data["settings"]["graphs_compiled_while_timing"] == 0 and data["settings"]["compile_s_while_timing"] == 0
     assert all(r["warmup_s"] > 0 for r in rows[2:]) and rows[3]["fed_per_step_max"] == 9  # 1 + 2*2 + 2*2
 
@@ -93,6 +94,24 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
         assert run["tokens"] == ids[len(prompt):], run["method"]
     for name in ("speedup_vs_ranks.png", "tokens_per_step.png", "step_latency.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fast_path_report_runs_end_to_end_on_a_tiny_random_llama(tmp_path):
+    out = tmp_path / "fast_path_cpu"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "fast_path.py"), "--models", TINY, str(tmp_path / "absent"),
+           "--configs", "2:3:2", "--limit", "1", "--max-new-tokens", "6", "--repeats", "1", "--warmup", "0",
+           "--forward-tokens", "1,4", "--forward-iters", "2", "--forward-capacity", "64", "--forward-prefix", "16",
+           "--warm-compile-cache", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["all_equal_greedy"] and "git_dirty" in result["environment"]
+    tiny, absent = result["models"]
+    assert "skipped" in absent and "skipped:" in (out.with_suffix(".md")).read_text()
+    assert [r["method"] for r in tiny["rows"]] == ["hf_greedy", "hf_greedy_compiled", "hf_prompt_lookup", "lookahead",
+                                                   "lookahead_compiled"]
+    assert all(r["matched_greedy"] for r in tiny["rows"]) and tiny["timing"]["graphs_compiled_while_timing"] == 0
+    assert [f["tokens"] for f in tiny["forward"]] == [1, 4] and all(f["compiled_ms"] > 0 for f in tiny["forward"])
 
 
 def test_a_missing_model_is_skipped_cleanly(tmp_path, monkeypatch):
