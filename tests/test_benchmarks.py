@@ -146,6 +146,42 @@ def test_gpu_script_refuses_cleanly_without_cuda():
     assert done.returncode == 0 and done.stdout.startswith("skipped:") and len(done.stdout.splitlines()) == 1
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+def test_gpu_fast_path_refuses_cleanly_without_cuda():
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_fast_path.py")], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("skipped:") and len(done.stdout.splitlines()) == 1
+
+
+def test_gpu_fast_path_smoke_runs_the_same_code_on_a_tiny_cpu_model(tmp_path):
+    out = tmp_path / "gpu_fast_path.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_fast_path.py"), "--smoke", "--configs", "2:3:2",
+           "--tokens-per-step", "2:3:2=2.5", "--bandwidth-gbs", "100", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| compiled greedy step |" in done.stdout and "| lp FastDecoder step | 2:3:2 | 9 |" in done.stdout
+    result = json.loads(out.read_text())
+    greedy, fast = result["rows"]
+    assert greedy["tokens_fed"] == 1 and fast["tokens_fed"] == 1 + 2 * 2 + 2 * 2 and not fast["compile_error"]
+    assert fast["ms_per_token"] == pytest.approx(fast["ms_median"] / 2.5, rel=1e-3)
+    assert result["floor"]["ms"] == pytest.approx(result["parameter_bytes"] / 100e9 * 1e3, rel=1e-3)
+    assert [g["goal"] for g in result["goals"]] == [1.3, 1.3]
+    # both steps give greedy's tokens: a full forward per token, argmax of the last row, on the same random model
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64,
+        vocab_size=97, max_position_embeddings=4096, tie_word_embeddings=False), dtype=torch.float32,
+        attn_implementation="sdpa").eval()
+    ids = list(result["prompt"])
+    with torch.no_grad():
+        for _ in range(max(len(greedy["tokens"]), len(fast["tokens"]))):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    new = ids[len(result["prompt"]):]
+    assert greedy["tokens"] == new[: len(greedy["tokens"])] and fast["tokens"] == new[: len(fast["tokens"])]
+
+
 def test_gpu_script_logic_on_a_tiny_cpu_model(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_forward_scaling.py"), "--device", "cpu", "--hidden", "32",
            "--layers", "1", "--heads", "4", "--kv-heads", "4", "--ffn", "64", "--vocab", "97", "--prefix", "16",
