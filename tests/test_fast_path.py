@@ -245,3 +245,17 @@ def test_the_command_line_compiles_on_request_and_reports_it(tmp_path, capsys):
     assert main(base_args(model_dir, "--prompt", "hello hello hello", "--compile", "--compare-greedy", "--json")) == 0
     record = json_lines(capsys.readouterr().out)[0]
     assert record["compiled"] is True and record["compile_time_s"] > 0 and record["greedy_match"] is True
+
+
+def test_lookahead_by_tensor_parallel_replicas_on_the_fast_path(tmp_path):
+    import importlib.util
+    from test_parallel import run_team
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed (pip install 'lp[deepspeed]'): LP x TP is untested here")
+    prompt = repetitive_prompt(300, 24)
+    expected = hf_greedy(tiny_model("llama", seed=0), prompt, 40)
+    cases = [dict(model="llama", seed=0, prompt=prompt, wng=(7, 4, 7), max_new=40, kv_sync=kv, fast=fast)
+             for fast in ("eager", "compiled") for kv in ("gather", "recompute")]
+    outs, codes = run_team(4, {"tp": 2, "cases": cases}, tmp_path, timeout=600, LOCAL_SIZE="4")
+    assert codes == [0] * 4
+    assert all(r["tokens"] == expected for o in outs for r in o)
