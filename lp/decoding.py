@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from .config import LookaheadConfig
-from .distributed.partition import split_step
+from .distributed.partition import rank_shape, split_step
 from .distributed.team import SoloTeam
 from .greedy_rules import GreedyRules, greedy_rules
 from .kv_cache import InPlaceCache
@@ -178,11 +178,11 @@ class Decoder:
             slices = split_step(cfg.window, levels, len(candidates), cand_len, pending_per_rank)
             mine = slices[team.rank]
             my_cands = candidates[mine.cand_start : mine.cand_end]
-            shape = StepShape(len(pending), levels, mine.col_start, mine.col_end, len(my_cands), cand_len)
+            shape = rank_shape(mine, levels, cand_len, len(pending))
             preds = self._forward(shape, pending, window, my_cands, cache, rules)
             stats.tokens_fed_per_step.append(tokens_fed(shape))
 
-            cols = mine.columns if levels else 0
+            cols = mine.columns if shape.levels else 0
             pred0, top, cand_preds = preds[0], preds[1 : 1 + cols], preds[1 + cols :]
             best, best_len = _longest_match(my_cands, pred0, cand_preds, cand_len)
             accepted = [pred0] + (cand_preds[best * cand_len : best * cand_len + best_len] if best_len else [])

@@ -17,7 +17,7 @@ import torch
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .ngram_pool import NGramPool
-from .distributed.partition import Slice
+from .distributed.partition import Slice, rank_shape
 from .slot_cache import SlotCache
 from .step_layout import StepShape, build_layout
 
@@ -40,11 +40,7 @@ class FastShape:
 
     @property
     def step_shape(self) -> StepShape:
-        s = self.mine
-        if s.columns == 0:  # no window columns: feed no window tokens at all, not even the level-0 prefix
-            return StepShape(self.pending, 0, 0, 0, s.cand_end - s.cand_start, self.ngram - 1)
-        return StepShape(self.pending, self.ngram - 1, s.col_start, s.col_end, s.cand_end - s.cand_start,
-                         self.ngram - 1)
+        return rank_shape(self.mine, self.ngram - 1, self.ngram - 1, self.pending)
 
     @property
     def max_columns(self) -> int:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from lp.config import ConfigError, LookaheadConfig
-from lp.distributed.partition import rank_load, split_step
+from lp.distributed.partition import rank_load, rank_shape, split_step
 from lp.kv_cache import InPlaceCache, InPlaceLayer
 from lp.ngram_pool import NGramPool
 from lp.step_layout import StepShape, build_layout, step_mask, tokens_fed
@@ -186,5 +186,25 @@ def test_partition_covers_everything_once_and_balances(ranks, width, levels, can
     assert max(loads) <= max(-(-(one - 1) // ranks) + 1 + levels + clen, last_column)
 
 
-def test_partition_is_a_pure_function_of_its_inputs():
-    assert split_step(15, 4, 15, 4, [1, 5]) == split_step(15, 4, 15, 4, [1, 5])
+def test_partition_gives_later_columns_fewer_and_respects_pending_tokens():
+    # 15 columns x 4 levels + 15 candidates of 4 on two ranks, the second with 5 pending tokens to recompute
+    first, second = split_step(15, 4, 15, 4, [1, 5])
+    assert (first.col_start, second.col_end) == (0, 15) and first.col_end == second.col_start
+    assert first.columns > second.columns  # the second rank's columns carry the longer level-0 prefix
+    loads = [rank_load(first, 4, 4, 1), rank_load(second, 4, 4, 5)]
+    assert abs(loads[0] - loads[1]) <= 4 + 4  # within one column (4 levels) or one candidate (4 tokens)
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4, 8])
+@pytest.mark.parametrize("width,levels,cands,clen", [(15, 4, 15, 4), (2, 4, 15, 4), (1, 1, 1, 1), (7, 4, 0, 0)])
+def test_the_cost_model_counts_the_rows_a_rank_really_feeds(ranks, width, levels, cands, clen):
+    for s in split_step(width, levels, cands, clen, [1] * ranks):
+        shape = rank_shape(s, levels, clen, 1)
+        assert build_layout(shape).size == rank_load(s, levels, clen, 1)  # the layout is what the decoders feed
+        if s.columns == 0:
+            assert build_layout(shape).size == 1 + (s.cand_end - s.cand_start) * clen  # no level-0 prefix
+
+
+def test_a_rank_without_columns_feeds_no_window():
+    loads = [rank_load(s, 4, 4, 1) for s in split_step(15, 4, 15, 4, [1] * 4)]
+    assert loads == [37, 34, 37, 25]

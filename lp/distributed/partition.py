@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Sequence
 
+from ..step_layout import StepShape, tokens_fed
+
 
 @dataclass(frozen=True)
 class Slice:
@@ -25,10 +27,17 @@ class Slice:
         return self.col_end - self.col_start
 
 
+def rank_shape(s: Slice, levels: int, candidate_len: int, pending: int) -> StepShape:
+    """What a rank feeds for slice `s`: a rank with no window columns feeds no window tokens at all."""
+    if s.columns == 0:
+        levels = 0
+    return StepShape(pending, levels, s.col_start if levels else 0, s.col_end if levels else 0,
+                     s.cand_end - s.cand_start, candidate_len)
+
+
 def rank_load(s: Slice, levels: int, candidate_len: int, pending: int) -> int:
-    """Tokens a rank feeds for slice `s`."""
-    window = 0 if levels == 0 or s.columns == 0 else s.col_end + (levels - 1) * s.columns
-    return pending + window + (s.cand_end - s.cand_start) * candidate_len
+    """Tokens a rank feeds for slice `s`: the one cost model of the split, the decoders and the GPU projection."""
+    return tokens_fed(rank_shape(s, levels, candidate_len, pending))
 
 
 def _try_split(limit, width, levels, candidates, candidate_len, pending):
