@@ -71,6 +71,27 @@ def test_resume_ignores_and_cuts_a_trailing_partial_line(tmp_path):
     assert done_keys(tmp_path / "missing.jsonl") == set()
 
 
+def test_line_and_paragraph_separators_inside_strings_do_not_split_records(tmp_path):
+    path = write_lines(tmp_path / "in.jsonl", '{"id": 1, "prompt": "a\u2028b\u2029c\u0085d"}'.encode().decode(
+        "unicode_escape"), '{"id": 2, "prompt": "x"}')
+    records = read_records(path)
+    assert [(r.id, r.error) for r in records] == [(1, None), (2, None)]
+
+
+def test_only_result_lines_count_as_done(tmp_path):
+    out = write_lines(tmp_path / "out.jsonl", '{"id": "a", "prompt": "an input record"}', '{"id": "b", "text": "x"}',
+                      '{"id": "c", "error": "bad"}')
+    assert done_keys(out) == {'id:"b"', 'id:"c"'}
+
+
+def test_input_and_output_may_not_be_the_same_file(tiny_dir, tmp_path, capsys):
+    path = write_lines(tmp_path / "jobs.jsonl", '{"id": 1, "prompt": "a"}')
+    before = (tmp_path / "jobs.jsonl").read_bytes()
+    assert main(base_args(tiny_dir, "--input", path, "--output", path)) == 2
+    assert "--input and --output are the same file" in capsys.readouterr().err
+    assert (tmp_path / "jobs.jsonl").read_bytes() == before
+
+
 def test_writer_appends_whole_lines(tmp_path):
     path = tmp_path / "out.jsonl"
     writer = JsonlWriter(path)

@@ -118,6 +118,8 @@ def test_merge_is_deep():
     ("kv_sync=broadcast", "kv_sync must be one of recompute, gather"),
     ("max_new_tokens=0", "max_new_tokens must be an integer >= 1"),
     ("fault_timeout=-1", "fault_timeout must be a positive number"),
+    ("fault_timeout=inf", "fault_timeout must be a positive number of seconds, at most 604800"),
+    ("fault_timeout=1e300", "fault_timeout must be a positive number of seconds, at most 604800"),
     ("trust_remote_code=yes please", "trust_remote_code must be true or false"),
     ("lookahead.window=0", r"window must be an integer in \[1, 1024\], got 0"),
 ])

@@ -53,7 +53,8 @@ def read_records(path: str | Path) -> list[Record]:
     except OSError as exc:
         raise InputError(f"cannot read input file {str(path)!r}: {exc.strerror or exc}") from None
     records, seen, parsed, lines = [], {}, 0, 0
-    for number, line in enumerate(text.splitlines(), start=1):
+    # JSONL lines end at "\n" only: str.splitlines would also split inside strings at U+2028, U+0085, ...
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         lines += 1
@@ -144,7 +145,7 @@ def done_keys(path: str | Path) -> set[str]:
             value = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(value, dict) and "id" in value:
+        if isinstance(value, dict) and "id" in value and ("text" in value or "error" in value):  # results only
             if value["id"] is not None:
                 keys.add(id_key(value["id"]))
             elif isinstance(value.get("line"), int):

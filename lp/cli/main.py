@@ -171,6 +171,9 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device) -> int:
             f"{'s' if launch.world_size > 1 else ''}, {launch.launcher}, {device})")
         model, tokenizer = load_model(cfg, torch.device("cpu") if cfg.tp > 1 else device)  # sharded later
         if rank0:
+            if args.input and args.output and _same_file(args.input, args.output):
+                raise batch.InputError(f"--input and --output are the same file ({args.output}); write the results "
+                                       "to another file")
             records = _records(args)
             done = batch.done_keys(args.output) if args.output else set()  # also cuts a killed run's partial line
             done = done if args.input else set()  # --prompt ids (0, 1, ...) name nothing across runs: append
@@ -287,6 +290,13 @@ def _decode(item: dict, decoder: Decoder, tokenizer, printer, world_size: int) -
             raise  # the ranks may now disagree: stop the job rather than guess
         return record.error_result(f"{type(exc).__name__}: {_one_line(exc)}")
     return _result(item, res, tokenizer)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
 
 
 def _result(item: dict, res: GenerationResult, tokenizer) -> dict:

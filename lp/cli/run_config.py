@@ -11,6 +11,7 @@ from ..distributed.parallel import KV_SYNC
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 BACKENDS = ("auto", "gloo", "nccl")
+MAX_FAULT_TIMEOUT = 7 * 24 * 3600  # inf or 1e300 would overflow the process group's timedelta on every rank
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,9 @@ def _validate(cfg: RunConfig) -> None:
     check_bool("trust_remote_code", cfg.trust_remote_code)
     check_bool("chat", cfg.chat)
     timeout = cfg.fault_timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ConfigError(f"fault_timeout must be a positive number of seconds, got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_FAULT_TIMEOUT:
+        raise ConfigError(f"fault_timeout must be a positive number of seconds, at most {MAX_FAULT_TIMEOUT} "
+                          f"(a week), got {timeout!r}")
 
 
 def _choice(name: str, value, allowed: tuple) -> None:
