@@ -348,6 +348,10 @@ def generate(model, input_ids, config: LookaheadConfig | None = None, max_new_to
 def stream(model, input_ids, config: LookaheadConfig | None = None, max_new_tokens: int | None = None,
            team=None) -> Iterator[list[int]]:
     """Iterate over the tokens each step commits (a list of 1..N ids per step)."""
-    decoder = Decoder(model, config, team)
-    with torch.inference_mode():
-        yield from decoder.stream(input_ids, max_new_tokens)
+    steps = Decoder(model, config, team).stream(input_ids, max_new_tokens)
+    while True:
+        with torch.inference_mode():  # only while a step runs: the caller's code between steps runs as usual
+            tokens = next(steps, None)
+        if tokens is None:
+            return
+        yield tokens

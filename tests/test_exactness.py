@@ -2,6 +2,7 @@
 import random
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -109,6 +110,13 @@ def test_streaming_delivers_every_token_as_its_step_ends():
     assert [t for step in seen for t in step] == result.token_ids
     assert [len(s) for s in seen] == result.accepted_per_step
     assert list(lp.stream(model, prompt, lp.LookaheadConfig(5, 4, 5), max_new_tokens=40)) == seen
+
+
+def test_the_caller_is_not_left_in_inference_mode_between_streamed_steps():
+    model = tiny_model("llama", seed=6)
+    modes = [torch.is_inference_mode_enabled() for _ in lp.stream(model, repetitive_prompt(2, 16),
+                                                                      lp.LookaheadConfig(5, 4, 5), max_new_tokens=20)]
+    assert modes and not any(modes)
 
 
 def test_the_bonus_token_makes_a_full_match_yield_n_tokens():
