@@ -99,6 +99,10 @@ def _refuse_unsupported_model(model) -> None:
     config = model.config
     if config.is_encoder_decoder:
         raise ValueError(f"{type(model).__name__} is an encoder-decoder model; lookahead decoding needs a decoder-only model")
+    attention = str(getattr(config, "_attn_implementation", None) or "")
+    if attention.startswith("flash_attention") or "flash" in attention:
+        raise ValueError(f"{type(model).__name__} uses attn_implementation={attention!r}, which reads a 4-D mask as "
+                         "padding and would give wrong tokens; load it with attn_implementation='sdpa' (or 'eager')")
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None) or ()
     if window or any("sliding" in str(t) for t in types):
@@ -159,7 +163,8 @@ class Decoder:
         if cfg.seed_pool_from_prompt:
             pool.add_sequence(prompt)
         window = LookaheadWindow(cfg.levels, cfg.window, prompt, cfg.seed)
-        cache = InPlaceCache(capacity=_round_up(len(prompt) + limit + 64))
+        widest_step = cfg.ngram + cfg.window * cfg.levels + cfg.guess * (cfg.ngram - 1)  # pending, window, candidates
+        cache = InPlaceCache(capacity=_round_up(len(prompt) + limit + widest_step))
         committed = list(prompt)
         pending = [prompt[-1]]
         pending_per_rank = [1] * team.size
@@ -286,6 +291,10 @@ class Decoder:
         out = self.model(input_ids=ids, position_ids=plan.depth + cached, attention_mask=mask, use_cache=True,
                          logits_to_keep=plan.keep_rows, **{self._cache_arg: cache})
         logits = out.logits[0]
+        if logits.shape[0] != plan.keep_rows.numel() or cache.length != cached + ids.shape[1]:
+            raise RuntimeError(f"{type(self.model).__name__} returned {logits.shape[0]} logits rows for "
+                               f"{plan.keep_rows.numel()} requested and grew the cache by {cache.length - cached} for "
+                               f"{ids.shape[1]} tokens fed: it does not honour logits_to_keep or the given cache")
         if rules.active:
             logits = rules.apply(logits, plan.keep_depth + (cached + 1 - rules.prompt_len))
         return logits.argmax(-1).tolist()

@@ -105,7 +105,7 @@ class FastStep:
         self.step_slots = torch.zeros(self.tokens, **to)
         self.out = torch.zeros(n + 3, **to)  # [count, N accepted tokens, diverged, winner]: what the host reads
         self.kv_start = torch.zeros((), **to)
-        self.kv_buffer: torch.Tensor | None = None  # [layers, 2, b, h, N, d] with kv_sync == "gather"
+        self.kv_buffer: torch.Tensor | None = None  # [layers, b, h, N, dk + dv] with kv_sync == "gather"
         for t in (self.window, self.pending, self.pending_count, self.tail, self.prompt_len, self.fingerprint,
                   self.step_slots, self.out, self.kv_start):
             torch._dynamo.mark_static_address(t)
@@ -130,8 +130,8 @@ class FastStep:
             cache.length.fill_(k)
         cache.slots = self.step_slots
         if self.shape.kv_sync == "gather" and self.kv_buffer is None:
-            k0 = cache.layers[0].keys
-            self.kv_buffer = torch.zeros(len(cache.layers), 2, k0.shape[0], k0.shape[1], n, k0.shape[-1],
+            k0, v0 = cache.layers[0].keys, cache.layers[0].values  # side by side: head sizes may differ
+            self.kv_buffer = torch.zeros(len(cache.layers), k0.shape[0], k0.shape[1], n, k0.shape[-1] + v0.shape[-1],
                                          dtype=k0.dtype, device=self.device)
             torch._dynamo.mark_static_address(self.kv_buffer)
         if self.kv_buffer is not None:
@@ -153,8 +153,9 @@ class FastStep:
         shape, n = self.shape, self.shape.ngram
         cache = self.cache
         if self.kv_buffer is not None:  # entries received from last step's winner
+            dk = cache.layers[0].keys.shape[-1]
             for i, layer in enumerate(cache.layers):
-                layer.write(self.kv_start, self.kv_buffer[i, 0], self.kv_buffer[i, 1])
+                layer.write(self.kv_start, self.kv_buffer[i, ..., :dk], self.kv_buffer[i, ..., dk:])
         cached = cache.length
         p = self.pending_count
         shift = shape.pending - p
@@ -218,8 +219,8 @@ class FastStep:
             self.kv_start.copy_(cached)
             slots = cached + torch.arange(n, device=self.device)
             for i, layer in enumerate(cache.layers):
-                self.kv_buffer[i, 0].copy_(torch.where(won, layer.keys.index_select(2, slots), 0))
-                self.kv_buffer[i, 1].copy_(torch.where(won, layer.values.index_select(2, slots), 0))
+                entries = torch.cat([layer.keys.index_select(2, slots), layer.values.index_select(2, slots)], -1)
+                self.kv_buffer[i].copy_(torch.where(won, entries, 0))
 
         top = table.flatten()[self.top_index]
         grams = torch.cat([self.window, top[None]]).T  # [W, N]: one n-gram up each column

@@ -54,3 +54,41 @@ def test_the_cache_goes_by_the_name_the_models_forward_takes():
 
     assert cache_argument(OldStyle()) == "past_key_values"
     assert cache_argument(NewStyle()) == "cache"
+
+
+def test_attention_that_reads_the_mask_as_padding_is_refused():
+    model = tiny_model("llama")
+    model.config._attn_implementation = "flash_attention_2"  # what from_pretrained(attn_implementation=...) sets
+    with pytest.raises(ValueError, match="load it with attn_implementation='sdpa'"):
+        lp.generate(model, [5, 6, 7], max_new_tokens=3)
+
+
+def test_a_forward_that_ignores_logits_to_keep_is_caught_not_trusted():
+    model = tiny_model("llama")
+    forward = model.forward
+
+    def every_row(*args, logits_to_keep=None, **kwargs):
+        return forward(*args, logits_to_keep=0, **kwargs)  # 0 = all rows
+
+    model.forward = every_row
+    with pytest.raises(RuntimeError, match="does not honour logits_to_keep"):
+        lp.generate(model, [5, 6, 7, 5, 6, 7], lp.LookaheadConfig(3, 3, 3, compile=False), max_new_tokens=5)
+
+
+def test_a_team_shares_kv_entries_whose_value_heads_differ_from_key_heads(tmp_path):
+    import torch.distributed as dist
+    from lp.distributed.parallel import ProcessGroupTeam
+    from lp.kv_cache import InPlaceCache
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        team = ProcessGroupTeam("gather", store=store)
+        team.begin(ngram=3, width=2)
+        team.agree([1], [], [], 0)
+        cache = InPlaceCache(capacity=8)
+        cache.update(torch.ones(1, 2, 4, 4), torch.full((1, 2, 4, 6), 2.0), 0)  # key head 4, value head 6
+        team.share_kv(cache, 1, 2, winner=0)  # packs keys and values into one buffer (raised before the fix)
+        assert cache.length == 4 and bool((cache.layers[0].values[..., :4, :] == 2).all())
+        team.close()
+    finally:
+        dist.destroy_process_group()

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import lp
 from lp.config import ConfigError, LookaheadConfig
 from lp.distributed.partition import rank_load, rank_shape, split_step
 from lp.kv_cache import InPlaceCache, InPlaceLayer
@@ -208,3 +209,15 @@ def test_the_cost_model_counts_the_rows_a_rank_really_feeds(ranks, width, levels
 def test_a_rank_without_columns_feeds_no_window():
     loads = [rank_load(s, 4, 4, 1) for s in split_step(15, 4, 15, 4, [1] * 4)]
     assert loads == [37, 34, 37, 25]
+
+
+def test_the_reference_cache_reserves_its_widest_step_up_front(monkeypatch):
+    from models import tiny_model
+    grown = []
+    reserve = InPlaceLayer._reserve
+    monkeypatch.setattr(InPlaceLayer, "_reserve", lambda self, n: (grown.append(n) if n > self.capacity else None,
+                                                            reserve(self, n))[1])
+    # a (15, 5, 15) step feeds up to 121 tokens; 32 + 32 tokens alone would round to a 128-entry cache
+    result = lp.generate(tiny_model("llama"), [5, 6, 7, 8] * 8, lp.LookaheadConfig(15, 5, 15, compile=False),
+                         max_new_tokens=32)
+    assert max(result.tokens_fed_per_step) > 64 and grown == []  # more than the 64 entries once reserved

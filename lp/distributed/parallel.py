@@ -94,14 +94,15 @@ class ProcessGroupTeam:
         """Broadcast the winner's cache entries [start, start+count) in one fixed-size buffer (N slots)."""
         ngram, _ = self._slots
         layers = cache.layers
-        k0 = layers[0]._k
-        b, h, _, d = k0.shape
-        buffer = torch.empty(len(layers), 2, b, h, ngram, d, dtype=k0.dtype, device=k0.device)
+        k0, v0 = layers[0]._k, layers[0]._v
+        b, h, _, dk = k0.shape
+        # keys and values side by side in the last dimension: their head sizes may differ
+        buffer = torch.empty(len(layers), b, h, ngram, dk + v0.shape[-1], dtype=k0.dtype, device=k0.device)
         if self.rank == winner:
             for i, layer in enumerate(layers):
                 keys, values = layer.entries(start, count)
-                buffer[i, 0, :, :, :count] = keys
-                buffer[i, 1, :, :, :count] = values
+                buffer[i, :, :, :count, :dk] = keys
+                buffer[i, :, :, :count, dk:] = values
         began = time.perf_counter()
         self._collective(lambda: dist.broadcast(buffer, src=self._global(winner), group=self.group),
                          "broadcast of KV entries", sink=buffer)
@@ -109,7 +110,7 @@ class ProcessGroupTeam:
         self.comm.bytes[-1] += buffer.numel() * buffer.element_size()
         if self.rank != winner:
             for i, layer in enumerate(layers):
-                layer.write(start, buffer[i, 0, :, :, :count], buffer[i, 1, :, :, :count])
+                layer.write(start, buffer[i, :, :, :count, :dk], buffer[i, :, :, :count, dk:])
 
     # -- the fast path's exchange: fixed-shape device tensors, no host round-trip -------------------------
 
@@ -156,8 +157,11 @@ class ProcessGroupTeam:
             return table
         send = row.to(self.device)
         parts = [torch.empty_like(send) for _ in range(self.size)]
-        self._collective(lambda: dist.all_gather(parts, send, group=self.group), "all-gather of step results")
-        return torch.stack(parts).cpu()
+        table = []
+        # the copy to the host is where an asynchronous NCCL failure surfaces: keep it inside the guard
+        self._collective(lambda: (dist.all_gather(parts, send, group=self.group),
+                                  table.append(torch.stack(parts).cpu())), "all-gather of step results")
+        return table[0]
 
     def _collective(self, op, what: str, sink: torch.Tensor | None = None) -> None:
         try:
