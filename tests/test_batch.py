@@ -1,5 +1,6 @@
 """Batch jobs: JSONL in and out, bad records become error records, and a killed job resumes without loss."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -156,3 +157,34 @@ def test_a_killed_job_resumes_with_every_id_exactly_once(tiny_dir, tmp_path):
     records = json_lines(output.read_text())
     assert sorted(r["id"] for r in records) == sorted(ids)
     assert all("error" not in r and r["new_tokens"] == 24 for r in records)
+
+
+def test_a_second_job_on_the_same_output_is_refused_naming_the_first(tmp_path):
+    first = JsonlWriter(tmp_path / "out.jsonl")
+    with pytest.raises(InputError, match=rf"another lp job \(pid {os.getpid()}\) is writing .*out.jsonl"):
+        JsonlWriter(tmp_path / "out.jsonl")
+    first.close()
+    JsonlWriter(tmp_path / "out.jsonl").close()  # free again once the first job has closed it
+
+
+def test_an_output_that_is_not_a_regular_file_is_streamed_to_not_read(tmp_path):
+    read_end, write_end = os.pipe()
+    pipe = f"/proc/self/fd/{write_end}"
+    assert done_keys(pipe) == set()  # reading a pipe for resume would block for ever
+    writer = JsonlWriter(pipe)
+    writer.write({"id": 1, "text": "x"})
+    writer.close()
+    os.close(write_end)
+    assert json.loads(os.read(read_end, 1000)) == {"id": 1, "text": "x"}
+    os.close(read_end)
+    JsonlWriter("/dev/null").write({"id": 2, "text": "fsync of /dev/null fails: not attempted"})
+
+
+def test_a_full_disk_is_one_error_line_that_says_how_to_resume(tiny_dir, tmp_path, capsys):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("/dev/full is absent on this system")
+    source = write_lines(tmp_path / "in.jsonl", '{"id": 1, "prompt": "a"}')
+    assert main(base_args(tiny_dir, "--input", source, "--output", "/dev/full")) == 2
+    err = capsys.readouterr().err
+    assert "lp: error: cannot write --output '/dev/full': No space left on device" in err
+    assert "Traceback" not in err

@@ -1,8 +1,10 @@
 """Batch jobs: JSONL records in, JSONL results out, one fsynced line per record, resumable after a kill."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,6 +135,8 @@ def done_keys(path: str | Path) -> set[str]:
         return set()
     if path.is_dir():
         raise InputError(f"--output {str(path)!r} is a directory; give a .jsonl file")
+    if not path.is_file():  # a pipe or a device: nothing to resume from, never read or truncated
+        return set()
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     if end < len(data):
@@ -154,22 +158,58 @@ def done_keys(path: str | Path) -> set[str]:
 
 
 class JsonlWriter:
-    """Appends whole lines: one os.write per record, then fsync, so a kill never leaves half a record."""
+    """Appends whole lines: one os.write per record, then fsync, so a kill never leaves half a record.
+
+    A regular file is locked for the job (a second job on the same --output is refused, naming the holder's
+    pid); a pipe or device (/dev/stdout, >(cmd), /dev/null) is streamed to, with no lock, fsync or resume."""
 
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.parent.is_dir():
             raise InputError(f"the folder of --output {str(path)!r} does not exist; create it first")
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise InputError(f"cannot write --output {str(path)!r}: {exc.strerror or exc}") from None
+        self.path = path
+        self.regular = stat.S_ISREG(os.fstat(self.fd).st_mode)
+        self.lock_fd = _lock(path) if self.regular else None
 
     def write(self, record: dict) -> None:
         data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        while data:
-            data = data[os.write(self.fd, data):]
-        os.fsync(self.fd)
+        try:
+            while data:
+                data = data[os.write(self.fd, data):]
+            if self.regular:
+                os.fsync(self.fd)
+        except OSError as exc:
+            raise OutputError(f"cannot write --output {str(self.path)!r}: {exc.strerror or exc}; the records written "
+                              "so far are kept, rerun the same command to resume") from None
 
     def close(self) -> None:
         os.close(self.fd)
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)  # releases the lock; the .lock file stays (removing it would race a new holder)
+
+
+class OutputError(OSError):
+    """The results file cannot take more records (disk full, unwritable); the message says so in one line."""
+
+
+def _lock(path: Path) -> int:
+    """Hold an exclusive lock on `<output>.lock` for the whole job, or refuse naming the pid that holds it."""
+    lock_path = path.with_name(path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise InputError(f"another lp job (pid {holder}) is writing {str(path)!r}; wait for it to end or choose "
+                         "another --output") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 @dataclass

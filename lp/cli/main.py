@@ -35,7 +35,7 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (UsageError, ConfigError, PromptError, UnsupportedGenerationSetting, FileNotFoundError, InputError,
-               TensorParallelError,
+               batch.OutputError, TensorParallelError,
                BootstrapError)
 PEER_FAILURES = (RankFailure, DivergenceError)  # the group is broken or the ranks disagree: stop the job
 RECORD_ERRORS = (PromptError, UnsupportedGenerationSetting)  # deterministic: every rank raises them alike
@@ -175,6 +175,7 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device) -> int:
                 raise batch.InputError(f"--input and --output are the same file ({args.output}); write the results "
                                        "to another file")
             records = _records(args)
+            writer = batch.JsonlWriter(args.output) if args.output else None  # locked before it is read
             done = batch.done_keys(args.output) if args.output else set()  # also cuts a killed run's partial line
             done = done if args.input else set()  # --prompt ids (0, 1, ...) name nothing across runs: append
             todo = [r for r in records if r.key not in done]
@@ -182,7 +183,6 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device) -> int:
             if skipped:
                 log(f"resuming {args.output}: {skipped} records already done, {len(todo)} to go")
             items = [_prepare(r, tokenizer, cfg) for r in todo]
-            writer = batch.JsonlWriter(args.output) if args.output else None
     except USER_ERRORS as exc:
         message = _one_line(exc)
     message = bootstrap.first_error(message, launch)
