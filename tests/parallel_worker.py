@@ -55,6 +55,8 @@ def main(spec_path: str, out_path: str) -> None:
             steps.append(tokens)
             if rank == spec.get("die_rank") and len(steps) == spec.get("die_step"):
                 os.kill(os.getpid(), signal.SIGKILL)
+            if rank == spec.get("stop_rank") and len(steps) == spec.get("stop_step"):
+                os.kill(os.getpid(), signal.SIGSTOP)  # alive but silent: a hung rank
 
         try:
             if case.get("fast"):  # the fixed-shape step, compiled or not

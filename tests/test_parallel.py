@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import shutil
+import signal
 
 import pytest
 
@@ -134,3 +135,25 @@ def test_the_step_exchange_can_run_over_mpi(tmp_path):
     for rank in (0, 1):
         cases = json.loads((tmp_path / f"out{rank}.json").read_text())["cases"]
         assert [r["tokens"] for r in cases] == [expected] * 2
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found (pip install '.[mpi]')")
+def test_a_hung_rank_under_mpirun_is_named_within_the_fault_timeout(tmp_path):
+    prompt = repetitive_prompt(11, 20)
+    cases = [dict(model="llama", seed=4, prompt=prompt, wng=(5, 4, 5), max_new=200, kv_sync="recompute")]
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"cases": cases, "mpi": True, "stop_rank": 1, "stop_step": 3, "fault_timeout": 5}))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    began = time.time()
+    job = subprocess.Popen(["mpirun", "-np", "2", sys.executable, str(WORKER), str(spec), str(tmp_path / "out{rank}.json")],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "out0.json"
+    try:
+        while not out.exists() and time.time() - began < 120:
+            time.sleep(0.5)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the stopped rank never exits by itself
+        job.wait()
+    assert out.exists(), "rank 0 waited for the stopped rank past 120 s: the MPI exchange has no timeout"
+    failure = json.loads(out.read_text())["cases"][0]["failure"]
+    assert failure.startswith("RankFailure") and "MPI all-gather failed" in failure

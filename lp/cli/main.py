@@ -185,6 +185,8 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device) -> int:
             items = [_prepare(r, tokenizer, cfg) for r in todo]
     except USER_ERRORS as exc:
         message = _one_line(exc)
+    except Exception as exc:  # anything else too: the peers must hear of it, not wait for it (mpirun never times out)
+        message = f"{type(exc).__name__}: {_one_line(exc)}"
     message = bootstrap.first_error(message, launch)
     if message:
         if writer:

@@ -121,7 +121,7 @@ class ProcessGroupTeam:
         start = time.perf_counter()
         if self.mpi_comm is not None:  # MPI moves host buffers
             host = torch.empty(self.size * row.numel(), dtype=torch.int64)
-            self._collective(lambda: self.mpi_comm.Allgather(row.cpu().numpy(), host.numpy()), "MPI all-gather")
+            self._collective(lambda: self._mpi_allgather(row.cpu().numpy(), host.numpy()), "MPI all-gather")
             self._table.copy_(host)
         else:
             gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
@@ -153,7 +153,7 @@ class ProcessGroupTeam:
     def _all_gather(self, row: torch.Tensor) -> torch.Tensor:
         if self.mpi_comm is not None:
             table = torch.empty(self.size, row.numel(), dtype=torch.int64)
-            self._collective(lambda: self.mpi_comm.Allgather(row.numpy(), table.numpy()), "MPI all-gather")
+            self._collective(lambda: self._mpi_allgather(row.numpy(), table.numpy()), "MPI all-gather")
             return table
         send = row.to(self.device)
         parts = [torch.empty_like(send) for _ in range(self.size)]
@@ -162,6 +162,16 @@ class ProcessGroupTeam:
         self._collective(lambda: (dist.all_gather(parts, send, group=self.group),
                                   table.append(torch.stack(parts).cpu())), "all-gather of step results")
         return table[0]
+
+    def _mpi_allgather(self, send, receive) -> None:
+        """MPI's blocking collectives never time out: start a non-blocking one and give up after the fault timeout."""
+        request = self.mpi_comm.Iallgather(send, receive)
+        deadline, pause = time.monotonic() + self.fault_timeout_s, 1e-5
+        while not request.Test():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no answer within --fault-timeout {self.fault_timeout_s:g} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
 
     def _collective(self, op, what: str, sink: torch.Tensor | None = None) -> None:
         try:
