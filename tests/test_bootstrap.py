@@ -129,3 +129,38 @@ def test_mpirun_ranks_get_a_broadcast_loopback_port(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert seen_by_each_rank(tmp_path) == [["mpi", "127.0.0.1", "rank 1: model folder missing",
                                             {"items": [0, "é"]}]] * 2
+
+
+def test_a_rank_whose_launcher_was_killed_stops_by_itself(tmp_path):
+    import signal
+    import time
+    from test_cli import ROOT, RUN, clean_env, save_tiny_model
+    model = save_tiny_model(tmp_path / "m")
+    pid_file = tmp_path / "worker.pid"
+    # a stand-in for torchrun: starts one worker with torchrun's variables, reports its pid, then waits on it
+    launcher = subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys
+worker = subprocess.Popen([sys.executable, {str(RUN)!r}, "--model", {str(model)!r}, "--max-new-tokens", "100000",
+                           "--window", "2", "--prompt", "a"], stdout=subprocess.DEVNULL, stderr=open({str(tmp_path / 'err')!r}, "w"))
+open({str(pid_file)!r}, "w").write(str(worker.pid))
+worker.wait()
+"""], cwd=ROOT, env=clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"))
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline, "the worker did not start"
+        time.sleep(0.2)
+    worker = int(pid_file.read_text())
+    time.sleep(3)  # let it get going
+    launcher.send_signal(signal.SIGKILL)
+    launcher.wait()
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the worker outlived its launcher by 20 s")
+    assert "the launcher" in (tmp_path / "err").read_text() and "died; stopping" in (tmp_path / "err").read_text()

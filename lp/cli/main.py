@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     cfg = resolve_config(args)  # same input on every rank, so every rank fails alike: no hang
     launch = bootstrap.detect()
+    bootstrap.watch_launcher(launch)
     replicas, _ = split_world(launch.world_size, cfg.tp, cfg.lp)
     if replicas > cfg.lookahead.window:
         raise UsageError(f"{replicas} lookahead replicas but the window has {cfg.lookahead.window} columns to "

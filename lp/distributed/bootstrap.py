@@ -10,6 +10,9 @@ import json
 import os
 import socket
 import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -167,6 +170,26 @@ def choose_device(requested: str, backend: str, launch: Launch) -> torch.device:
     if backend == "nccl" and device.type != "cuda":
         raise BootstrapError("the nccl backend needs a CUDA device per rank; use --backend gloo for CPU runs")
     return device
+
+
+def watch_launcher(launch: Launch, period_s: float = 1.0) -> threading.Thread | None:
+    """Under a launcher, stop this rank when the launcher dies: a kill -9ed torchrun leaves its workers running,
+    and a rerun of the same job would then write the same results twice."""
+    if launch.launcher == "single":
+        return None
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(period_s)
+            if os.getppid() != parent:  # re-parented: the launcher (pid `parent`) is gone
+                sys.stderr.write(f"lp: error: rank {launch.rank}: the launcher (pid {parent}) died; stopping\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    thread = threading.Thread(target=watch, name="lp-launcher-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 def init_process_group(launch: Launch, backend: str, timeout_s: float) -> None:
