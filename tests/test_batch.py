@@ -188,3 +188,29 @@ def test_a_full_disk_is_one_error_line_that_says_how_to_resume(tiny_dir, tmp_pat
     err = capsys.readouterr().err
     assert "lp: error: cannot write --output '/dev/full': No space left on device" in err
     assert "Traceback" not in err
+
+
+def test_a_byte_order_mark_is_not_a_bad_first_record(tmp_path):
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"id": 1, "prompt": "a"}\n')
+    assert [(r.id, r.error) for r in read_records(path)] == [(1, None)]
+
+
+def test_an_empty_prompt_is_refused_on_the_command_line_as_in_a_record(tiny_dir, capsys):
+    assert main(base_args(tiny_dir, "--prompt", "")) == 2
+    assert "--prompt must be non-empty text" in capsys.readouterr().err
+
+
+def test_a_terminated_batch_job_says_how_to_resume(tiny_dir, tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", *[f'{{"id": {i}, "prompt": "p{i}", "max_new_tokens": 4000}}'
+                                                  for i in range(50)])
+    out = tmp_path / "out.jsonl"
+    job = subprocess.Popen([sys.executable, str(RUN), *base_args(tiny_dir, "--input", source, "--output", str(out))],
+                           cwd=ROOT, env=clean_env(), stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out.exists() and out.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 130
+    assert "lp: error: interrupted; rerun the same command to resume" in err and "Traceback" not in err

@@ -45,7 +45,7 @@ def read_records(path: str | Path) -> list[Record]:
     """Parse a JSONL input. Bad lines become error records; duplicate ids or an unreadable file raise InputError."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes().decode("utf-8-sig")  # a byte-order mark some editors write is not content
     except FileNotFoundError:
         raise InputError(f"input file {str(path)!r} does not exist; check the --input path") from None
     except IsADirectoryError:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import threading
 import sys
 import time
 from pathlib import Path
@@ -121,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         _quiet_libraries()
     rank0 = bootstrap.env_rank() == 0
+    if argv is None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop (scancel, kill) ends like Ctrl-C
     try:
         return _run(args)
     except USER_ERRORS as exc:
@@ -135,7 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             os._exit(EXIT_FAILED)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        if rank0:
+            _error("interrupted" + ("; rerun the same command to resume" if args.output else ""))
         return 130
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _run(args) -> int:
@@ -258,6 +268,8 @@ def _records(args) -> list[Record]:
     if args.input:
         return batch.read_records(args.input)
     if args.prompt:
+        if not all(args.prompt):
+            raise UsageError("--prompt must be non-empty text, as must a record's \"prompt\"")
         return batch.prompt_records(args.prompt)
     from ..default_model import DEFAULT_PROMPTS
 
