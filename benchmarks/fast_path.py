@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     configs = [LookaheadConfig(*map(int, c.split(":"))) for c in args.configs.split(",") if c]
     env = report.environment(args.threads)
-    env["git_dirty_files"] = [line[3:] for line in report._git("status", "--porcelain").splitlines()]
+    env["git_dirty_files"] = [line.split(maxsplit=1)[1] for line in report._git("status", "--porcelain").splitlines()]
     settings = dict(models=args.models, configs=args.configs, limit=args.limit,
                     max_new_tokens=args.max_new_tokens, repeats=args.repeats, warmup=args.warmup, threads=args.threads,
                     prompt_lookup=args.prompt_lookup, forward_tokens=args.forward_tokens,
