@@ -155,9 +155,10 @@ def time_greedy(model, prompt, capacity, args, device) -> dict:
             tokens.append(int(greedy.compiled().item()))
             sync(device)
             times.append(time.perf_counter() - t0)
-    assert tokens[: len(first)] == first[: len(tokens)], "the greedy step is not deterministic"
+    common = min(len(tokens), len(first))  # recorded, not asserted: a GPU run should not die on it
     return dict(method="compiled greedy step", config=None, tokens_fed=1, capacity=capacity,
-                compile_s=round(compile_s, 2), **_stats(times), tokens=tokens)
+                compile_s=round(compile_s, 2), **_stats(times), tokens=tokens,
+                same_tokens_as_its_compiling_run=tokens[:common] == first[:common])
 
 
 def time_lookahead(model, cfg: LookaheadConfig, prompt, max_new: int, args, device) -> dict:
