@@ -134,6 +134,7 @@ def test_json_batch_prints_one_record_per_input_line(tiny_dir, tmp_path, capsys)
     assert [r.get("id") for r in records] == [1, None, 2] and records[1]["line"] == 2
 
 
+@pytest.mark.slow
 def test_a_killed_job_resumes_with_every_id_exactly_once(tiny_dir, tmp_path):
     ids = [f"r{i}" for i in range(150)]
     source = write_lines(tmp_path / "in.jsonl", *(json.dumps({"id": i, "prompt": f"{i}:abcab"}) for i in ids))
@@ -201,6 +202,7 @@ def test_an_empty_prompt_is_refused_on_the_command_line_as_in_a_record(tiny_dir,
     assert "--prompt must be non-empty text" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_terminated_batch_job_says_how_to_resume(tiny_dir, tmp_path):
     source = write_lines(tmp_path / "in.jsonl", *[f'{{"id": {i}, "prompt": "p{i}", "max_new_tokens": 4000}}'
                                                   for i in range(50)])

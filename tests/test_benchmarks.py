@@ -17,6 +17,7 @@ from benchmarks import loading, report  # noqa: E402
 TINY = "random-llama:hidden=32,layers=1,heads=4,vocab=97"
 
 
+@pytest.mark.slow
 def test_sweep_runs_end_to_end_on_a_tiny_random_llama(tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--model", TINY, "--prompts",
@@ -48,6 +49,7 @@ def test_sweep_runs_end_to_end_on_a_tiny_random_llama(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed "
                     "(pip install 'lp[deepspeed]')")
+@pytest.mark.slow
 def test_sweep_adds_tensor_parallel_rows(tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--model", TINY, "--limit", "1", "--configs",
@@ -61,6 +63,7 @@ def test_sweep_adds_tensor_parallel_rows(tmp_path):
     assert all(r["matched_greedy"] for r in rows)
 
 
+@pytest.mark.slow
 def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
     out = tmp_path / "sweep"
     # --warmup 0: the compiled methods must still compile in an untimed warm-up of their own
@@ -96,6 +99,7 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_fast_path_report_runs_end_to_end_on_a_tiny_random_llama(tmp_path):
     out = tmp_path / "fast_path_cpu"
     cmd = [sys.executable, str(REPO / "benchmarks" / "fast_path.py"), "--models", TINY, str(tmp_path / "absent"),
@@ -153,6 +157,7 @@ def test_gpu_fast_path_refuses_cleanly_without_cuda():
     assert done.returncode == 0 and done.stdout.startswith("skipped:") and len(done.stdout.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_gpu_fast_path_smoke_runs_the_same_code_on_a_tiny_cpu_model(tmp_path):
     out = tmp_path / "gpu_fast_path.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_fast_path.py"), "--smoke", "--configs", "2:3:2",
@@ -182,6 +187,7 @@ def test_gpu_fast_path_smoke_runs_the_same_code_on_a_tiny_cpu_model(tmp_path):
     assert greedy["tokens"] == new[: len(greedy["tokens"])] and fast["tokens"] == new[: len(fast["tokens"])]
 
 
+@pytest.mark.slow
 def test_gpu_script_logic_on_a_tiny_cpu_model(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_forward_scaling.py"), "--device", "cpu", "--hidden", "32",
            "--layers", "1", "--heads", "4", "--kv-heads", "4", "--ffn", "64", "--vocab", "97", "--prefix", "16",

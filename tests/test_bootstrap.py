@@ -79,6 +79,7 @@ def test_free_port_is_free_on_loopback():
         s.bind(("127.0.0.1", port))
 
 
+@pytest.mark.slow
 def test_missing_peers_time_out_with_a_one_line_error(monkeypatch):
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "GLOO_SOCKET_IFNAME",
                  "NCCL_SOCKET_IFNAME"):  # joining exports these: restore them for the tests that follow
@@ -108,6 +109,7 @@ def seen_by_each_rank(folder) -> list:
     return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_agree_on_one_ranks_error(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
@@ -119,6 +121,7 @@ def test_torchrun_ranks_agree_on_one_ranks_error(tmp_path):
                                             {"items": [0, "é"]}]] * 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(MPIRUN is None, reason="no mpirun/mpiexec on PATH (pip install 'lp[mpi]')")
 def test_mpirun_ranks_get_a_broadcast_loopback_port(tmp_path):
     pytest.importorskip("mpi4py", reason="mpi4py is not installed")
@@ -131,6 +134,7 @@ def test_mpirun_ranks_get_a_broadcast_loopback_port(tmp_path):
                                             {"items": [0, "é"]}]] * 2
 
 
+@pytest.mark.slow
 def test_a_rank_whose_launcher_was_killed_stops_by_itself(tmp_path):
     import signal
     import time

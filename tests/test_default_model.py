@@ -89,6 +89,7 @@ def test_greedy_generation_is_deterministic_and_plausible(default):
         assert text.strip() and any(c.isalpha() for c in text)
 
 
+@pytest.mark.slow
 def test_smoke_training_end_to_end(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -59,6 +59,7 @@ def test_one_step_shape_feeds_the_same_number_of_tokens_every_step():
 
 # -- compiled (inductor on CPU) ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_compiled_step_matches_greedy_on_every_family(family):
     fresh_compiler()
@@ -70,6 +71,7 @@ def test_compiled_step_matches_greedy_on_every_family(family):
     assert result.token_ids == hf_greedy(model, prompt, 48)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("window,ngram,guess", [(1, 2, 0), (15, 5, 15), (3, 6, 40)])
 def test_compiled_step_matches_greedy_across_configs(window, ngram, guess):
     fresh_compiler()
@@ -80,6 +82,7 @@ def test_compiled_step_matches_greedy_across_configs(window, ngram, guess):
     assert decoder.compile_error is None
 
 
+@pytest.mark.slow
 def test_compiled_step_obeys_eos_inside_a_step_and_the_generation_rules():
     fresh_compiler()
     model = tiny_model("phi", seed=4)
@@ -98,6 +101,7 @@ def test_compiled_step_obeys_eos_inside_a_step_and_the_generation_rules():
     assert decoder.compile_error is None
 
 
+@pytest.mark.slow
 def test_after_warm_up_a_256_token_generation_compiles_nothing_and_reads_the_device_once_a_step():
     fresh_compiler()
     model = tiny_model("llama", seed=6)
@@ -116,6 +120,7 @@ def test_after_warm_up_a_256_token_generation_compiles_nothing_and_reads_the_dev
     assert sum(e.count for e in scalar_reads) == 0  # ...and no .item()/int()/bool() of a device value anywhere
 
 
+@pytest.mark.slow
 def test_a_batch_of_prompt_lengths_compiles_once_per_capacity_bucket():
     fresh_compiler()
     model = tiny_model("llama", seed=7)
@@ -147,6 +152,7 @@ def test_capacity_buckets_are_powers_of_two():
     assert [capacity_bucket(n) for n in (1, 256, 257, 1000, 5000)] == [256, 256, 512, 1024, 8192]
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_compile_falls_back_to_eager_with_one_log_line(caplog):
     fresh_compiler()
     model = tiny_model("llama", seed=9)
@@ -166,6 +172,7 @@ def test_a_model_that_cannot_compile_falls_back_to_eager_with_one_log_line(caplo
     assert decoder.compile_error and len([r for r in caplog.records if "torch.compile failed" in r.message]) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260k is absent")
 def test_stories260k_compiled_matches_greedy_in_float32():
     fresh_compiler()
@@ -180,6 +187,7 @@ def test_stories260k_compiled_matches_greedy_in_float32():
 
 # -- lookahead parallelism on the fast path (gloo process groups) --------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_every_rank_of_a_fast_path_team_matches_greedy_with_both_kv_strategies(ranks, tmp_path):
     from test_parallel import run_team
@@ -201,6 +209,7 @@ def test_every_rank_of_a_fast_path_team_matches_greedy_with_both_kv_strategies(r
             assert max(fed) <= 0.75 * sum(fed)
 
 
+@pytest.mark.slow
 def test_a_compiled_fast_path_team_matches_greedy(tmp_path):
     from test_parallel import run_team
     prompt = repetitive_prompt(300, 30)
@@ -212,6 +221,7 @@ def test_a_compiled_fast_path_team_matches_greedy(tmp_path):
     assert all(r["tokens"] == expected for o in outs for r in o)
 
 
+@pytest.mark.slow
 def test_fast_path_ranks_that_drift_apart_raise(tmp_path):
     from test_parallel import run_team
     cases = [dict(model="llama", seed=2, prompt=repetitive_prompt(9, 20), wng=(5, 4, 5), max_new=40,
@@ -237,6 +247,7 @@ def test_decoder_takes_the_fast_path_when_compile_is_on():
     assert type(lp.Decoder(model, lp.LookaheadConfig())) is lp.Decoder  # CPU: the eager reference by default
 
 
+@pytest.mark.slow
 def test_the_command_line_compiles_on_request_and_reports_it(tmp_path, capsys):
     from lp.cli import main
     from test_cli import base_args, json_lines, save_tiny_model
@@ -247,6 +258,7 @@ def test_the_command_line_compiles_on_request_and_reports_it(tmp_path, capsys):
     assert record["compiled"] is True and record["compile_time_s"] > 0 and record["greedy_match"] is True
 
 
+@pytest.mark.slow
 def test_lookahead_by_tensor_parallel_replicas_on_the_fast_path(tmp_path):
     import importlib.util
     from test_parallel import run_team

@@ -17,6 +17,7 @@ from models import STORIES, stories, tiny_model
 from test_exactness import repetitive_prompt
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
+pytestmark = pytest.mark.slow  # every test here starts a team of processes
 
 
 def run_team(ranks: int, spec: dict, tmp_path: Path, timeout: float = 240, port: int | None = None,

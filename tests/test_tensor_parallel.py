@@ -63,12 +63,14 @@ def grid_run(request, tmp_path_factory):
     return dict(lp=lp_size, tp=tp, cases=cases, expected=expected, outs=outs, port=port)
 
 
+@pytest.mark.slow
 def test_every_rank_of_every_replica_matches_single_process_greedy(grid_run):
     for rank, out in enumerate(grid_run["outs"]):
         for case, got, want in zip(grid_run["cases"], out["cases"], grid_run["expected"]):
             assert got["tokens"] == want, f"rank {rank}, {case['model']} {case['kv_sync']}"
 
 
+@pytest.mark.slow
 def test_replicas_are_consecutive_ranks_and_lookahead_groups_share_a_tensor_index(grid_run):
     lp_size, tp = grid_run["lp"], grid_run["tp"]
     for rank, out in enumerate(grid_run["outs"]):
@@ -78,6 +80,7 @@ def test_replicas_are_consecutive_ranks_and_lookahead_groups_share_a_tensor_inde
                                "lp_group": [h * tp + t for h in range(lp_size)]}
 
 
+@pytest.mark.slow
 def test_gather_moves_only_this_ranks_head_shard(grid_run):
     lp_size, tp = grid_run["lp"], grid_run["tp"]
     for rank, out in enumerate(grid_run["outs"]):
@@ -96,6 +99,7 @@ def test_gather_moves_only_this_ranks_head_shard(grid_run):
             assert got["comm_bytes"] == got["steps"] * per_step, f"rank {rank}, {case['model']}"
 
 
+@pytest.mark.slow
 def test_no_shared_memory_segment_is_left_behind(grid_run):
     prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{grid_run['port']}_"
     assert not [p for p in Path("/dev/shm").glob(prefix + "*")]
