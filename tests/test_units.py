@@ -221,3 +221,29 @@ def test_the_reference_cache_reserves_its_widest_step_up_front(monkeypatch):
     result = lp.generate(tiny_model("llama"), [5, 6, 7, 8] * 8, lp.LookaheadConfig(15, 5, 15, compile=False),
                          max_new_tokens=32)
     assert max(result.tokens_fed_per_step) > 64 and grown == []  # more than the 64 entries once reserved
+
+
+# --- failure diagnosis ----------------------------------------------------------------------------------------
+
+def test_a_live_peer_with_a_skewed_clock_is_not_named_and_a_silent_one_is(monkeypatch):
+    import threading
+    import time as clock
+    import torch.distributed as dist
+    from lp.distributed import parallel
+    store, real, silent = dist.HashStore(), clock.time, threading.Event()
+
+    def other_host():  # stamps with its own clock, an hour behind this one, until it goes silent
+        while not silent.wait(0.1):
+            store.set("lp-heartbeat/alive/1", repr(real() - 3600))
+
+    store.set("lp-heartbeat/alive/1", "0")
+    peer = threading.Thread(target=other_host, daemon=True)
+    peer.start()
+    me = parallel._Heartbeat(store, 0, 2, timeout_s=1.2)
+    try:
+        assert "no peer was seen failing" in me.diagnose("all-gather", RuntimeError("timed out"))
+        silent.set()
+        peer.join()
+        assert "rank 1 stopped responding" in me.diagnose("all-gather", RuntimeError("timed out"))
+    finally:
+        me.stop()

@@ -199,6 +199,8 @@ class _Heartbeat:
     def __init__(self, store, rank: int, size: int, timeout_s: float):
         self.store, self.rank, self.size, self.timeout_s = store, rank, size, timeout_s
         self.period = max(0.2, min(2.0, timeout_s / 6))
+        self._beats = 0  # a counter, not a wall-clock time: the hosts' clocks need not agree
+        self._seen: dict[int, tuple[str, float]] = {}  # peer -> (its last counter, when it last changed, here)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if store is None:
@@ -209,7 +211,8 @@ class _Heartbeat:
         self._thread.start()
 
     def _beat(self) -> None:
-        self.store.set(f"alive/{self.rank}", repr(time.time()))
+        self._beats += 1
+        self.store.set(f"alive/{self.rank}", str(self._beats))
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
@@ -238,10 +241,11 @@ class _Heartbeat:
         if self.store is None:
             return f"rank {self.rank}: {what} failed ({detail}); a peer rank failed or stopped answering"
         # give a dying peer a moment to be seen as stale, bounded by the fault timeout
-        deadline = time.time() + min(self.timeout_s, 3 * self.period + 1)
+        deadline = time.monotonic() + min(self.timeout_s, 3 * self.period + 1)
+        self._seen = {}
         while True:
             culprits = self._culprits()
-            if culprits or time.time() >= deadline:
+            if culprits or time.monotonic() >= deadline:
                 break
             time.sleep(self.period / 2)
         if not culprits:
@@ -259,8 +263,13 @@ class _Heartbeat:
                     found.append(f"rank {r} failed: {self.store.get(f'failed/{r}').decode()}")
                 elif not self.store.check([f"alive/{r}"]):
                     found.append(f"rank {r} never started")
-                elif time.time() - float(self.store.get(f"alive/{r}").decode()) > 2.5 * self.period:
-                    found.append(f"rank {r} stopped responding (dead or hung)")
+                else:  # stale = its counter has not moved for 2.5 beats of this host's own clock
+                    beats, now = self.store.get(f"alive/{r}").decode(), time.monotonic()
+                    last = self._seen.get(r)
+                    if last is None or last[0] != beats:
+                        self._seen[r] = (beats, now)
+                    elif now - last[1] > 2.5 * self.period:
+                        found.append(f"rank {r} stopped responding (dead or hung)")
         except Exception:
             found.append("rank 0 (which hosts the rendezvous store) is unreachable: it died or hung")
         return found
