@@ -2,6 +2,9 @@
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,8 +50,19 @@ def test_package_files_and_sizes():
     assert (DEFAULT_MODEL_PATH / "model.safetensors").stat().st_size < 20 * 2**20
 
 
-def test_loads_offline(default, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_loads_with_no_network_at_all(tmp_path):
+    # a fresh process whose every HTTP(S) request goes to a closed loopback port: any download attempt fails
+    code = ("from lp.default_model import load_default_model; m, t = load_default_model(); "
+            "print(m.config.model_type, len(t))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"),
+               NO_PROXY="")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[0] == "llama"
+
+
+def test_the_package_describes_itself(default):
     model, tok = default
     assert model.config.model_type == "llama"
     assert model.dtype == torch.float32

@@ -71,6 +71,15 @@ def test_every_rank_of_every_replica_matches_single_process_greedy(grid_run):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260k is absent: LP x TP ran on tiny models only")
+def test_stories260k_is_among_the_cases_every_replica_decodes_exactly(grid_run):
+    stories_cases = [i for i, case in enumerate(grid_run["cases"]) if case["model"] == "stories"]
+    assert len(stories_cases) == 2
+    for out in grid_run["outs"]:
+        assert all(out["cases"][i]["tokens"] == grid_run["expected"][i] for i in stories_cases)
+
+
+@pytest.mark.slow
 def test_replicas_are_consecutive_ranks_and_lookahead_groups_share_a_tensor_index(grid_run):
     lp_size, tp = grid_run["lp"], grid_run["tp"]
     for rank, out in enumerate(grid_run["outs"]):
