@@ -216,3 +216,17 @@ def test_a_terminated_batch_job_says_how_to_resume(tiny_dir, tmp_path):
     _, err = job.communicate(timeout=60)
     assert job.returncode == 130
     assert "lp: error: interrupted; rerun the same command to resume" in err and "Traceback" not in err
+
+
+def test_failed_records_are_retried_on_request_only(tiny_dir, tmp_path):
+    long_prompt = "x" * 600  # longer than the tiny model's 512 positions: an error record
+    source = write_lines(tmp_path / "in.jsonl", '{"id": "ok", "prompt": "a"}', f'{{"id": "bad", "prompt": "{long_prompt}"}}')
+    out = tmp_path / "out.jsonl"
+    assert main(base_args(tiny_dir, "--input", source, "--output", str(out))) == 0
+    first = json_lines(out.read_text())
+    assert {r["id"] for r in first} == {"ok", "bad"} and "error" in next(r for r in first if r["id"] == "bad")
+    assert main(base_args(tiny_dir, "--input", source, "--output", str(out))) == 0
+    assert json_lines(out.read_text()) == first  # a plain rerun: everything counts as done
+    assert main(base_args(tiny_dir, "--input", source, "--output", str(out), "--retry-errors")) == 0
+    again = json_lines(out.read_text())
+    assert again[:2] == first and [r["id"] for r in again[2:]] == ["bad"]  # only the failed id ran again

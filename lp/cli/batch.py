@@ -128,8 +128,9 @@ def prompt_ids(record: Record, tokenizer, chat: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
 
 
-def done_keys(path: str | Path) -> set[str]:
-    """Keys of the records an earlier run finished. A trailing partial line (a killed writer) is cut off."""
+def done_keys(path: str | Path, retry_errors: bool = False) -> set[str]:
+    """Keys of the records an earlier run finished (with `retry_errors`, error records do not count).
+    A trailing partial line (a killed writer) is cut off."""
     path = Path(path)
     if not path.exists():
         return set()
@@ -149,7 +150,7 @@ def done_keys(path: str | Path) -> set[str]:
             value = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if isinstance(value, dict) and "id" in value and ("text" in value or "error" in value):  # results only
+        if isinstance(value, dict) and "id" in value and ("text" in value or ("error" in value and not retry_errors)):
             if value["id"] is not None:
                 keys.add(id_key(value["id"]))
             elif isinstance(value.get("line"), int):

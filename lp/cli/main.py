@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="batch input, one {id, prompt | messages, max_new_tokens?} per line; bad lines become "
                      "error records")
     p.add_argument("--output", metavar="FILE.jsonl", help="append results here; rerun to resume (done ids skipped)")
+    p.add_argument("--retry-errors", action="store_true", help="on resume, run again the records that ended in an "
+                   "error (their new line follows the old one: the last line of an id wins)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--window", type=int, help="W: lookahead window width")
     p.add_argument("--ngram", type=int, help="N: n-gram size")
@@ -187,7 +189,7 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device) -> int:
                                        "to another file")
             records = _records(args)
             writer = batch.JsonlWriter(args.output) if args.output else None  # locked before it is read
-            done = batch.done_keys(args.output) if args.output else set()  # also cuts a killed run's partial line
+            done = batch.done_keys(args.output, args.retry_errors) if args.output else set()  # cuts a partial line
             done = done if args.input else set()  # --prompt ids (0, 1, ...) name nothing across runs: append
             todo = [r for r in records if r.key not in done]
             skipped = len(records) - len(todo)
