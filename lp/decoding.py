@@ -212,12 +212,9 @@ class Decoder:
             if levels:
                 for gram in window.advance(agreed.top):
                     pool.add(gram[0], gram[1:])
-            emit = agreed.accepted[:remaining]
-            for i, tok in enumerate(emit):
-                if tok in rules.eos_ids:
-                    emit = emit[: i + 1]
-                    stats.stop_reason = "eos"
-                    break
+            emit, ended = cut_at_eos(agreed.accepted[:remaining], rules.eos_ids)
+            if ended:
+                stats.stop_reason = "eos"
             before = len(committed)
             committed.extend(emit)
             if cfg.seed_pool_from_output:
@@ -307,6 +304,14 @@ class _DeviceLayout:
     keep_depth: torch.Tensor  # position offsets of those rows
     hidden: torch.Tensor  # [T, T] True where attention is masked within the step
     candidate_rows: torch.Tensor
+
+
+def cut_at_eos(tokens: list[int], eos_ids) -> tuple[list[int], bool]:
+    """The tokens up to and including the first EOS, and whether there was one (nothing after it is emitted)."""
+    for i, tok in enumerate(tokens):
+        if tok in eos_ids:
+            return tokens[: i + 1], True
+    return tokens, False
 
 
 def _longest_match(candidates, pred0: int, cand_preds: list[int], cand_len: int) -> tuple[int, int]:

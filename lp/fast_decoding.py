@@ -16,13 +16,14 @@ from typing import Callable, Iterator
 import torch
 
 from .config import LookaheadConfig
-from .decoding import Decoder, PromptError
+from .decoding import Decoder, PromptError, cut_at_eos
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
+from .distributed.parallel import DivergenceError
+from .distributed.partition import split_step
 from .fast_step import FastShape, FastStep
 from .ngram_pool import NGramPool
 from .step_layout import tokens_fed
-from .distributed.partition import split_step
 
 log = logging.getLogger("lp")
 
@@ -93,15 +94,11 @@ class FastDecoder(Decoder):
             with torch.inference_mode():
                 count, accepted, diverged, _winner = self._read(run())
             if diverged:
-                from .distributed.parallel import DivergenceError
                 raise DivergenceError("ranks disagree on the committed tokens/window/pool; the replicas are not "
                                       "identical (same model, dtype and config on every rank?)")
-            emit = accepted[:count][: limit - len(generated)]
-            for i, tok in enumerate(emit):
-                if tok in eos:
-                    emit = emit[: i + 1]
-                    stats.stop_reason = "eos"
-                    break
+            emit, ended = cut_at_eos(accepted[:count][: limit - len(generated)], eos)
+            if ended:
+                stats.stop_reason = "eos"
             generated.extend(emit)
             stats.token_ids, stats.steps = generated, stats.steps + 1
             stats.accepted_per_step.append(len(emit))
