@@ -85,13 +85,10 @@ class FastStep:
         keep = [step.pending - 1] + top_rows + layout.candidate_rows.flatten().tolist()
         self.keep_rows = torch.tensor(keep, **to)
         self.candidate_rows = layout.candidate_rows.to(device)
-        ranks = len(shape.slices)
-        row = shape.row_size
+        row = shape.row_size  # where every rank's window outputs sit in the flattened exchange table
         self.top_index = torch.tensor([r * row + 1 + n + c for r, s in enumerate(shape.slices) for c in range(s.columns)],
                                       **to)
-        self.tail_index = torch.arange(n)[:, None] + torch.arange(n)[None, :]  # n-grams of [tail | accepted]
-        self.tail_index = self.tail_index.to(device)
-        self.ranks = ranks
+        self.tail_index = (torch.arange(n)[:, None] + torch.arange(n)[None, :]).to(device)  # n-grams of [tail | accepted]
 
         # -- state, updated in place
         self.cache = SlotCache(layers, capacity, device)
