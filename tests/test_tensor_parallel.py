@@ -144,3 +144,125 @@ def test_a_missing_deepspeed_is_named_with_its_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "deepspeed", None)
     with pytest.raises(TensorParallelError, match=r"needs DeepSpeed \(pip install 'lp\[deepspeed\]'\)"):
         shard_model(tiny_model("llama"), tp_group=None, tp=2)
+
+
+def save_random_llama(folder: Path, layers_per_file: int = 4, **overrides) -> None:
+    """A random Llama checkpoint written tensor by tensor (sharded safetensors with an index), never whole in memory."""
+    import torch
+    import transformers
+    from safetensors.torch import save_file
+
+    config = transformers.LlamaConfig(**{**dict(vocab_size=8000, hidden_size=2048, intermediate_size=5632,
+                                                num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=8,
+                                                max_position_embeddings=256, tie_word_embeddings=False,
+                                                bos_token_id=1, eos_token_id=None, pad_token_id=0), **overrides})
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in transformers.AutoModelForCausalLM.from_config(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    files, weight_map = {}, {}
+    for name, shape in shapes.items():
+        layer = name.split(".")[2] if name.startswith("model.layers.") else None
+        file = f"model-{int(layer) // layers_per_file if layer else 'rest'}.safetensors"
+        tensor = torch.ones(shape) if "norm" in name else torch.empty(shape).uniform_(-0.05, 0.05, generator=generator)
+        files.setdefault(file, {})[name] = tensor
+        weight_map[name] = file
+        if layer and all(n in files[file] for n in shapes if n.startswith(f"model.layers.{layer}.")) \
+                and (int(layer) + 1) % layers_per_file == 0:
+            save_file(files.pop(file), folder / file, metadata={"format": "pt"})
+    for file, tensors in files.items():
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def run_memory_team(ranks: int, spec: dict, tmp: Path) -> list[dict]:
+    """tests/tp_memory_worker.py on `ranks` ranks started as torchrun would; each rank's report."""
+    import subprocess
+    import time
+
+    spec_file = tmp / f"spec{ranks}.json"
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE=str(ranks),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", LOCAL_SIZE=str(ranks))
+    worker = Path(__file__).resolve().parent / "tp_memory_worker.py"
+    procs = [subprocess.Popen([sys.executable, str(worker), str(spec_file), str(tmp / f"mem{ranks}_{r}.json")],
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
+             for r in range(ranks)]
+    deadline = time.time() + 300
+    for r, p in enumerate(procs):
+        try:
+            _, err = p.communicate(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"{ranks} ranks hung past 300 s")
+        assert p.returncode == 0, f"rank {r} of {ranks} failed: {err[-2000:]}"
+    return [json.loads((tmp / f"mem{ranks}_{r}.json").read_text()) for r in range(ranks)]
+
+
+@pytest.fixture(scope="module")
+def saved_families(tmp_path_factory):
+    """Every shardable tiny family saved with save_pretrained, with a prompt and its greedy continuation."""
+    folder = tmp_path_factory.mktemp("families")
+    cases, expected = [], []
+    for i, family in enumerate(SHARDABLE):
+        model, prompt = tiny_model(family, seed=i), repetitive_prompt(300 + i, 24)
+        model.save_pretrained(folder / family)
+        cases.append(dict(folder=str(folder / family), dtype="float64", prompt=prompt, wng=WNG[family], max_new=40))
+        expected.append(hf_greedy(model, prompt, 40))
+    return cases, expected
+
+
+@pytest.mark.slow
+def test_every_family_loaded_shard_by_shard_from_its_checkpoint_decodes_exactly(saved_families, tmp_path):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip(NO_DEEPSPEED)
+    cases, expected = saved_families
+    outs = run_memory_team(2, {"tp": 2, "cases": cases}, tmp_path)
+    for rank, out in enumerate(outs):
+        for case, got, want in zip(cases, out["cases"], expected):
+            assert got["tokens"] == want, f"rank {rank}, {Path(case['folder']).name}"
+            assert got["devices"] == ["cpu"]  # nothing left on the meta device
+
+
+@pytest.mark.slow
+def test_a_tp2_rank_holds_about_half_the_host_memory_of_a_whole_model(tmp_path):
+    """Each rank builds the model on the meta device and reads only its own slices of the checkpoint: the peak
+    RSS of a tp=2 rank (weights, Python, torch, DeepSpeed) is at most 0.6x that of a tp=1 process on a ~4.7 GB model."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip(NO_DEEPSPEED)
+    import torch
+    import transformers
+
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    save_random_llama(folder)
+    prompt = [5, 17, 99, 5, 17, 99, 5, 17, 42, 5, 17]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    expected = hf_greedy(reference, prompt, 6)
+    del reference
+    case = dict(folder=str(folder), dtype="float32", prompt=prompt, wng=(4, 3, 4), max_new=6)
+    whole = run_memory_team(1, {"tp": 1, "cases": [case]}, tmp_path)
+    sharded = run_memory_team(2, {"tp": 2, "cases": [case]}, tmp_path)
+    assert [out["cases"][0]["tokens"] for out in whole + sharded] == [expected] * 3
+    assert all(out["cases"][0]["params"] < 0.55 * whole[0]["cases"][0]["params"] for out in sharded)
+    peaks = [out["peak_mb"] for out in whole + sharded]
+    print(f"peak RSS per rank: tp=1 {peaks[0]:.0f} MB, tp=2 {peaks[1]:.0f} / {peaks[2]:.0f} MB "
+          f"({max(peaks[1:]) / peaks[0]:.2f}x)")
+    assert max(peaks[1:]) <= 0.6 * peaks[0], f"peak RSS per rank: tp=1 {peaks[0]:.0f} MB, tp=2 {peaks[1:]} MB"
+
+
+@pytest.mark.parametrize("dim, sizes", [(0, [4, 2]), (1, [3, 1]), (1, [4, 0])])
+def test_a_shard_autotp_describes_as_one_block_is_read_as_that_block(dim, sizes):
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.skip(NO_DEEPSPEED)
+    import torch
+    from deepspeed.checkpoint.affine import contiguous_split_map, sub_param_map
+    from lp.distributed.tensor_parallel import _box
+
+    full = torch.arange(24.0).reshape(6, 4)
+    layout = contiguous_split_map((6, 4), sizes, dim)
+    for rank in range(2):
+        assert torch.equal(full[_box(layout, rank, (6, 4))], layout.extract(full, rank))
+    fused = sub_param_map(shape=(6, 4), sub_dim_sizes=[2, 2, 2], shard_widths=[[1, 1]] * 3, partition_dim=0)
+    assert _box(fused, 0, (6, 4)) is None  # interleaved (a fused qkv): read whole, then its pieces

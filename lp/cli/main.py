@@ -23,7 +23,8 @@ from ..decoding import Decoder, GenerationResult, PromptError
 from ..distributed import bootstrap
 from ..distributed.bootstrap import BootstrapError, Launch
 from ..distributed.parallel import KV_SYNC, DivergenceError, ProcessGroupTeam, RankFailure
-from ..distributed.tensor_parallel import TensorParallelError, make_team, plan_groups, shard_model, split_world
+from ..distributed.tensor_parallel import (TensorParallelError, empty_model, make_team, plan_groups, shard_model,
+                                          split_world)
 from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules, hf_greedy
 from . import batch, run_config
 from .batch import InputError, Record
@@ -369,6 +370,10 @@ def load_model(cfg: RunConfig, device: torch.device):
     trust = cfg.trust_remote_code
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust)
+        if cfg.tp > 1:  # parameters on the meta device: shard_model reads only this rank's slices
+            model = _empty_model(source, dtype, trust)
+            if model is not None:
+                return _adjust((model, tokenizer), cfg)
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=trust)
     except (OSError, ValueError) as exc:
         if "custom code" in str(exc) or "trust_remote_code" in str(exc):
@@ -377,6 +382,20 @@ def load_model(cfg: RunConfig, device: torch.device):
         hint = "" if isinstance(source, Path) else " (offline: is it in the Hugging Face cache?)"
         raise UsageError(f"cannot load model {cfg.model!r}{hint}: {_one_line(exc)}") from None
     return _adjust((model.to(device).eval(), tokenizer), cfg)
+
+
+def _empty_model(source, dtype: torch.dtype, trust: bool):
+    """The model of a safetensors checkpoint (a folder, or a hub id's snapshot) with its parameters on the meta
+    device, so a tensor-parallel rank never holds the whole model; None for other checkpoints (loaded whole)."""
+    folder = source
+    if not isinstance(source, Path):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.py"]))
+        except Exception:  # noqa: BLE001 - whatever the hub says, from_pretrained gives the clearer error
+            return None
+    return empty_model(folder, dtype, trust_remote_code=trust)
 
 
 def _adjust(loaded, cfg: RunConfig):

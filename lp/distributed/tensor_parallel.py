@@ -6,7 +6,7 @@ tokens. The lookahead exchange runs between replicas: the rank with tensor index
 {g*P_tp + t for every g}, and only ever exchanges its own head shard of the KV cache there.
 
     plan = plan_groups(dist.get_world_size(), tp=2)
-    model = shard_model(model, plan.tp_group, plan.tp)
+    model = shard_model(empty_model(folder, torch.bfloat16), plan.tp_group, plan.tp)  # reads 1/tp of the weights
     team = make_team("gather", plan)
     result = lp.Decoder(model, config, team).generate(prompt, 128)
 """
@@ -81,11 +81,14 @@ def check_shardable(model) -> None:
                                   f"{type(model).__name__} is {family!r}: run it with tp=1")
 
 
-def shard_model(model, tp_group, tp: int):
+def shard_model(model, tp_group, tp: int, weights: str | os.PathLike | None = None):
     """Shard `model` in place over `tp_group` with DeepSpeed AutoTP and return it (unchanged when tp == 1).
 
-    Every rank of the world calls it (DeepSpeed broadcasts an RNG state over the world). Load the model on
-    the CPU: only this rank's shards move to the current accelerator device.
+    Every rank of the world calls it (DeepSpeed broadcasts an RNG state over the world). AutoTP always splits
+    a meta-device copy of the model; then each parameter is filled with this rank's slice only, read from the
+    safetensors checkpoint in `weights` (default: the folder `empty_model` built it from) when the model came
+    on the meta device, so a rank holds its shards plus at most one whole tensor (about 1/tp of the model),
+    or cut from the model's own tensors when it came loaded whole.
     """
     if tp == 1:
         return model
@@ -93,11 +96,229 @@ def shard_model(model, tp_group, tp: int):
     deepspeed = _import_deepspeed()
     _reuse_torch_distributed()
     dtype = next(model.parameters()).dtype
+    if any(p.is_meta for p in model.parameters()):
+        source = _FileWeights(model, Path(weights or model.config.name_or_path))
+    else:
+        source = _MemoryWeights(model)
+        _move_parameters_to_meta(model)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # init_inference's to_empty wipes them
+    # DeepSpeed casts the model to its dtype and refuses one its accelerator does not list (float64 on CPU,
+    # which the exact tests run): on a meta model the cast costs nothing, and every tensor is then filled
+    # in the model's own dtype.
+    from deepspeed.accelerator import get_accelerator
+    listed = get_accelerator().supported_dtypes()
     tensor_parallel = {"tp_size": tp, "tp_group": tp_group, "mpu": _GroupMpu(tp_group)}
-    with _accelerator_accepts(dtype), contextlib.redirect_stdout(sys.stderr):  # AutoTP prints its plan
-        engine = deepspeed.init_inference(model, dtype=dtype, tensor_parallel=tensor_parallel,
-                                          replace_with_kernel_inject=False)
-    return engine.module
+    with contextlib.redirect_stdout(sys.stderr):  # AutoTP prints its plan
+        engine = deepspeed.init_inference(model, dtype=dtype if dtype in listed else listed[0],
+                                          tensor_parallel=tensor_parallel, replace_with_kernel_inject=False)
+    model = engine.module
+    for module_name, module in model.named_modules():
+        for name in module._buffers:
+            key = f"{module_name}.{name}" if module_name else name
+            if key in buffers and module._buffers[name] is not None:
+                module._buffers[name] = buffers[key].to(module._buffers[name].device)
+    _load_shards(model, source, dist.get_rank(tp_group), dtype)
+    return model
+
+
+def _move_parameters_to_meta(model) -> None:
+    """Swap every parameter for a meta one of its shape and dtype (tied parameters stay tied)."""
+    moved: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in moved:
+                    moved[id(param)] = torch.nn.Parameter(param.detach().to("meta"), requires_grad=False)
+                module._parameters[name] = moved[id(param)]
+
+
+class _MemoryWeights:
+    """The full tensors of a model loaded whole, by parameter name (taken before it moves to the meta device)."""
+
+    def __init__(self, model):
+        self.tensors = {name: p.detach() for name, p in model.named_parameters(remove_duplicate=False)}
+        self.where = "the model"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.tensors
+
+    @contextlib.contextmanager
+    def open(self, key: str):
+        yield self.tensors[key]
+
+
+class _FileWeights:
+    """A safetensors checkpoint's tensors by model parameter name; each read opens its file and slices lazily."""
+
+    def __init__(self, model, folder: Path):
+        self.files = _model_names(model, _checkpoint_files(folder))
+        self.where = f"the checkpoint in {folder}"
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.files
+
+    @contextlib.contextmanager
+    def open(self, key: str):
+        from safetensors import safe_open
+
+        file, stored = self.files[key]
+        with safe_open(str(file), framework="pt") as f:
+            yield _LazyTensor(f, stored)
+
+
+class _LazyTensor:
+    """One stored tensor: its shape, a block of it (read alone), or all of it."""
+
+    def __init__(self, handle, name: str):
+        self.handle, self.name, self.slice = handle, name, handle.get_slice(name)
+        self.shape = tuple(self.slice.get_shape())
+
+    def __getitem__(self, box):
+        return self.slice[box]  # a view of a buffer as large as the whole tensor: copied before it is kept
+
+    def whole(self) -> torch.Tensor:
+        return self.handle.get_tensor(self.name)
+
+
+def empty_model(source: str | os.PathLike, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The causal LM saved in the local folder `source`, built with its parameters on the meta device.
+
+    Buffers (rotary frequencies) are real; `shard_model` later fills the parameters, each rank its own slices.
+    None when the folder holds no safetensors checkpoint (load it whole instead).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    source = Path(source)
+    if not _checkpoint_files(source):
+        return None
+    config = AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if (source / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(str(source))
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Every parameter registered inside is moved to the meta device at once (buffers stay real)."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def _checkpoint_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file of the checkpoint in `folder` (empty when there is none)."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "model.safetensors"
+    if not single.exists():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _model_names(model, files: dict[str, Path]) -> dict[str, tuple[Path, str]]:
+    """Model parameter name -> (file, checkpoint name), renamed the way transformers renames when it loads
+    (gpt_neox's `embed_out` is `lm_head`); a checkpoint needing more than renames (fused or split tensors)
+    is refused."""
+    names = {}
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion mappings: the names are the checkpoint's
+        return {name: (file, name) for name, file in files.items()}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    ours = dict.fromkeys(model.state_dict(), True)
+    for stored, file in files.items():
+        name, converter = rename_source_key(stored, renamings, converters, model.base_model_prefix, ours)
+        if converter is not None:
+            raise TensorParallelError(f"{stored} in {file.parent} must be converted ({converter}) before it can be "
+                                      "sharded while loading: load the model whole (no meta device) instead")
+        names[name] = (file, stored)
+    return names
+
+
+def _box(layout, rank: int, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
+    """This rank's shard as one rectangular block of the full tensor (slices), or None when it is not one."""
+    pieces = layout.pieces_by_rank[rank]
+    strides = [1] * len(shape)
+    for axis in range(len(shape) - 2, -1, -1):
+        strides[axis] = strides[axis + 1] * shape[axis + 1]
+    if len(pieces) != 1 or pieces[0].scale != 1.0 or len(pieces[0].shape) != len(shape) \
+            or list(pieces[0].source_strides) != strides or list(pieces[0].shape) != list(layout.shard_shapes[rank]):
+        return None
+    if pieces[0].numel == 0:  # an empty shard (AutoTP's grain left this rank nothing)
+        return tuple(slice(0, size) for size in pieces[0].shape)
+    piece, offset, box = pieces[0], pieces[0].source_offset, []
+    for axis, size in enumerate(piece.shape):
+        start, offset = divmod(offset, strides[axis])
+        box.append(slice(start, start + size))
+    return tuple(box)
+
+
+def _load_shards(model, source, tp_rank: int, dtype: torch.dtype) -> None:
+    """Replace every parameter of the AutoTP-sharded meta `model` by this rank's slice of the source's tensor.
+
+    AutoTP records on each parameter it splits the exact map from the full tensor to each rank's shard (its
+    universal-checkpoint metadata, the one DeepSpeed's checkpoint conversion uses); parameters it left whole
+    are read whole. A checkpoint file is opened per tensor, so its memory map never stays resident.
+    """
+    from deepspeed.checkpoint.affine import ParamAffineMap
+    from deepspeed.checkpoint.constants import DS_AUTOTP_UC_META
+    from deepspeed.module_inject.layers import collect_autotp_universal_checkpoint_info
+
+    # init_inference's to_empty dropped the layout each split layer marked on its meta parameters; this
+    # marks it again on the empty ones (the returned summary, by name pattern, is not needed).
+    collect_autotp_universal_checkpoint_info(model)
+    embeddings = model.get_input_embeddings().weight
+    embedding_name = next(n for n, p in model.named_parameters(remove_duplicate=False) if p is embeddings)
+    loaded: dict[int, torch.nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:  # (init_inference's to_empty left them all real but uninitialised)
+                continue
+            if id(param) in loaded:  # tied: the same parameter under another name
+                module._parameters[name] = loaded[id(param)]
+                continue
+            key = f"{module_name}.{name}" if module_name else name
+            if key not in source and key.endswith("lm_head.weight") and model.config.tie_word_embeddings:
+                key = embedding_name  # a tied output head: the embedding matrix, split as AutoTP split it
+            if key not in source:
+                raise TensorParallelError(f"{key} is missing from {source.where}")
+            layout = ((getattr(param, DS_AUTOTP_UC_META, None) or {}).get("conversion") or {}).get("affine_map")
+            layout = ParamAffineMap.from_dict(layout) if layout is not None else None
+            with source.open(key) as full:
+                shape = tuple(full.shape)
+                box = _box(layout, tp_rank, shape) if layout is not None else tuple(slice(0, n) for n in shape)
+                if box is not None:  # only this rank's block is read
+                    shard = full[box].to(dtype)
+                else:  # an interleaved layout (fused qkv): the pieces of the whole tensor
+                    whole = full.whole() if hasattr(full, "whole") else full
+                    shard = layout.extract(whole.to(dtype), tp_rank)
+            if tuple(shard.shape) != tuple(param.shape):
+                raise TensorParallelError(f"AutoTP split {key} {shape} -> {tuple(param.shape)}, but the slice read "
+                                          f"is {tuple(shard.shape)}")
+            new = torch.nn.Parameter(shard.to(param.device, copy=True).contiguous(), requires_grad=False)
+            for attr, value in vars(param).items():  # AutoTP's markers (tensor-parallel flags, layout)
+                setattr(new, attr, value)
+            loaded[id(param)] = module._parameters[name] = new
 
 
 class _GroupMpu:
@@ -134,7 +355,10 @@ def _reuse_torch_distributed() -> None:
 
     That kernel reduces over every local rank whatever group it is given (logits off by 0.4 at P_lp = 2),
     leaves float64 unreduced, crashes without LOCAL_SIZE and leaves a /dev/shm buffer per rank; plain
-    torch.distributed.all_reduce on the replica group is used instead.
+    torch.distributed.all_reduce on the replica group is used instead. DeepSpeed (0.19) has no public switch
+    for it: init_distributed takes none, no environment variable is read, and the op is built whenever the
+    CPU accelerator finds it compatible; setting shm_vector_kernel_level to 0 is DeepSpeed's own fallback
+    for a CPU without the kernel's instructions.
     """
     if not dist.is_initialized():
         raise TensorParallelError("torch.distributed is not initialised: launch with torchrun or mpirun")
@@ -160,20 +384,3 @@ def _remove_shm_buffer(rank: int) -> None:
             f"{os.environ.get('MASTER_PORT', '')}_{rank}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(Path("/dev/shm") / name)
-
-
-@contextlib.contextmanager
-def _accelerator_accepts(dtype: torch.dtype):
-    """Let DeepSpeed's dtype check pass for `dtype` (its CPU list omits float64, which AutoTP's torch layers run)."""
-    from deepspeed.accelerator import get_accelerator
-
-    accelerator = get_accelerator()
-    listed = accelerator.supported_dtypes
-    if dtype in listed():
-        yield
-        return
-    accelerator.supported_dtypes = lambda: listed() + [dtype]
-    try:
-        yield
-    finally:
-        del accelerator.supported_dtypes
