@@ -40,12 +40,14 @@ def run_team(ranks: int, spec: dict, tmp_path: Path, timeout: float = 240, port:
                 q.kill()
             pytest.fail(f"team of {ranks} hung past {timeout}s")
         codes.append(p.returncode)
+    for r, p in enumerate(procs):  # kept for the failure messages of the tests
+        (tmp_path / f"err{r}.txt").write_text(p.stderr.read())
     outs = []
     for r, p in enumerate(procs):
         path = tmp_path / f"out{r}.json"
         outs.append(json.loads(path.read_text())["cases"] if path.exists() else None)
         if p.returncode not in (0, -9) and outs[-1] is None:
-            pytest.fail(f"rank {r} crashed: {p.stderr.read()[-2000:]}")
+            pytest.fail(f"rank {r} crashed: {(tmp_path / f'err{r}.txt').read_text()[-2000:]}")
     return outs, codes
 
 
@@ -62,7 +64,7 @@ def test_every_rank_matches_single_process_greedy(ranks, tmp_path):
             cases.append(dict(model=family, seed=i, prompt=prompt, wng=wng, max_new=40, kv_sync=kv_sync))
             expected.append(reference)
     outs, codes = run_team(ranks, {"cases": cases}, tmp_path)
-    assert codes == [0] * ranks
+    assert codes == [0] * ranks, [(tmp_path / f"err{r}.txt").read_text()[-1500:] for r in range(ranks)]
     for rank_results in outs:
         assert [r["tokens"] for r in rank_results] == expected
     # every rank took part in every step, and the work was split: the busiest rank fed well under the total
