@@ -129,17 +129,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop (scancel, kill) ends like Ctrl-C
     try:
-        return _run(args)
+        code = _run(args, own_process=argv is None)
+        if argv is None and torch.distributed.is_initialized():
+            _leave(code)  # the group was left without tearing it down: skip the interpreter's teardown too
+        return code
     except USER_ERRORS as exc:
         if rank0 or isinstance(exc, BootstrapError):
             _error(exc)
         return EXIT_USAGE
     except PEER_FAILURES as exc:
         _error(exc)
-        if argv is None:  # the command line's own process: leave without tearing down the broken group,
-            sys.stdout.flush()  # whose threads can abort the interpreter's exit (SIGABRT instead of 1)
-            sys.stderr.flush()
-            os._exit(EXIT_FAILED)
+        if argv is None:  # the command line's own process: leave without tearing down the broken group
+            _leave(EXIT_FAILED, clean=False)
         return EXIT_FAILED
     except KeyboardInterrupt:
         if rank0:
@@ -151,7 +152,18 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _run(args) -> int:
+def _leave(code: int, clean: bool = True) -> None:
+    """Exit now, flushing our own streams: with several ranks, gloo's and the store's threads can abort the
+    interpreter's teardown (SIGABRT after a successful job), so a team's process does not tear down at all."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    mpi = sys.modules.get("mpi4py.MPI")
+    if clean and mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()  # mpirun counts a rank that skips MPI_Finalize as failed (not after a failure: it could wait)
+    os._exit(code)
+
+
+def _run(args, own_process: bool = False) -> int:
     cfg = resolve_config(args)  # same input on every rank, so every rank fails alike: no hang
     launch = bootstrap.detect()
     bootstrap.watch_launcher(launch)
@@ -172,7 +184,7 @@ def _run(args) -> int:
     except BaseException:
         bootstrap.shutdown()
         raise
-    bootstrap.shutdown(clean=True)
+    bootstrap.shutdown(clean=True, destroy=not own_process)  # every rank is past the barrier: nothing is in flight
     return code
 
 

@@ -318,15 +318,17 @@ def broadcast_json(obj, launch: Launch, src: int = 0):
     return json.loads(buf.cpu().numpy().tobytes().decode()) if launch.rank != src else obj
 
 
-def shutdown(clean: bool = False) -> None:
+def shutdown(clean: bool = False, destroy: bool = True) -> None:
     """Leave the process group; after a clean run, first wait for every rank, so rank 0 (which may host the
-    store) does not exit while a peer still talks to it (that can abort the peer at exit)."""
+    store) does not exit while a peer still talks to it (that can abort the peer at exit). A process about to
+    exit passes destroy=False: tearing gloo down has itself aborted ranks, and exiting closes the sockets."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         if clean:
             dist.barrier()
-        dist.destroy_process_group()
+        if destroy:
+            dist.destroy_process_group()
 
 
 def _comm_device() -> torch.device:
