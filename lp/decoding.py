@@ -40,6 +40,14 @@ class GenerationResult:
     compiled: bool = False  # the compiled fast path ran this generation
     compile_time_s: float = 0.0  # compiling its step (the first generation of a cache-size bucket); not in wall_time_s
 
+    def add_step(self, emit: list[int], fed: int, elapsed_s: float) -> None:
+        """Record one step that committed `emit` after feeding `fed` tokens, `elapsed_s` into the generation."""
+        self.token_ids.extend(emit)
+        self.steps += 1
+        self.accepted_per_step.append(len(emit))
+        self.tokens_fed_per_step.append(fed)
+        self.wall_time_s = elapsed_s
+
     @property
     def new_tokens(self) -> int:
         return len(self.token_ids)
@@ -153,6 +161,9 @@ class Decoder:
         except Exception as error:
             team.report_failure(f"{type(error).__name__}: {error}")
             raise
+        if stats.stop_reason != "eos" and limit < rules.max_new_tokens:
+            stats.stop_reason = "context"
+        stats.comm_time_s, stats.comm_bytes = sum(team.comm.seconds), sum(team.comm.bytes)
 
     def _decode(self, prompt: list[int], rules: GreedyRules, limit: int, stats: GenerationResult
                 ) -> Iterator[list[int]]:
@@ -171,9 +182,8 @@ class Decoder:
         state_hash = 0
         self._prefill(prompt[:-1], cache)
 
-        generated: list[int] = []
-        while len(generated) < limit:
-            remaining = limit - len(generated)
+        while len(stats.token_ids) < limit:
+            remaining = limit - len(stats.token_ids)
             cached = cache.length
             last_pos = cached + len(pending) - 1
             cand_len = min(cfg.ngram - 1, remaining - 1)
@@ -185,7 +195,6 @@ class Decoder:
             my_cands = candidates[mine.cand_start : mine.cand_end]
             shape = rank_shape(mine, levels, cand_len, len(pending))
             preds = self._forward(shape, pending, window, my_cands, cache, rules)
-            stats.tokens_fed_per_step.append(tokens_fed(shape))
 
             cols = mine.columns if shape.levels else 0
             pred0, top, cand_preds = preds[0], preds[1 : 1 + cols], preds[1 + cols :]
@@ -220,19 +229,10 @@ class Decoder:
             if cfg.seed_pool_from_output:
                 pool.add_sequence(committed, start=before - (cfg.ngram - 1))
             state_hash = _mix(state_hash, emit, window, len(pool))
-            generated.extend(emit)
-            stats.token_ids, stats.steps = generated, stats.steps + 1
-            stats.accepted_per_step.append(len(emit))
-            stats.wall_time_s = time.perf_counter() - start
+            stats.add_step(emit, tokens_fed(shape), time.perf_counter() - start)
             yield emit
-            if stats.stop_reason == "eos":
+            if ended:
                 break
-        else:
-            if limit < rules.max_new_tokens:
-                stats.stop_reason = "context"
-        stats.comm_time_s = sum(team.comm.seconds)
-        stats.comm_bytes = sum(team.comm.bytes)
-        stats.wall_time_s = time.perf_counter() - start
 
     def generate(self, input_ids, max_new_tokens: int | None = None, tokenizer=None,
                  on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:

@@ -60,7 +60,7 @@ class FastDecoder(Decoder):
         self._rules: DeviceRules | None = None
         self._steps: dict[int, FastStep] = {}
         self._compiled: dict[tuple[int, str], Callable] = {}
-        self._host = torch.zeros(cfg.ngram + 3, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._host = torch.zeros(cfg.ngram + 2, dtype=torch.long, pin_memory=self.device.type == "cuda")
 
     @property
     def step_tokens(self) -> int:
@@ -73,9 +73,9 @@ class FastDecoder(Decoder):
         cfg = self.config
         start = time.perf_counter()
         if max(prompt) >= self.vocab or min(prompt) < 0:
-            raise PromptError(f"prompt token ids must be in [0, {self.vocab}) for this model, got {max(prompt)}")
+            bad = next(t for t in prompt if not 0 <= t < self.vocab)
+            raise PromptError(f"prompt token ids must be in [0, {self.vocab}) for this model, got {bad}")
         if limit == 0:
-            stats.stop_reason = "max_new_tokens" if limit == rules.max_new_tokens else "context"
             return
         host_pool = NGramPool(cfg.guess, cfg.ngram - 1)
         if cfg.seed_pool_from_prompt:
@@ -88,43 +88,32 @@ class FastDecoder(Decoder):
         run = self._runner(step)
         compiled_before = self.compile_time_s
 
-        generated: list[int] = []
         eos = set(rules.eos_ids)
-        while len(generated) < limit:
+        while len(stats.token_ids) < limit:
             with torch.inference_mode():
-                count, accepted, diverged, _winner = self._read(run())
+                count, accepted, diverged = self._read(run())
             if diverged:
                 raise DivergenceError("ranks disagree on the committed tokens/window/pool; the replicas are not "
                                       "identical (same model, dtype and config on every rank?)")
-            emit, ended = cut_at_eos(accepted[:count][: limit - len(generated)], eos)
+            emit, ended = cut_at_eos(accepted[:count][: limit - len(stats.token_ids)], eos)
             if ended:
                 stats.stop_reason = "eos"
-            generated.extend(emit)
-            stats.token_ids, stats.steps = generated, stats.steps + 1
-            stats.accepted_per_step.append(len(emit))
-            stats.tokens_fed_per_step.append(step.tokens)
             stats.compile_time_s = self.compile_time_s - compiled_before
-            stats.wall_time_s = time.perf_counter() - start - stats.compile_time_s
+            stats.add_step(emit, step.tokens, time.perf_counter() - start - stats.compile_time_s)
             yield emit
-            if stats.stop_reason == "eos":
+            if ended:
                 break
-        else:
-            if limit < rules.max_new_tokens:
-                stats.stop_reason = "context"
-        stats.comm_time_s = sum(self.team.comm.seconds)
-        stats.comm_bytes = sum(self.team.comm.bytes)
         stats.compiled = self.compile and self.compile_error is None
-        stats.wall_time_s = time.perf_counter() - start - stats.compile_time_s
 
-    def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool, int]:
-        """The step's one device-to-host copy: [count, N accepted, diverged, winner]."""
+    def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool]:
+        """The step's one device-to-host copy: [count, N accepted, diverged]."""
         self.host_reads += 1
         self._host.copy_(out, non_blocking=True)
         if out.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         values = self._host.tolist()
         n = self.config.ngram
-        return values[0], values[1 : 1 + n], bool(values[1 + n]), values[2 + n]
+        return values[0], values[1 : 1 + n], bool(values[1 + n])
 
     # -- building and compiling the step --------------------------------------------------------------------
 

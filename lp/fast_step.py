@@ -100,7 +100,7 @@ class FastStep:
         self.prompt_len = torch.zeros((), **to)
         self.fingerprint = torch.zeros((), **to)
         self.step_slots = torch.zeros(self.tokens, **to)
-        self.out = torch.zeros(n + 3, **to)  # [count, N accepted tokens, diverged, winner]: what the host reads
+        self.out = torch.zeros(n + 2, **to)  # [count, N accepted tokens, diverged]: what the host reads
         self.kv_start = torch.zeros((), **to)
         self.kv_buffer: torch.Tensor | None = None  # [layers, b, h, N, dk + dv] with kv_sync == "gather"
         for t in (self.window, self.pending, self.pending_count, self.tail, self.prompt_len, self.fingerprint,
@@ -116,15 +116,16 @@ class FastStep:
         cache = self.cache
         cache.length.zero_()
         body = prompt[:-1]
-        if body:
-            cache.slots = torch.arange(len(body), device=self.device)
-            ids = torch.tensor([body], **to)
-            k = len(body)
-            mask = torch.full((k, self.capacity), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
-            mask[:, :k].triu_(1)
-            self.model(input_ids=ids, position_ids=cache.slots[None], attention_mask=mask[None, None], use_cache=True,
-                       logits_to_keep=1, **{self.cache_arg: cache})
-            cache.length.fill_(k)
+        # a one-token prompt still runs one forward (of that token, rewritten by the first step), so every layer
+        # allocates its buffers here and never inside a compiled step, which would then be traced twice
+        prefill = body or prompt
+        k = len(prefill)
+        cache.slots = torch.arange(k, device=self.device)
+        mask = torch.full((k, self.capacity), torch.finfo(self.dtype).min, dtype=self.dtype, device=self.device)
+        mask[:, :k].triu_(1)
+        self.model(input_ids=torch.tensor([prefill], **to), position_ids=cache.slots[None],
+                   attention_mask=mask[None, None], use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
+        cache.length.fill_(len(body))
         cache.slots = self.step_slots
         if self.shape.kv_sync == "gather" and self.kv_buffer is None:
             k0, v0 = cache.layers[0].keys, cache.layers[0].values  # side by side: head sizes may differ
@@ -188,7 +189,7 @@ class FastStep:
 
     def commit(self, table: torch.Tensor, keep_slots: torch.Tensor) -> torch.Tensor:
         """Apply the team's exchange table [ranks, row]: commit the winner's tokens, advance the window and pool,
-        compact the cache. Returns the host-bound [count, N accepted, diverged, winner]."""
+        compact the cache. Returns the host-bound [count, N accepted, diverged]."""
         shape, n = self.shape, self.shape.ngram
         cache = self.cache
         cached = cache.length.clone()
@@ -233,7 +234,7 @@ class FastStep:
         live = torch.where(torch.arange(n, device=self.device) < count, accepted, 0)
         self.fingerprint.copy_(self.fingerprint * 1000003 + (live * torch.arange(1, n + 1, device=self.device)).sum()
                                + (top * torch.arange(7, 7 + shape.window, device=self.device)).sum() + added + count)
-        self.out.copy_(torch.cat([count[None], accepted, diverged.long()[None], winner[None]]))
+        self.out.copy_(torch.cat([count[None], accepted, diverged.long()[None]]))
         return self.out
 
     def solo(self) -> torch.Tensor:

@@ -121,6 +121,17 @@ def test_after_warm_up_a_256_token_generation_compiles_nothing_and_reads_the_dev
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_a_one_token_prompt_compiles_one_graph_too():
+    fresh_compiler()
+    model = tiny_model("llama", seed=1)
+    decoder = FastDecoder(model, lp.LookaheadConfig(4, 3, 4), compile=True)
+    for token in (7, 9):  # the first generation of a fresh bucket has no prefill to allocate the cache
+        assert decoder.generate([token], 20).token_ids == hf_greedy(model, [token], 20)
+    assert graphs() == 1
+
+
+@pytest.mark.slow
 def test_a_batch_of_prompt_lengths_compiles_once_per_capacity_bucket():
     fresh_compiler()
     model = tiny_model("llama", seed=7)
