@@ -1,4 +1,5 @@
-"""Models and prompt suites for the benchmarks, offline: a path/hub id, "default", "stories260k" or random-llama."""
+"""Models and prompt suites for the benchmarks, offline: a path/hub id, "default", "stories260k", "smollm2-135m"
+(lp.named_models) or random-llama."""
 from __future__ import annotations
 
 import json
@@ -14,7 +15,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
 STORIES = REPO.parent / "shared" / "models" / "stories260k"
-DEFAULT_SUITES = {"default": "code.jsonl", "stories260k": "stories.jsonl"}
+DEFAULT_SUITES = {"default": "code.jsonl", "stories260k": "stories.jsonl", "smollm2-135m": "chat.jsonl"}
 
 
 class ModelUnavailable(RuntimeError):
@@ -52,7 +53,8 @@ def random_llama_config(spec: str):
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32):
     """(model, tokenizer or None) for a model spec, on the CPU; tokenizer is None for random models (prompts map
-    bytes to ids). The default model, stories260k and paths or hub ids load as the command line loads them."""
+    bytes to ids). The default model, stories260k, named models and paths or hub ids load as the command line
+    loads them."""
     import transformers
 
     from lp.cli.main import UsageError, load_model as load_run_model
@@ -76,7 +78,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32):
 
 
 def default_suite(spec: str) -> Path:
-    """The prompt suite that suits a model spec (code for the default model, stories otherwise)."""
+    """The prompt suite that suits a model spec (code for the default model, chat for smollm2-135m, else stories)."""
     return PROMPTS_DIR / DEFAULT_SUITES.get(spec, "stories.jsonl")
 
 

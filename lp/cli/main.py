@@ -26,6 +26,7 @@ from ..distributed.parallel import KV_SYNC, DivergenceError, ProcessGroupTeam, R
 from ..distributed.tensor_parallel import (TensorParallelError, empty_model, make_team, plan_groups, shard_model,
                                           split_world)
 from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules, hf_greedy
+from .. import named_models
 from . import batch, run_config
 from .batch import InputError, Record
 from .run_config import RunConfig
@@ -61,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "on one process or many (torchrun, mpirun, srun, deepspeed). With no arguments: the embedded "
                 "default model on its built-in prompts.", epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", help="hub id or local model folder (default: the embedded code model)")
+    p.add_argument("--model", help="hub id, local model folder or a named model: smollm2-135m (its install line "
+                   "is in the README) (default: the embedded code model)")
     p.add_argument("--config", metavar="FILE.yaml", help="run settings file (see configs/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a setting, dotted keys ok: --set lookahead.window=7 (repeatable)")
@@ -371,6 +373,11 @@ def load_model(cfg: RunConfig, device: torch.device):
             raise UsageError(f"the embedded default model is missing from {DEFAULT_MODEL_PATH}; "
                              "reinstall lp or pass --model")
         return _adjust(load_default_model(dtype, device), cfg)
+    if cfg.model in named_models.NAMED:  # a real model shipped by an optional package (the name wins over a path)
+        try:
+            return _adjust(named_models.load(cfg.model, dtype, device), cfg)
+        except named_models.NamedModelMissing as exc:
+            raise UsageError(str(exc)) from None
     source = Path(cfg.model).expanduser()
     if not source.exists():
         if _looks_like_path(cfg.model):
