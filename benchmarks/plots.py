@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from benchmarks.report import _label  # noqa: E402
+from benchmarks.report import _label, candidates  # noqa: E402
 
 
 def _legend(ax) -> None:
@@ -56,7 +56,7 @@ def speedup_vs_ranks(rows: list[dict], path: Path, title: str) -> None:
                     label=f"W,N,G={wng} {kv if kv != 'none' else ''}".strip())
     for r in _compiled(rows):
         ax.plot([1], [r["speedup_vs_greedy"]], marker="*", markersize=10, linestyle="none",
-                label=f"W,N,G={(r['window'], r['ngram'], r['guess'])} compiled")
+                label=f"W,N,G={(r['window'], r['ngram'], r['guess'])}{candidates(r)} compiled")
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="HF greedy")
     _baselines(ax, rows, "speedup_vs_greedy")
     ax.set_xlabel("ranks P (P=1: one process)")
@@ -78,10 +78,11 @@ def tokens_per_step(rows: list[dict], path: Path, title: str) -> None:
             ax.plot([r["window"] for r in pts], [r["tokens_per_step"] for r in pts], marker="o",
                     label=f"N={ng[0]}, G={ng[1]}")
     fast = _compiled(rows)
-    for ng in sorted({(r["ngram"], r["guess"]) for r in fast}):
-        pts = sorted((r for r in fast if (r["ngram"], r["guess"]) == ng), key=lambda r: r["window"])
+    line = lambda r: (r["ngram"], r["guess"], candidates(r))  # noqa: E731
+    for ng in sorted({line(r) for r in fast}):
+        pts = sorted((r for r in fast if line(r) == ng), key=lambda r: r["window"])
         ax.plot([r["window"] for r in pts], [r["tokens_per_step"] for r in pts], marker="x", linestyle="--",
-                label=f"N={ng[0]}, G={ng[1]} compiled")
+                label=f"N={ng[0]}, G={ng[1]}{ng[2]} compiled")
     _baselines(ax, rows, "tokens_per_step")
     ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="greedy (1 token/step)")
     ax.set_xlabel("window W")

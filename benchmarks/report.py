@@ -15,12 +15,16 @@ from pathlib import Path
 
 import torch
 
-CONFIG_KEYS = ("method", "window", "ngram", "guess", "ranks", "tp", "kv_sync", "prompt_lookup")
+# lookup, lookup_len, budget: the candidates lp verifies a step, as resolved (lp's fast path: the config's lookup_count,
+# lookup_len and tree_budget; the eager engine: 0, 0 and G*(N-1), pool candidates only); None for HF's methods
+CONFIG_KEYS = ("method", "window", "ngram", "guess", "lookup", "lookup_len", "budget", "ranks", "tp", "kv_sync",
+               "prompt_lookup")
 COLUMNS = CONFIG_KEYS + (
     "prompts", "repeats", "new_tokens", "steps", "tokens_per_step", "step_ms_mean", "step_ms_p50", "step_ms_p90",
-    "compute_ms_per_step", "comm_ms_per_step", "comm_ms_by_rank", "comm_ms_min", "comm_share", "comm_bytes_per_step", "wall_s", "wall_s_std",
-    "tokens_per_s", "speedup_vs_greedy", "speedup_vs_prompt_lookup", "fed_per_step_by_rank", "fed_per_step_max",
-    "matched_greedy", "warmup_s")
+    "compute_ms_per_step", "comm_ms_per_step", "comm_ms_by_rank", "comm_ms_min", "comm_share", "comm_bytes_per_step",
+    "wall_s", "wall_s_std", "ms_per_token", "tokens_per_s", "speedup_vs_greedy", "speedup_vs_greedy_compiled",
+    "speedup_vs_prompt_lookup", "fed_per_step_by_rank", "fed_per_step_max", "fed_per_step_total",
+    "accepted_per_100_fed", "matched_greedy", "warmup_s")
 COMPILED = ("hf_greedy_compiled", "lookahead_compiled")  # methods that compile in their (untimed) warm-up
 
 
@@ -75,9 +79,13 @@ def summarise(runs: list[dict], greedy_tokens: dict[str, list[int]]) -> dict:
         comm_share=round(all_comm / sum(r["wall_s"] for r in lead), 4),
         comm_bytes_per_step=round(statistics.fmean([r["comm_bytes"] / max(len(r["step_s"]), 1) for r in lead]), 1),
         wall_s=round(wall, 4), wall_s_std=round(statistics.pstdev(per_repeat.values()), 4),
+        ms_per_token=round(1e3 * wall / tokens, 4) if tokens else None,
         tokens_per_s=round(tokens / wall, 2) if wall else 0.0,
         fed_per_step_by_rank="/".join(f"{f:.1f}" for f in fed) if any(fed) else "",
         fed_per_step_max=round(max(fed), 2) if any(fed) else None,
+        fed_per_step_total=round(sum(fed), 2) if any(fed) else None,
+        # new tokens per 100 tokens fed to the model, all ranks together (a team feeds each rank's share)
+        accepted_per_100_fed=round(100 * tokens / steps / sum(fed), 2) if steps and any(fed) else None,
         matched_greedy=all(r["tokens"] == greedy_tokens.get(r["prompt"]) for r in lead) if greedy_tokens else None,
     )
     return row
@@ -93,9 +101,11 @@ def aggregate(runs: list[dict], warmup_s: dict[tuple, float] | None = None) -> l
     greedy_tokens = {r["prompt"]: r["tokens"] for r in greedy[0] if r["repeat"] == 0} if greedy else {}
     rows = [summarise(g, greedy_tokens) for g in groups.values()]
     base = next((r["wall_s"] for r in rows if r["method"] == "hf_greedy"), None)
+    compiled = next((r["wall_s"] for r in rows if r["method"] == "hf_greedy_compiled"), None)
     lookup = next((r["wall_s"] for r in rows if r["method"] == "hf_prompt_lookup"), None)
     for row in rows:
         row["speedup_vs_greedy"] = round(base / row["wall_s"], 3) if base else None
+        row["speedup_vs_greedy_compiled"] = round(compiled / row["wall_s"], 3) if compiled else None
         row["speedup_vs_prompt_lookup"] = round(lookup / row["wall_s"], 3) if lookup else None
         row["warmup_s"] = (warmup_s or {}).get(config_key(row))
     return rows
@@ -150,6 +160,15 @@ def write_outputs(out_dir: Path, rows: list[dict], runs: list[dict], env: dict, 
     (out_dir / "results.md").write_text(markdown(rows, env, settings))
 
 
+def candidates(row: dict) -> str:
+    """The candidates an lp row verifies a step: "lookup 2x10 budget 60" (prompt-lookup candidates x tokens each,
+    tokens fed for candidates), "lookup 0 budget 60" (pool candidates only); "" for rows without the keys."""
+    if row.get("lookup") is None:
+        return ""
+    lookup = f"{row['lookup']}x{row['lookup_len']}" if row["lookup"] else "0"
+    return f" lookup {lookup} budget {row['budget']}"
+
+
 def _label(row: dict) -> str:
     if row["method"] == "hf_greedy":
         return "HF greedy"
@@ -157,13 +176,16 @@ def _label(row: dict) -> str:
         return "HF greedy, static cache + compiled"
     if row["method"] == "hf_prompt_lookup":
         return f"HF prompt lookup (K={row['prompt_lookup']})"
+    wng = f"lookahead ({row['window']},{row['ngram']},{row['guess']}){candidates(row)}"
     if row["method"] == "lookahead_compiled":
-        return f"lookahead ({row['window']},{row['ngram']},{row['guess']}) compiled fast path"
+        return f"{wng} compiled fast path"
+    if row["method"] == "lookahead_fast_eager":
+        return f"{wng} fast path, not compiled"
     where = "1 process" if row["ranks"] == 1 else f"P={row['ranks']} {row['kv_sync']}"
     if row.get("tp", 1) > 1:
         replicas = row["ranks"] // row["tp"]
         where = f"TP={row['tp']} only {row['kv_sync']}" if replicas == 1 else f"P_lp={replicas} x TP={row['tp']} {row['kv_sync']}"
-    return f"lookahead ({row['window']},{row['ngram']},{row['guess']}) {where}"
+    return f"{wng} {where}"
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -182,17 +204,19 @@ def markdown(rows: list[dict], env: dict, settings: dict) -> str:
             f"{settings['max_new_tokens']} new tokens, {settings['repeats']} repeats after {settings['warmup']} "
             f"warm-up; {env['cpu']} ({env['cpus_usable']} usable cores), {env['torch_threads_per_process']} torch "
             f"thread(s) per process, torch {env['torch']}, transformers {env['transformers']}; {env['date_utc']}\n\n")
-    cols = ["configuration", "tok/step", "step ms mean / p50 / p90", "compute / comm ms", "comm ms by rank; min",
-            "comm share", "tok/s",
-            "vs HF greedy", "vs prompt lookup", "fed/step by rank", "= greedy"]
+    cols = ["configuration", "tok/step", "fed/step by rank", "tok per 100 fed", "step ms mean / p50 / p90",
+            "compute / comm ms", "comm ms by rank; min", "comm share", "ms/token", "tok/s", "vs HF greedy",
+            "vs HF compiled", "vs prompt lookup", "= greedy"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         lat = f"{_fmt(r['step_ms_mean'])} / {_fmt(r['step_ms_p50'])} / {_fmt(r['step_ms_p90'])}"
         split = f"{_fmt(r['compute_ms_per_step'])} / {_fmt(r['comm_ms_per_step'])}"
         by_rank = f"{r['comm_ms_by_rank']}; {_fmt(r['comm_ms_min'])}" if r["comm_ms_by_rank"] else "-"
-        cells = [_label(r), _fmt(r["tokens_per_step"]), lat, split, by_rank, f"{100 * r['comm_share']:.1f}%",
-                 _fmt(r["tokens_per_s"], 1), _fmt(r["speedup_vs_greedy"]), _fmt(r["speedup_vs_prompt_lookup"]),
-                 _fmt(r["fed_per_step_by_rank"]), _fmt(r["matched_greedy"])]
+        cells = [_label(r), _fmt(r["tokens_per_step"]), _fmt(r["fed_per_step_by_rank"]),
+                 _fmt(r["accepted_per_100_fed"], 1), lat, split, by_rank, f"{100 * r['comm_share']:.1f}%",
+                 _fmt(r["ms_per_token"]), _fmt(r["tokens_per_s"], 1), _fmt(r["speedup_vs_greedy"]),
+                 _fmt(r["speedup_vs_greedy_compiled"]), _fmt(r["speedup_vs_prompt_lookup"]),
+                 _fmt(r["matched_greedy"])]
         lines.append("| " + " | ".join(cells) + " |")
     compiled = [f"{_label(r)} {r['warmup_s']:.1f} s" for r in rows
                 if r["method"] in COMPILED and r.get("warmup_s") is not None]

@@ -2,6 +2,7 @@
 
 python benchmarks/sweep.py --model stories260k --window 15,7 --ngram 5 --guess 15 --nproc 1,2 \
     --kv-sync recompute,gather --max-new-tokens 256 --repeats 3 --warmup 1 [--compile]
+python benchmarks/sweep.py --configs 15:5:15:0,15:5:15:2:10,1:2:0:1:10:10 --compile   # W:N:G[:LOOKUP[:LEN[:BUDGET]]]
 Writes results.csv, results.json, results.md, runs.json and three PNG plots into --out; see benchmarks/README.md.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -23,13 +25,14 @@ from tqdm import tqdm  # noqa: E402
 
 from benchmarks import loading, plots, report  # noqa: E402
 from benchmarks.timing import time_hf, time_lookahead  # noqa: E402
-from lp.config import LookaheadConfig  # noqa: E402
+from lp.config import ConfigError, LookaheadConfig  # noqa: E402
 from lp.decoding import Decoder  # noqa: E402
 from lp.distributed.bootstrap import free_port  # noqa: E402
 from lp.fast_decoding import FastDecoder, capacity_bucket  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("rank_worker.py")
-HF_KEYS = dict(window=None, ngram=None, guess=None, ranks=1, tp=1, kv_sync=None)
+HF_KEYS = dict(window=None, ngram=None, guess=None, lookup=None, lookup_len=None, budget=None, ranks=1, tp=1,
+               kv_sync=None)
 
 
 def int_list(text: str) -> list[int]:
@@ -45,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int_list, default=[15])
     p.add_argument("--ngram", type=int_list, default=[5])
     p.add_argument("--guess", type=int_list, default=[15])
-    p.add_argument("--configs", help="explicit W:N:G list instead of the grid, e.g. 15:5:15,7:5:7")
+    p.add_argument("--configs", type=config_list, help="explicit W:N:G[:LOOKUP[:LOOKUP_LEN[:BUDGET]]] list instead "
+                   "of the grid, e.g. 15:5:15:0,15:5:15:2:10,1:2:0:1:10:10 (LOOKUP: prompt-lookup candidates a step, "
+                   "0 = pool only, the eager engine's policy; LOOKUP_LEN: tokens each; BUDGET: tokens fed for "
+                   "candidates; a LOOKUP > 0 or a BUDGET runs on lp's fast path only: --compile or --fast-eager)")
     p.add_argument("--nproc", type=int_list, default=[1], help="ranks; 1 = one process (no process group)")
     p.add_argument("--tp", type=int_list, default=[1], help="tensor-parallel ranks per replica (DeepSpeed AutoTP) "
                    "for P>1 teams: --nproc 2 --tp 2 is TP only, --nproc 4 --tp 2 is 2 replicas x TP 2")
@@ -55,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="also time, in this process, hf_greedy_compiled (generate "
                    "with a static cache and torch.compile) and lookahead_compiled (lp's FastDecoder) per W:N:G; their "
                    "compiling happens in untimed warm-up runs, reported apart (warmup_s)")
+    p.add_argument("--fast-eager", action="store_true", help="also time lookahead_fast_eager: lp's fast path "
+                   "(FastDecoder) not compiled, per config; its tokens per step without compiling anything")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each configuration on the first prompt")
@@ -66,10 +74,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+CONFIG_FIELDS = ("window", "ngram", "guess", "lookup", "lookup_len", "budget")
+
+
+def config_list(text: str) -> list[LookaheadConfig]:
+    """W:N:G[:LOOKUP[:LOOKUP_LEN[:BUDGET]]],... as lookahead configs (argparse type: a bad entry is a usage error)."""
+    configs = []
+    for entry in filter(None, (c.strip() for c in text.split(","))):
+        parts = entry.split(":")
+        if not 3 <= len(parts) <= len(CONFIG_FIELDS):
+            raise argparse.ArgumentTypeError(f"{entry!r}: expected W:N:G[:LOOKUP[:LOOKUP_LEN[:BUDGET]]]")
+        try:
+            configs.append(LookaheadConfig(**dict(zip(CONFIG_FIELDS, map(int, parts)))))
+        except (ValueError, ConfigError) as error:
+            raise argparse.ArgumentTypeError(f"{entry!r}: {error}") from None
+    return configs
+
+
 def lookahead_configs(args) -> list[LookaheadConfig]:
     if args.configs:
-        return [LookaheadConfig(*map(int, c.split(":"))) for c in args.configs.split(",")]
+        return args.configs
     return [LookaheadConfig(w, n, g) for w, n, g in itertools.product(args.window, args.ngram, args.guess)]
+
+
+def runs_eagerly(cfg: LookaheadConfig) -> bool:
+    """Whether lp's eager reference engine (Decoder, compile off) takes this config: it verifies pool candidates
+    only, so it refuses a lookup > 0 or a budget; a lookup left None means 0 there."""
+    return not cfg.lookup and cfg.budget is None
+
+
+def eager_keys(cfg: LookaheadConfig, ranks: int = 1, tp: int = 1, kv_sync: str = "none") -> dict:
+    """A row's config keys for the eager engine: pool candidates only, up to G of N-1 tokens each."""
+    return dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, lookup=0, lookup_len=0,
+                budget=cfg.guess * (cfg.ngram - 1), ranks=ranks, tp=tp, kv_sync=kv_sync, prompt_lookup=0)
+
+
+def fast_keys(cfg: LookaheadConfig) -> dict:
+    """A row's config keys for lp's fast path (one process): the lookup and budget it resolves the config to."""
+    return dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, lookup=cfg.lookup_count,
+                lookup_len=cfg.lookup_len if cfg.lookup_count else 0, budget=cfg.tree_budget, ranks=1, tp=1,
+                kv_sync="none", prompt_lookup=0)
+
+
+def distinct(configs: list[LookaheadConfig], keys) -> list[tuple[dict, LookaheadConfig]]:
+    """(keys, config) for the configs that give distinct rows under `keys` (15:5:15 and 15:5:15:0 are one eager
+    row), first one kept."""
+    seen = {}
+    for cfg in configs:
+        seen.setdefault(tuple(keys(cfg).items()), cfg)
+    return [(dict(k), cfg) for k, cfg in seen.items()]
 
 
 def shown(path: Path) -> str:
@@ -88,11 +141,12 @@ def in_process_methods(args, model, configs) -> list[tuple]:
         methods.append(("hf_prompt_lookup", dict(HF_KEYS, prompt_lookup=k),
                         lambda ids, k=k: time_hf(model, ids, args.max_new_tokens, k)))
     if 1 in args.nproc:
-        for cfg in configs:
-            decoder = Decoder(model, cfg)
-            keys = dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, ranks=1, tp=1, kv_sync="none",
-                        prompt_lookup=0)
+        for keys, cfg in distinct([c for c in configs if runs_eagerly(c)], eager_keys):
+            decoder = Decoder(model, replace(cfg, compile=False))
             methods.append(("lookahead", keys, lambda ids, d=decoder: time_lookahead(d, ids, args.max_new_tokens)))
+    if getattr(args, "fast_eager", False):
+        for keys, cfg in distinct(configs, fast_keys):
+            methods.append(("lookahead_fast_eager", keys, fast_run(FastDecoder(model, cfg, compile=False), args)))
     if args.compile:
         methods += compiled_methods(args, model, configs)
     return methods
@@ -117,24 +171,29 @@ def compiled_methods(args, model, configs) -> list[tuple]:
     methods = [("hf_greedy_compiled", dict(HF_KEYS, prompt_lookup=0),
                 lambda ids: time_hf(model, ids, args.max_new_tokens, cache_implementation="static",
                                     compile_config=compile_config))]
-    for cfg in configs:
-        decoder = FastDecoder(model, cfg, compile=True)
-        keys = dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, ranks=1, tp=1, kv_sync="none",
-                    prompt_lookup=0)
-        run = (lambda ids, d=decoder: time_lookahead(d, ids, args.max_new_tokens))
-        run.decoder = decoder
-        methods.append(("lookahead_compiled", keys, run))
+    for keys, cfg in distinct(configs, fast_keys):
+        methods.append(("lookahead_compiled", keys, fast_run(FastDecoder(model, cfg, compile=True), args)))
     return methods
+
+
+def fast_run(decoder: FastDecoder, args):
+    """run(ids) -> Run through lp's fast path, carrying its decoder (warm-up reads its step size and compile time)."""
+    def run(ids):
+        return time_lookahead(decoder, ids, args.max_new_tokens)
+
+    run.decoder = decoder
+    return run
 
 
 def warmup_prompts(name: str, run, prompts, max_new_tokens: int) -> list:
     """The prompts a method's warm-up runs on: the first one, except for compiled methods, whose warm-up must
     compile every shape the timed runs will meet. transformers sizes a static cache for the longest call so far
     (and reuses that size), so its warm-up takes the longest prompt; lp's fast path compiles once per cache
-    capacity bucket, so its warm-up takes the first prompt of every bucket."""
+    capacity bucket, so its warm-up takes the first prompt of every bucket (and so does its uncompiled twin, which
+    builds a step and a cache per bucket)."""
     if name == "hf_greedy_compiled":
         return [max(prompts, key=lambda p: len(p.ids))]
-    if name == "lookahead_compiled":
+    if name in ("lookahead_compiled", "lookahead_fast_eager"):
         step = run.decoder.step_tokens
         buckets = {}
         for p in prompts:
@@ -212,7 +271,8 @@ def launch(args, ranks: int, spec_file: Path, bar, scratch: Path) -> list[int]:
 def team(args, ranks: int, tp: int, prompts, configs, kv_syncs, repeat: int, bar, scratch: Path) -> list[dict]:
     """Spawn `ranks` gloo workers (1 process per rank, replicas of `tp` ranks) that time one repeat of every
     config x KV strategy."""
-    jobs = [dict(window=c.window, ngram=c.ngram, guess=c.guess, kv_sync=kv) for c in configs for kv in kv_syncs]
+    jobs = [dict(window=c.window, ngram=c.ngram, guess=c.guess, kv_sync=kv) for c in team_configs(configs)
+            for kv in kv_syncs]
     spec = dict(model=args.model, dtype=args.dtype, threads=args.threads, max_new_tokens=args.max_new_tokens,
                 warmup=args.warmup, repeat=repeat, fault_timeout=args.fault_timeout, jobs=jobs, tp=tp,
                 prompts=[dict(id=p.id, ids=p.ids) for p in prompts])
@@ -230,12 +290,25 @@ def team(args, ranks: int, tp: int, prompts, configs, kv_syncs, repeat: int, bar
     for r in range(ranks):
         for rec in json.loads((scratch / f"out{ranks}-{r}.json").read_text()):
             job = jobs[rec.pop("job")]
-            records.append(dict(method="lookahead", **job, ranks=ranks, tp=tp, prompt_lookup=0, **rec))
+            keys = eager_keys(LookaheadConfig(job["window"], job["ngram"], job["guess"]), ranks, tp, job["kv_sync"])
+            records.append(dict(method="lookahead", **keys, **rec))
     return records
 
 
+def team_configs(configs: list[LookaheadConfig]) -> list[LookaheadConfig]:
+    """The configs a team runs: its ranks run the eager engine (pool candidates only), once per distinct W:N:G."""
+    return [cfg for _, cfg in distinct([c for c in configs if runs_eagerly(c)], eager_keys)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    fast_only = [c for c in lookahead_configs(args) if not runs_eagerly(c)]
+    if fast_only and not (args.compile or args.fast_eager):
+        c = fast_only[0]
+        parser.error(f"config {c.window}:{c.ngram}:{c.guess}:{c.lookup}:{c.lookup_len}:{c.budget} sets a lookup or a "
+                     "budget, which only lp's fast path runs (the eager engine refuses them): add --compile or "
+                     "--fast-eager")
     torch.set_num_threads(args.threads)
     try:
         model, tokenizer = loading.load_model(args.model, getattr(torch, args.dtype))
@@ -247,9 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     configs = lookahead_configs(args)
     kv_syncs = [k for k in args.kv_sync.split(",") if k]
     teams = [(p, tp) for p in args.nproc if p > 1 for tp in args.tp if p % tp == 0]
-    in_methods = (not args.no_greedy) + len(list(filter(None, args.prompt_lookup))) + len(configs) * (1 in args.nproc)
-    in_methods += (1 + len(configs)) * args.compile
-    total = args.repeats * len(prompts) * (in_methods + len(teams) * len(configs) * len(kv_syncs))
+    methods = in_process_methods(args, model, configs)
+    total = args.repeats * len(prompts) * (len(methods) + len(teams) * len(team_configs(configs)) * len(kv_syncs))
     name = args.model.split(":")[0].replace("/", "_")
     out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / time.strftime(
         f"{name}-%Y%m%d-%H%M%S")
@@ -261,7 +333,6 @@ def main(argv: list[str] | None = None) -> int:
                                  "(with the prefill) excluded from step latency, included in wall and tokens/s")
     runs = []
     with tqdm(total=total, desc=name, unit="run", file=sys.stderr) as bar:
-        methods = in_process_methods(args, model, configs)
         warm = warm_up(args, methods, prompts)
         graphs_before = graphs_compiled()
         with tempfile.TemporaryDirectory(prefix="lp-sweep-") as scratch:

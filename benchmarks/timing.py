@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -45,17 +46,40 @@ class StepClock:
         pass
 
 
+@contextmanager
+def counting_lookup_candidates(counts: list[int]):
+    """While inside, every PromptLookupCandidateGenerator.get_candidates call appends the number of candidate
+    tokens it proposed to `counts` (transformers' assisted decoding then feeds those + 1 tokens in one forward)."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator as Generator
+
+    original = Generator.get_candidates
+
+    def get_candidates(self, input_ids, *args, **kwargs):
+        out = original(self, input_ids, *args, **kwargs)
+        counts.append(int(out[0].shape[-1] - input_ids.shape[-1]))
+        return out
+
+    Generator.get_candidates = get_candidates
+    try:
+        yield
+    finally:
+        Generator.get_candidates = original
+
+
 def time_hf(model, prompt: list[int], max_new_tokens: int, prompt_lookup: int = 0, **generate_kwargs) -> Run:
     """transformers generate(do_sample=False), plain greedy or with prompt_lookup_num_tokens=prompt_lookup; other
-    keyword arguments go to generate (cache_implementation, compile_config, ...)."""
+    keyword arguments go to generate (cache_implementation, compile_config, ...). Tokens fed per step: 1 for
+    greedy, 1 + the candidates proposed for prompt lookup (counted as its candidate generator returns them)."""
     extra = dict(generate_kwargs, prompt_lookup_num_tokens=prompt_lookup) if prompt_lookup else dict(generate_kwargs)
-    clock = StepClock()
-    start = time.perf_counter()
-    tokens = hf_greedy(model, prompt, max_new_tokens, streamer=clock, **extra)
-    wall = time.perf_counter() - start
+    clock, proposed = StepClock(), []
+    with counting_lookup_candidates(proposed) if prompt_lookup else nullcontext():
+        start = time.perf_counter()
+        tokens = hf_greedy(model, prompt, max_new_tokens, streamer=clock, **extra)
+        wall = time.perf_counter() - start
     stamps = [start] + clock.stamps[1:]
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return Run(tokens, wall, steps, clock.counts[1:], [], [0.0] * len(steps))
+    fed = [1 + c for c in proposed] if prompt_lookup else [1] * len(steps)
+    return Run(tokens, wall, steps, clock.counts[1:], fed, [0.0] * len(steps))
 
 
 def time_lookahead(decoder: Decoder, prompt: list[int], max_new_tokens: int) -> Run:

@@ -72,7 +72,8 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
            "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "HF greedy, static cache + compiled" in done.stdout and "(2,3,2) compiled fast path" in done.stdout
+    assert "HF greedy, static cache + compiled" in done.stdout
+    assert "(2,3,2) lookup 2x10 budget 4 compiled fast path" in done.stdout  # lookup None: 2 on the fast path
 
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
@@ -83,6 +84,8 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
     assert fast["graphs_compiled"] >= 1 and not fast["compile_error"] and fast["compile_s"] > 0
     assert data["settings"]["graphs_compiled_while_timing"] == 0 and data["settings"]["compile_s_while_timing"] == 0
     assert all(r["warmup_s"] > 0 for r in rows[2:]) and rows[3]["fed_per_step_max"] == 9  # 1 + 2*2 + 2*2
+    assert [(r["lookup"], r["budget"]) for r in rows] == [(None, None), (0, 4), (None, None), (2, 4)]
+    assert rows[2]["speedup_vs_greedy_compiled"] == 1.0 and rows[2]["fed_per_step_max"] == 1
 
     # greedy by hand, independent of transformers' generate and of lp: a full forward per token, argmax of the last
     model, _ = loading.load_model(TINY)
@@ -97,6 +100,40 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
         assert run["tokens"] == ids[len(prompt):], run["method"]
     for name in ("speedup_vs_ranks.png", "tokens_per_step.png", "step_latency.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_sweep_candidate_configs_run_on_the_fast_path_only(tmp_path):
+    out = tmp_path / "sweep"
+    sweep = [sys.executable, str(REPO / "benchmarks" / "sweep.py"), "--model", TINY, "--limit", "2"]
+    # a lookup or a budget is the fast path's alone: without --compile or --fast-eager it is a usage error
+    done = subprocess.run(sweep + ["--configs", "2:3:2:1"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 2 and "--fast-eager" in done.stderr and not (tmp_path / "sweep").exists()
+
+    cmd = sweep + ["--configs", "2:3:2,2:3:2:0,3:3:2:1:4:6", "--fast-eager", "--nproc", "1,2", "--kv-sync",
+                   "recompute", "--prompt-lookup", "3", "--max-new-tokens", "10", "--repeats", "1", "--warmup", "0",
+                   "--no-plots", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "lookahead (3,3,2) lookup 1x4 budget 6 fast path, not compiled" in done.stdout
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    got = [(r["method"], r["window"], r["lookup"], r["lookup_len"], r["budget"], r["ranks"]) for r in rows]
+    assert got == [("hf_greedy", None, None, None, None, 1), ("hf_prompt_lookup", None, None, None, None, 1),
+                   ("lookahead", 2, 0, 0, 4, 1),  # 2:3:2 and 2:3:2:0 are one eager row; 3:3:2:1:4:6 has none
+                   ("lookahead_fast_eager", 2, 2, 10, 4, 1), ("lookahead_fast_eager", 2, 0, 0, 4, 1),
+                   ("lookahead_fast_eager", 3, 1, 4, 6, 1), ("lookahead", 2, 0, 0, 4, 2)]
+    assert all(r["matched_greedy"] for r in rows)
+    fast = {(r["window"], r["lookup"]): r["fed_per_step_max"] for r in rows if r["method"] == "lookahead_fast_eager"}
+    assert fast == {(2, 2): 9, (2, 0): 9, (3, 1): 13}  # 1 pending + W x (N-1) window tokens + the budget
+    runs = json.loads((out / "runs.json").read_text())
+    for row in rows:
+        mine = [r for r in runs if r["method"] == row["method"] and r["window"] == row["window"]
+                and r["lookup"] == row["lookup"] and r["ranks"] == row["ranks"]]
+        new, fed = sum(len(r["tokens"]) for r in mine if r["rank"] == 0), sum(sum(r["fed"]) for r in mine)
+        assert row["accepted_per_100_fed"] == pytest.approx(100 * new / fed, rel=0.01), row["method"]
+        assert row["ms_per_token"] == pytest.approx(1e3 * row["wall_s"] / new, rel=0.01)
+    lookup = [f for r in runs if r["method"] == "hf_prompt_lookup" for f in r["fed"]]
+    assert all(1 <= f <= 4 for f in lookup)  # the next token and at most K = 3 candidates
 
 
 @pytest.mark.slow
