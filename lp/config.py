@@ -6,6 +6,9 @@ from dataclasses import dataclass, fields
 import torch
 
 
+DEFAULT_LOOKUP = 2  # prompt-lookup candidates per step on the fast path
+
+
 class ConfigError(ValueError):
     """A user-facing configuration mistake; the message says which field and what is allowed."""
 
@@ -18,6 +21,11 @@ class LookaheadConfig:
     ngram: N, size of the n-grams harvested and verified (>= 2); N-1 Jacobi levels.
     guess: G, at most G candidate (N-1)-grams verified per step and kept per pool key (0 = lookahead only).
     seed_pool_from_prompt / seed_pool_from_output: also fill the pool with n-grams read off the text.
+    lookup, lookup_len: the fast path also verifies the continuations (lookup_len tokens each) of the `lookup`
+        best places where the text's last 1-4 tokens occurred before (prompt lookup), ranked before the pool's.
+        None = 2 on the fast path; the reference engine (compile off) verifies pool candidates only.
+    budget: tokens the fast path's verification tree feeds per step (None = guess * (ngram - 1)); candidates
+        sharing a prefix share tokens, and the best ranked fill the budget.
     seed: seeds the initial guesses of the window so runs are reproducible (and identical on every rank).
     compile: the fast path (static cache, one step shape, device-resident state, torch.compile; CUDA graphs
         on GPUs). None = on for CUDA, off on CPU (compiling takes seconds a shape); False = the eager reference.
@@ -30,6 +38,9 @@ class LookaheadConfig:
     seed_pool_from_output: bool = True
     seed: int = 0
     compile: bool | None = None
+    lookup: int | None = None
+    lookup_len: int = 10
+    budget: int | None = None
 
     def __post_init__(self):
         check_int("window", self.window, 1, 1024)
@@ -38,6 +49,11 @@ class LookaheadConfig:
         check_int("seed", self.seed, 0, 2**63 - 1)
         check_bool("seed_pool_from_prompt", self.seed_pool_from_prompt)
         check_bool("seed_pool_from_output", self.seed_pool_from_output)
+        if self.lookup is not None:
+            check_int("lookup", self.lookup, 0, 64)
+        check_int("lookup_len", self.lookup_len, 1, 64)
+        if self.budget is not None:
+            check_int("budget", self.budget, 0, 4096)
         if self.compile is not None:
             check_bool("compile", self.compile)
 
@@ -45,6 +61,21 @@ class LookaheadConfig:
     def levels(self) -> int:
         """Number of Jacobi levels in the lookahead window (N - 1)."""
         return self.ngram - 1
+
+    @property
+    def lookup_count(self) -> int:
+        """Prompt-lookup candidates per step on the fast path."""
+        return DEFAULT_LOOKUP if self.lookup is None else self.lookup
+
+    @property
+    def tree_budget(self) -> int:
+        """Tokens the verification tree feeds per step."""
+        return self.guess * (self.ngram - 1) if self.budget is None else self.budget
+
+    @property
+    def tree_depth(self) -> int:
+        """The longest candidate: how many tokens past the bonus one a step can accept."""
+        return max(self.ngram - 1, self.lookup_len if self.lookup_count else 0)
 
     def compiles_on(self, device: torch.device | str) -> bool:
         """Whether decoding on `device` takes the compiled fast path."""

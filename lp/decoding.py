@@ -8,7 +8,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .config import LookaheadConfig
+from .config import ConfigError, LookaheadConfig
 from .distributed.partition import rank_shape, split_step
 from .distributed.team import SoloTeam
 from .greedy_rules import GreedyRules, greedy_rules
@@ -134,6 +134,9 @@ class Decoder:
         _refuse_unsupported_model(model)
         self.model = model
         self.config = config or LookaheadConfig()
+        if type(self) is Decoder and (self.config.lookup or self.config.budget is not None):
+            raise ConfigError("lookup and budget shape the fast path's verification tree; the reference engine "
+                              "verifies pool candidates only: turn compile on (--compile) or drop them")
         self.team = team or SoloTeam()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

@@ -51,16 +51,18 @@ class FastDecoder(Decoder):
         self.compile_time_s = 0.0  # spent compiling steps, all buckets together
         cfg, team = self.config, self.team
         kv_sync = "none" if team.size == 1 else team.kv_sync
-        pending = cfg.ngram if kv_sync == "recompute" else 1
-        slices = tuple(split_step(cfg.window, cfg.levels, cfg.guess, cfg.ngram - 1, [pending] * team.size))
-        self.shape = FastShape(cfg.window, cfg.ngram, cfg.guess, pending, slices, team.rank, kv_sync)
+        depth = cfg.tree_depth
+        pending = depth + 1 if kv_sync == "recompute" else 1
+        slices = tuple(split_step(cfg.window, cfg.levels, cfg.tree_budget, 1, [pending] * team.size))
+        self.shape = FastShape(cfg.window, cfg.ngram, cfg.guess, cfg.lookup_count, cfg.lookup_len, depth, pending, slices,
+                               team.rank, kv_sync)
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self._pool = DevicePool(self.vocab, cfg.guess, cfg.ngram - 1, self.device)
         self._rules: DeviceRules | None = None
         self._steps: dict[int, FastStep] = {}
         self._compiled: dict[tuple[int, str], Callable] = {}
-        self._host = torch.zeros(cfg.ngram + 2, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._host = torch.zeros(self.shape.accept + 2, dtype=torch.long, pin_memory=self.device.type == "cuda")
 
     @property
     def step_tokens(self) -> int:
@@ -106,14 +108,14 @@ class FastDecoder(Decoder):
         stats.compiled = self.compile and self.compile_error is None
 
     def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool]:
-        """The step's one device-to-host copy: [count, N accepted, diverged]."""
+        """The step's one device-to-host copy: [count, accepted tokens, diverged]."""
         self.host_reads += 1
         self._host.copy_(out, non_blocking=True)
         if out.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         values = self._host.tolist()
-        n = self.config.ngram
-        return values[0], values[1 : 1 + n], bool(values[1 + n])
+        a = self.shape.accept
+        return values[0], values[1 : 1 + a], bool(values[1 + a])
 
     # -- building and compiling the step --------------------------------------------------------------------
 

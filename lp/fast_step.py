@@ -1,9 +1,9 @@
 """The fast path's step: one fixed shape per (W, N, G, ranks) and every piece of bookkeeping on the device.
 
-A step feeds [pending slots | all N-1 window levels | this rank's candidate slots] as one token tree
-(lp.step_layout) whose shape never changes: the window is filled before the first step, missing
-candidates are fed as dummy rows that can never win, and with `recompute` the pending run is padded to
-N slots at its front with rows no one attends to. It runs in two halves so that a team can exchange
+A step feeds [pending slots | all N-1 window levels | this rank's verification tree] whose shape never
+changes: the window is filled before the first step, the tree (lp.candidate_tree: prompt lookup and pool
+candidates merged into a trie) is padded to its budget with slots that can never win, and with `recompute`
+the pending run is padded to its longest (the longest accepted run) at its front with rows no one attends to. It runs in two halves so that a team can exchange
 between them: `local` (forward, verification, this rank's exchange row) and `commit` (winner, window,
 pool, KV cache compaction). Alone, both halves run as one compiled graph. All state lives in tensors
 updated in place, so a compiled graph (or a CUDA graph) replays it with no host work.
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .candidate_tree import build_tree, prompt_lookup, verify
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .ngram_pool import NGramPool
@@ -29,8 +30,11 @@ class FastShape:
     window: int
     ngram: int
     guess: int
-    pending: int  # pending slots: 1, or N when ranks recompute the winner's tokens
-    slices: tuple[Slice, ...]  # every rank's columns and candidates
+    lookup: int  # prompt-lookup candidates per step
+    lookup_len: int
+    depth: int  # the tree's depth: a step accepts at most depth + 1 tokens
+    pending: int  # pending slots: 1, or depth + 1 when ranks recompute the winner's tokens
+    slices: tuple[Slice, ...]  # every rank's window columns and tree slots [cand_start, cand_end)
     rank: int
     kv_sync: str  # "none" (one rank), "gather" or "recompute"
 
@@ -39,8 +43,19 @@ class FastShape:
         return self.slices[self.rank]
 
     @property
+    def budget(self) -> int:
+        """This rank's tree slots."""
+        return self.mine.cand_end - self.mine.cand_start
+
+    @property
+    def accept(self) -> int:
+        """The most tokens one step commits."""
+        return self.depth + 1
+
+    @property
     def step_shape(self) -> StepShape:
-        return rank_shape(self.mine, self.ngram - 1, self.ngram - 1, self.pending)
+        """What this rank feeds, counted as the partition counts it (the tree as `budget` one-token candidates)."""
+        return rank_shape(self.mine, self.ngram - 1, 1, self.pending)
 
     @property
     def max_columns(self) -> int:
@@ -48,8 +63,8 @@ class FastShape:
 
     @property
     def row_size(self) -> int:
-        """The exchange row: [accepted count, N accepted tokens, window outputs (max columns), fingerprint]."""
-        return 2 + self.ngram + self.max_columns
+        """The exchange row: [accepted count, accepted tokens, window outputs (max columns), fingerprint]."""
+        return 2 + self.accept + self.max_columns
 
 
 class FastStep:
@@ -63,32 +78,35 @@ class FastStep:
         device, self.dtype = param.device, param.dtype
         self.device = device
         self.context = context if context is not None else 1 << 62
-        n, w = shape.ngram, shape.window
-        step = shape.step_shape
-        layout = build_layout(step)
-        self.tokens = layout.size
+        n, w, a = shape.ngram, shape.window, shape.accept
+        mine = shape.mine
+        levels = shape.ngram - 1 if mine.columns else 0
+        fixed = StepShape(shape.pending, levels, mine.col_start if levels else 0, mine.col_end if levels else 0, 0, 0)
+        layout = build_layout(fixed)  # pending and window rows; the tree's rows follow them
+        self.fixed = layout.size
+        self.budget = shape.budget
+        self.tokens = self.fixed + self.budget
         to = dict(device=device, dtype=torch.long)
 
         # -- static layout: where each fed token comes from, its depth, what it may see, which logits to keep
-        sources = list(range(step.pending))  # into cat(pending, window.flatten(), candidates.flatten())
-        base = step.pending
-        if step.levels:
-            sources += [base + c for c in range(step.col_end)]
-            for j in range(1, step.levels):
-                sources += [base + j * w + c for c in range(step.col_start, step.col_end)]
-        base += (n - 1) * w
-        sources += [base + i for i in range(step.candidates * step.candidate_len)]
+        sources = list(range(fixed.pending))  # into cat(pending, window.flatten())
+        if levels:
+            sources += [fixed.pending + c for c in range(fixed.col_end)]
+            for j in range(1, levels):
+                sources += [fixed.pending + j * w + c for c in range(fixed.col_start, fixed.col_end)]
         self.sources = torch.tensor(sources, **to)
-        self.depth = layout.depth.to(device)
-        self.hidden = (~layout.allowed).to(device)
-        top_rows = layout.window_rows[-1].tolist() if step.levels else []
-        keep = [step.pending - 1] + top_rows + layout.candidate_rows.flatten().tolist()
+        self.fixed_depth = layout.depth.to(device)
+        self.fixed_hidden = (~layout.allowed).to(device)
+        top_rows = layout.window_rows[-1].tolist() if levels else []
+        keep = [fixed.pending - 1] + top_rows + list(range(self.fixed, self.tokens))
         self.keep_rows = torch.tensor(keep, **to)
-        self.candidate_rows = layout.candidate_rows.to(device)
+        # the tree's candidate rows: prompt lookup's, then the pool's; this rank takes every size-th one
+        rows = shape.lookup + shape.guess
+        self.tree_rows = torch.arange(shape.rank, rows, len(shape.slices), **to)
         row = shape.row_size  # where every rank's window outputs sit in the flattened exchange table
-        self.top_index = torch.tensor([r * row + 1 + n + c for r, s in enumerate(shape.slices) for c in range(s.columns)],
+        self.top_index = torch.tensor([r * row + 1 + a + c for r, s in enumerate(shape.slices) for c in range(s.columns)],
                                       **to)
-        self.tail_index = (torch.arange(n)[:, None] + torch.arange(n)[None, :]).to(device)  # n-grams of [tail | accepted]
+        self.tail_index = (torch.arange(a)[:, None] + torch.arange(n)[None, :]).to(device)  # n-grams of [tail | accepted]
 
         # -- state, updated in place
         self.cache = SlotCache(layers, capacity, device)
@@ -97,21 +115,23 @@ class FastStep:
         self.pending = torch.zeros(shape.pending, **to)
         self.pending_count = torch.ones((), **to)
         self.tail = torch.full((n - 1,), -1, **to)
+        self.history = torch.full((capacity + a,), -1, **to)  # the committed text, for prompt lookup
+        self.history_len = torch.zeros((), **to)
         self.prompt_len = torch.zeros((), **to)
         self.fingerprint = torch.zeros((), **to)
         self.step_slots = torch.zeros(self.tokens, **to)
-        self.out = torch.zeros(n + 2, **to)  # [count, N accepted tokens, diverged]: what the host reads
+        self.out = torch.zeros(a + 2, **to)  # [count, accepted tokens, diverged]: what the host reads
         self.kv_start = torch.zeros((), **to)
-        self.kv_buffer: torch.Tensor | None = None  # [layers, b, h, N, dk + dv] with kv_sync == "gather"
-        for t in (self.window, self.pending, self.pending_count, self.tail, self.prompt_len, self.fingerprint,
-                  self.step_slots, self.out, self.kv_start):
+        self.kv_buffer: torch.Tensor | None = None  # [layers, b, h, accept, dk + dv] with kv_sync == "gather"
+        for t in (self.window, self.pending, self.pending_count, self.tail, self.history, self.history_len,
+                  self.prompt_len, self.fingerprint, self.step_slots, self.out, self.kv_start):
             torch._dynamo.mark_static_address(t)
 
     # -- per generation (eager) ---------------------------------------------------------------------------
 
     def start(self, prompt: list[int], host_pool: NGramPool, window_rows: list[list[int]]) -> None:
         """Prefill the prompt, load the pool and window, and point the cache at the step's slots."""
-        n = self.shape.ngram
+        n, a = self.shape.ngram, self.shape.accept
         to = dict(device=self.device, dtype=torch.long)
         cache = self.cache
         cache.length.zero_()
@@ -129,7 +149,7 @@ class FastStep:
         cache.slots = self.step_slots
         if self.shape.kv_sync == "gather" and self.kv_buffer is None:
             k0, v0 = cache.layers[0].keys, cache.layers[0].values  # side by side: head sizes may differ
-            self.kv_buffer = torch.zeros(len(cache.layers), k0.shape[0], k0.shape[1], n, k0.shape[-1] + v0.shape[-1],
+            self.kv_buffer = torch.zeros(len(cache.layers), k0.shape[0], k0.shape[1], a, k0.shape[-1] + v0.shape[-1],
                                          dtype=k0.dtype, device=self.device)
             torch._dynamo.mark_static_address(self.kv_buffer)
         if self.kv_buffer is not None:
@@ -141,6 +161,9 @@ class FastStep:
         self.pending_count.fill_(1)
         tail = ([-1] * (n - 1) + list(prompt))[-(n - 1):] if n > 1 else []
         self.tail.copy_(torch.tensor(tail, **to))
+        self.history.fill_(-1)
+        self.history[: len(prompt)] = torch.tensor(prompt, **to)
+        self.history_len.fill_(len(prompt))
         self.prompt_len.fill_(len(prompt))
         self.fingerprint.zero_()
 
@@ -148,7 +171,7 @@ class FastStep:
 
     def local(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and verify this rank's slice: its exchange row and, if it wins, the cache slots to keep."""
-        shape, n = self.shape, self.shape.ngram
+        shape, n, depth = self.shape, self.shape.ngram, self.shape.depth
         cache = self.cache
         if self.kv_buffer is not None:  # entries received from last step's winner
             dk = cache.layers[0].keys.shape[-1]
@@ -157,46 +180,46 @@ class FastStep:
         cached = cache.length
         p = self.pending_count
         shift = shape.pending - p
-        mine = shape.mine
-        count = mine.cand_end - mine.cand_start
-        key = self.pending[-1]
-        candidates, valid = self.pool.lookup(key, mine.cand_start, count)
-        fed = torch.cat([self.pending, self.window.flatten(), candidates.flatten()])[self.sources]
-        positions = (cached + self.depth - shift).clamp(0, self.context - 1)
+        tree = self._tree() if self.budget else None
+        fixed = torch.cat([self.pending, self.window.flatten()])[self.sources]
+        depth_of = self.fixed_depth if tree is None else torch.cat([self.fixed_depth, shape.pending - 1 + tree.depth])
+        fed = fixed if tree is None else torch.cat([fixed, tree.tokens])
+        positions = (cached + depth_of - shift).clamp(0, self.context - 1)
         self.step_slots.copy_(cached + torch.arange(self.tokens, device=self.device))
-        out = self.model(input_ids=fed[None], position_ids=positions[None], attention_mask=self._mask(cached, shift),
-                         use_cache=True, logits_to_keep=self.keep_rows, **{self.cache_arg: cache})
+        out = self.model(input_ids=fed[None], position_ids=positions[None],
+                         attention_mask=self._mask(cached, shift, tree), use_cache=True,
+                         logits_to_keep=self.keep_rows, **{self.cache_arg: cache})
         logits = out.logits[0]
         if self.rules.active:
             logits = self.rules.apply(logits, positions[self.keep_rows] + 1 - self.prompt_len)
         preds = logits.argmax(-1)
-        cols = mine.columns
+        cols = shape.mine.columns
         pred0, top = preds[0], preds[1 : 1 + cols]
-        cand_preds = preds[1 + cols :].view(count, n - 1)
-        expect = torch.cat([pred0.expand(count, 1), cand_preds[:, :-1]], 1)
-        runs = (candidates == expect).long().cumprod(-1).sum(-1) * valid
-        best = runs.argmax() if count else torch.zeros((), dtype=torch.long, device=self.device)
-        run = _pick(runs, best) if count else torch.zeros((), dtype=torch.long, device=self.device)
-        winner_preds = _pick(cand_preds, best) if count else pred0.expand(n - 1)
-        accepted = torch.cat([pred0[None], winner_preds])
+        if tree is None:
+            run = torch.zeros((), dtype=torch.long, device=self.device)
+            path = torch.zeros(depth, dtype=torch.long, device=self.device)
+            accepted = pred0.expand(1 + depth)
+        else:
+            tree_preds = preds[1 + cols :]
+            run, path = verify(tree, pred0, tree_preds, depth)
+            accepted = torch.cat([pred0[None], tree_preds[path]])
         pad = torch.zeros(shape.max_columns - cols, dtype=torch.long, device=self.device)
         row = torch.cat([(1 + run)[None], accepted, top, pad, self.fingerprint[None]])
-        # slots to keep if this rank wins: its real pending rows, then the winning candidate's rows
-        idx = torch.arange(shape.pending + n - 1, device=self.device)
-        cand_rows = _pick(self.candidate_rows, best) if count else torch.zeros(n - 1, dtype=torch.long, device=self.device)
-        rows = torch.where(idx < p, shift + idx, cand_rows[(idx - p).clamp(0, n - 2)])
+        # slots to keep if this rank wins: its real pending rows, then the accepted path's rows
+        idx = torch.arange(shape.pending + depth, device=self.device)
+        rows = torch.where(idx < p, shift + idx, self.fixed + path[(idx - p).clamp(0, depth - 1)])
         return row, cached + rows
 
     def commit(self, table: torch.Tensor, keep_slots: torch.Tensor) -> torch.Tensor:
         """Apply the team's exchange table [ranks, row]: commit the winner's tokens, advance the window and pool,
-        compact the cache. Returns the host-bound [count, N accepted, diverged]."""
-        shape, n = self.shape, self.shape.ngram
+        compact the cache. Returns the host-bound [count, accepted tokens, diverged]."""
+        shape, n, a = self.shape, self.shape.ngram, self.shape.accept
         cache = self.cache
         cached = cache.length.clone()
         counts = table[:, 0]
         winner = counts.argmax()  # the first maximum: ties go to the lowest rank
         count = _pick(counts, winner)
-        accepted = _pick(table, winner)[1 : 1 + n]
+        accepted = _pick(table, winner)[1 : 1 + a]
         diverged = (table[:, -1] != table[0, -1]).any()
         won = winner == shape.rank
         p = self.pending_count.clone()
@@ -207,15 +230,15 @@ class FastStep:
             kept = torch.where(won, p + count - 1, p)
             next_count = torch.where(won, torch.ones_like(count), count)
         else:
-            kept = count  # the single pending token plus the accepted candidate tokens
+            kept = count  # the single pending token plus the accepted tree tokens
             next_count = torch.ones_like(count)
         cache.length.copy_(cached + kept)
         j = torch.arange(shape.pending, device=self.device)
-        self.pending.copy_(accepted[(count - shape.pending + j).clamp(0, n - 1)])
+        self.pending.copy_(accepted[(count - shape.pending + j).clamp(0, a - 1)])
         self.pending_count.copy_(next_count)
-        if self.kv_buffer is not None:  # the winner's entries [cached, cached + N) go to every rank (summed)
+        if self.kv_buffer is not None:  # the winner's entries [cached, cached + accept) go to every rank (summed)
             self.kv_start.copy_(cached)
-            slots = cached + torch.arange(n, device=self.device)
+            slots = cached + torch.arange(a, device=self.device)
             for i, layer in enumerate(cache.layers):
                 entries = torch.cat([layer.keys.index_select(2, slots), layer.values.index_select(2, slots)], -1)
                 self.kv_buffer[i].copy_(torch.where(won, entries, 0))
@@ -223,16 +246,19 @@ class FastStep:
         top = table.flatten()[self.top_index]
         grams = torch.cat([self.window, top[None]]).T  # [W, N]: one n-gram up each column
         self.window.copy_(torch.cat([self.window[1:], top[None]]))
+        steps = torch.arange(a, device=self.device)
         seq = torch.cat([self.tail, accepted])
-        out_grams = seq[self.tail_index]  # [N, N]
-        out_valid = (torch.arange(n, device=self.device) < count) & (out_grams >= 0).all(-1)
+        out_grams = seq[self.tail_index]  # [accept, N]
+        out_valid = (steps < count) & (out_grams >= 0).all(-1)
         if not self.seed_from_output:
             out_valid = torch.zeros_like(out_valid)
         self.tail.copy_(seq[count + torch.arange(n - 1, device=self.device)])
+        self.history.index_copy_(0, self.history_len + steps, accepted)  # entries past `count` are rewritten later
+        self.history_len.copy_(self.history_len + count)
         added = self.pool.insert(torch.cat([grams, out_grams]),
                                  torch.cat([torch.ones(shape.window, dtype=torch.bool, device=self.device), out_valid]))
-        live = torch.where(torch.arange(n, device=self.device) < count, accepted, 0)
-        self.fingerprint.copy_(self.fingerprint * 1000003 + (live * torch.arange(1, n + 1, device=self.device)).sum()
+        live = torch.where(steps < count, accepted, 0)
+        self.fingerprint.copy_(self.fingerprint * 1000003 + (live * (steps + 1)).sum()
                                + (top * torch.arange(7, 7 + shape.window, device=self.device)).sum() + added + count)
         self.out.copy_(torch.cat([count[None], accepted, diverged.long()[None]]))
         return self.out
@@ -244,12 +270,34 @@ class FastStep:
 
     # -- helpers ------------------------------------------------------------------------------------------
 
-    def _mask(self, cached: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    def _tree(self):
+        """This rank's verification tree: its share of the prompt-lookup and pool candidates, merged."""
+        shape, depth = self.shape, self.shape.depth
+        parts, valid = [], []
+        if shape.lookup:
+            tokens, ok = prompt_lookup(self.history, self.history_len, shape.lookup, shape.lookup_len)
+            parts.append(tokens)
+            valid.append(ok)
+        if shape.guess:
+            tokens, ok = self.pool.lookup(self.pending[-1], 0, shape.guess)
+            parts.append(tokens)
+            valid.append(ok[:, None].expand_as(tokens))
+        candidates = torch.cat([torch.nn.functional.pad(t, (0, depth - t.shape[1])) for t in parts])
+        ok = torch.cat([torch.nn.functional.pad(v, (0, depth - v.shape[1])) for v in valid])
+        return build_tree(candidates[self.tree_rows], ok[self.tree_rows], self.budget)
+
+    def _mask(self, cached: torch.Tensor, shift: torch.Tensor, tree) -> torch.Tensor:
         """Additive mask [1, 1, T, capacity]: the committed cache is visible, the step's tree applies within it,
         padded pending slots (the first `shift`) are seen by no other row, and slots past the step are hidden."""
         t = self.tokens
+        hidden = self.fixed_hidden
+        if tree is not None:  # tree rows see what the last pending row sees, and their own ancestors
+            f, b = self.fixed, self.budget
+            last = self.fixed_hidden[self.shape.pending - 1]
+            hidden = torch.cat([torch.cat([hidden, torch.ones(f, b, dtype=torch.bool, device=self.device)], 1),
+                                torch.cat([last.expand(b, f), ~tree.ancestors], 1)])
         rows = torch.arange(t, device=self.device)
-        within = self.hidden | ((rows[None, :] < shift) & (rows[None, :] != rows[:, None]))
+        within = hidden | ((rows[None, :] < shift) & (rows[None, :] != rows[:, None]))
         rel = torch.arange(self.capacity, device=self.device) - cached
         inside = (rel >= 0) & (rel < t)
         hidden = (rel >= t)[None, :] | (inside[None, :] & within[:, rel.clamp(0, t - 1)])

@@ -1,0 +1,104 @@
+"""The verification branch as a token tree of fixed size, built and verified with fixed-shape tensor ops.
+
+Candidates come from two sources, merged in rank order: prompt lookup (continuations of the places where the
+text's last tokens occurred before: longest match first, then a full-length continuation, then the latest) and the n-gram pool. Candidates that share
+a prefix share its nodes (a trie), and the first `budget` distinct nodes in rank order are fed, so the step
+shape never changes. Verification walks the tree: a node is confirmed when its token is the model's greedy
+choice after its parent, and the deepest confirmed node's path is accepted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MAX_MATCH = 4  # longest suffix that prompt lookup matches (a longer match ranks first)
+
+
+@dataclass
+class Tree:
+    """`budget` nodes: token, parent slot (-1: the last committed token), depth (1 = first new token), whether
+    the slot holds a node, and ancestors [budget, budget] (each node is its own ancestor)."""
+
+    tokens: torch.Tensor
+    parent: torch.Tensor
+    depth: torch.Tensor
+    valid: torch.Tensor
+    ancestors: torch.Tensor
+
+
+def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Continuations of `size` tokens after the `count` best earlier matches of the text's suffix.
+
+    history [H] holds the committed text in its first `length` (0-d) entries. A match ends at i < length - 1
+    where history[..i] ends like history[..length-1] for 1..MAX_MATCH tokens; longer matches rank first, then
+    those followed by `size` tokens, then later ones. Returns tokens [count, size] and valid [count, size]
+    (continuations stop at the end of the text)."""
+    h = history.numel()
+    i = torch.arange(h, device=history.device)
+    j = torch.arange(MAX_MATCH, device=history.device)
+    here = i[:, None] - j[None, :]
+    there = length - 1 - j
+    same = (history[here.clamp(min=0)] == history[there.clamp(min=0)][None, :]) & (here >= 0) & (there >= 0)[None, :]
+    run = same.long().cumprod(-1).sum(-1)
+    full = (length - 1 - i >= size).long()  # a match too close to the end has a cut-off continuation
+    score = torch.where((i < length - 1) & (run > 0), (run * 2 + full) * h + i, -1)
+    best, at = score.topk(count)
+    follow = at[:, None] + 1 + torch.arange(size, device=history.device)[None, :]
+    valid = (best >= 0)[:, None] & (follow < length)
+    return history[follow.clamp(max=h - 1)], valid
+
+
+def build_tree(candidates: torch.Tensor, valid: torch.Tensor, budget: int) -> Tree:
+    """Merge candidates [R, L] (rank order; valid [R, L] is a prefix of each row) into a trie of `budget` slots,
+    filled with the first distinct nodes in rank order (row by row), so every node's parent is in the tree."""
+    r, length = candidates.shape
+    device = candidates.device
+    both = valid[:, None, :] & valid[None, :, :]
+    same = ((candidates[:, None, :] == candidates[None, :, :]) & both).long().cumprod(-1).bool()  # [R, R, L]
+    first = same.long().argmax(1)  # [R, L]: the first row sharing this prefix (itself if none earlier)
+    rows = torch.arange(r, device=device)[:, None]
+    distinct = (valid & (first == rows)).flatten()
+    slot = distinct.long().cumsum(0) - 1
+    kept = distinct & (slot < budget)
+    target = torch.where(kept, slot, budget)  # slot `budget` takes the nodes left out
+
+    cols = torch.arange(length, device=device)[None, :].expand(r, length)
+    parent_node = (first[:, :-1] * length + cols[:, :-1])  # node (first row, j - 1) for j >= 1
+    parent_slot = torch.cat([torch.full((r, 1), -1, dtype=torch.long, device=device),
+                             slot[parent_node]], 1).flatten()
+
+    def place(values: torch.Tensor, fill) -> torch.Tensor:
+        out = torch.full((budget + 1,), fill, dtype=values.dtype, device=device)
+        return out.index_put((target,), values)[:budget]
+
+    tokens = place(candidates.flatten(), 0)
+    parent = place(parent_slot, -1)
+    depth = place((cols + 1).flatten(), 1)
+    filled = place(kept, False)
+    eye = torch.eye(budget, dtype=torch.bool, device=device)
+    ancestors = eye
+    has_parent = (parent >= 0)[:, None]
+    for _ in range(length - 1):
+        ancestors = eye | (has_parent & ancestors[parent.clamp(min=0)])
+    return Tree(tokens, parent, depth, filled, ancestors)
+
+
+def verify(tree: Tree, root_pred: torch.Tensor, preds: torch.Tensor, length: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The longest confirmed path: its length (0-d) and its slots [length] by depth (entries past it are junk).
+
+    root_pred is the greedy token after the last committed one, preds [budget] the greedy token after each node."""
+    after_parent = torch.where(tree.parent < 0, root_pred, preds[tree.parent.clamp(min=0)])
+    ok = tree.valid & (tree.tokens == after_parent)
+    confirmed = ok
+    for _ in range(length - 1):
+        confirmed = ok & ((tree.parent < 0) | confirmed[tree.parent.clamp(min=0)])
+    score = torch.where(confirmed, tree.depth, 0)
+    best = score.argmax()  # the first deepest confirmed node: the highest ranked candidate wins ties
+    run = score.index_select(0, best.view(1))[0]
+    on_path = tree.ancestors.index_select(0, best.view(1))[0]  # [budget]
+    levels = torch.arange(1, length + 1, device=preds.device)[:, None]
+    path = (on_path[None, :] & (tree.depth[None, :] == levels)).long().argmax(-1)
+    return run, path

@@ -1,0 +1,103 @@
+"""The fast path's verification tree (prompt lookup + pool, merged into a trie, a fixed budget of fed tokens)
+never changes the output: greedy decoding's tokens on every family, budget, rank count and KV strategy."""
+import pytest
+
+import lp
+from lp.fast_decoding import FastDecoder
+from lp.greedy_rules import hf_greedy
+from models import FAMILIES, tiny_model
+from test_exactness import repetitive_prompt
+
+TREES = [dict(lookup=0), dict(lookup=2, lookup_len=10), dict(lookup=1, lookup_len=3, budget=2),
+         dict(lookup=4, lookup_len=6, budget=9), dict(lookup=3, lookup_len=12, budget=80), dict(budget=0)]
+
+
+def greedy_check(family: str, window: int, ngram: int, guess: int, tree: dict) -> lp.GenerationResult:
+    model = tiny_model(family, seed=4)
+    prompt = repetitive_prompt(window * 7 + ngram, 40)
+    config = lp.LookaheadConfig(window, ngram, guess, **tree)
+    result = FastDecoder(model, config, compile=False).generate(prompt, 48)
+    assert result.token_ids == hf_greedy(model, prompt, 48)
+    assert max(result.accepted_per_step) <= config.tree_depth + 1
+    return result
+
+
+@pytest.mark.parametrize("tree", TREES, ids=lambda t: ",".join(f"{k}={v}" for k, v in t.items()))
+@pytest.mark.parametrize("window,ngram,guess", [(1, 2, 0), (4, 3, 4), (7, 5, 7)])
+def test_every_tree_gives_greedy_tokens(tree, window, ngram, guess):
+    greedy_check("llama", window, ngram, guess, tree)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_every_family_gives_greedy_tokens_with_the_default_tree(family):
+    greedy_check(family, 4, 3, 4, {})
+
+
+def test_a_step_feeds_the_window_and_exactly_the_budget():
+    model = tiny_model("llama", seed=3)
+    config = lp.LookaheadConfig(5, 4, 5, lookup=2, lookup_len=10, budget=17)
+    result = FastDecoder(model, config, compile=False).generate(repetitive_prompt(3, 30), 40)
+    assert set(result.tokens_fed_per_step) == {1 + 5 + 2 * 5 + 17}  # pending + level 0 + 2 levels + the tree
+
+
+def test_prompt_lookup_accepts_whole_continuations_when_the_output_repeats_itself():
+    model = tiny_model("llama", seed=6)
+    prompt = repetitive_prompt(11, 60)
+    greedy = hf_greedy(model, prompt, 96)
+    stretches = [tuple(greedy[i:i + 20]) for i in range(len(greedy) - 20)]
+    assert len(set(stretches)) < len(stretches)  # this tiny model's output repeats 20-token stretches of itself
+    result = FastDecoder(model, lp.LookaheadConfig(1, 2, 0, lookup=1, lookup_len=10, budget=10),
+                         compile=False).generate(prompt, 96)
+    assert result.token_ids == greedy
+    assert max(result.accepted_per_step) == 11  # a whole 10-token continuation and the bonus token in one step
+    assert result.steps <= 40  # the loop is read off the text instead of decoded a token at a time
+
+
+def test_the_reference_engine_refuses_tree_settings_it_does_not_apply():
+    model = tiny_model("llama", seed=1)
+    with pytest.raises(lp.ConfigError, match="turn compile on"):
+        lp.Decoder(model, lp.LookaheadConfig(lookup=2))
+    with pytest.raises(lp.ConfigError, match="turn compile on"):
+        lp.Decoder(model, lp.LookaheadConfig(budget=30))
+    assert type(lp.Decoder(model, lp.LookaheadConfig(lookup=0))) is lp.Decoder  # the pool only: fine
+
+
+@pytest.mark.parametrize("field,value", [("lookup", -1), ("lookup", 65), ("lookup_len", 0), ("budget", -2),
+                                         ("budget", True)])
+def test_tree_settings_are_validated(field, value):
+    with pytest.raises(lp.ConfigError, match=field):
+        lp.LookaheadConfig(**{field: value})
+
+
+def test_tree_defaults_keep_the_old_number_of_fed_tokens():
+    config = lp.LookaheadConfig(15, 5, 15)
+    assert config.tree_budget == 60 and config.lookup_count == 2 and config.tree_depth == 10
+
+
+@pytest.mark.slow
+def test_compiled_trees_give_greedy_tokens():
+    model = tiny_model("llama", seed=7)
+    prompt = repetitive_prompt(21, 50)
+    expected = hf_greedy(model, prompt, 64)
+    for tree in (dict(lookup=2, lookup_len=10), dict(lookup=1, lookup_len=6, budget=7)):
+        result = FastDecoder(model, lp.LookaheadConfig(4, 3, 4, **tree), compile=True).generate(prompt, 64)
+        assert result.token_ids == expected and result.compiled
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_a_team_splits_the_tree_and_matches_greedy_with_both_kv_strategies(ranks, tmp_path):
+    from test_parallel import run_team
+    cases, expected = [], []
+    for i, (family, wng, tree) in enumerate([("llama", (5, 4, 5), dict(lookup=2, lookup_len=10)),
+                                              ("gpt2", (3, 3, 2), dict(lookup=3, lookup_len=5, budget=11))]):
+        prompt = repetitive_prompt(400 + i, 30)
+        reference = hf_greedy(tiny_model(family, seed=i), prompt, 40)
+        for kv_sync in ("recompute", "gather"):
+            cases.append(dict(model=family, seed=i, prompt=prompt, wng=wng, tree=tree, max_new=40, kv_sync=kv_sync,
+                              fast="eager"))
+            expected.append(reference)
+    outs, codes = run_team(ranks, {"cases": cases}, tmp_path)
+    assert codes == [0] * ranks
+    for rank_results in outs:
+        assert [r["tokens"] for r in rank_results] == expected
