@@ -125,6 +125,8 @@ def test_deepspeeds_local_rank_argument_is_accepted(tiny_dir, capsys):
     (["--tp", "1", "--lp", "2"], "lp=2 x tp=1 = 2 ranks, but the world has 1"),
     (["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
     (["--input", "/no/such.jsonl"], "input file '/no/such.jsonl' does not exist"),
+    (["--lookup", "2"], "turn compile on (--compile) or drop them"),
+    (["--budget", "-1"], "budget must be an integer in [0, 4096], got -1"),
 ])
 def test_user_mistakes_get_one_line_and_exit_2(tiny_dir, capsys, argv, message):
     args = base_args(tiny_dir, *argv) if "--model" not in argv else argv
@@ -185,6 +187,37 @@ def test_plain_python_json_stdout_is_only_json(tiny_dir):
     assert out.returncode == 0, out.stderr[-2000:]
     records = json_lines(out.stdout)  # every stdout line parses, and there is one per prompt
     assert [r["id"] for r in records] == [0, 1] and all(r["ranks"] == 1 for r in records)
+
+
+def test_with_json_what_a_library_prints_while_loading_goes_to_stderr(tiny_dir, capsys, monkeypatch):
+    cli = sys.modules["lp.cli.main"]  # the module (lp.cli.main the attribute is the function)
+    real = cli.load_model
+
+    def chatty(*args, **kwargs):
+        print("[WARNING] Setting accelerator to CPU.")  # as DeepSpeed does when accelerate imports it
+        return real(*args, **kwargs)
+    monkeypatch.setattr(cli, "load_model", chatty)
+    assert main(base_args(tiny_dir, "--prompt", "ab", "--json")) == 0
+    captured = capsys.readouterr()
+    assert [r["id"] for r in json_lines(captured.out)] == [0]
+    assert "Setting accelerator to CPU" in captured.err
+
+
+@pytest.mark.slow
+def test_the_tree_flags_reach_the_fast_path_and_keep_greedy_tokens(tiny_dir, capsys):
+    argv = base_args(tiny_dir, "--prompt", "abcabcabc", "--compile", "--lookup", "1", "--lookup-len", "6",
+                     "--budget", "7", "--window", "2", "--ngram", "3", "--guess", "2", "--json", "--compare-greedy")
+    assert main(argv) == 0
+    record = json_lines(capsys.readouterr().out)[0]
+    assert record["greedy_match"] is True and record["compiled"] is True
+
+
+def test_the_tree_flags_set_the_lookahead_settings():
+    from lp.cli.main import build_parser, resolve_config
+    cfg = resolve_config(build_parser().parse_args(["--lookup", "1", "--lookup-len", "6", "--budget", "7"]))
+    assert (cfg.lookahead.lookup, cfg.lookahead.lookup_len, cfg.lookahead.budget) == (1, 6, 7)
+    cfg = resolve_config(build_parser().parse_args(["--set", "lookahead.budget=9"]))
+    assert cfg.lookahead.budget == 9 and cfg.lookahead.lookup is None
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ a batch job (--input) that runs to its end exits 0 and reports failed records in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -79,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, help="W: lookahead window width")
     p.add_argument("--ngram", type=int, help="N: n-gram size")
     p.add_argument("--guess", type=int, help="G: candidate n-grams verified per step")
+    p.add_argument("--lookup", type=int, help="prompt-lookup candidates per step (fast path; default 2)")
+    p.add_argument("--lookup-len", type=int, help="tokens per prompt-lookup candidate (fast path; default 10)")
+    p.add_argument("--budget", type=int, help="tokens the verification tree feeds per step (fast path; default "
+                   "guess x (ngram - 1))")
     p.add_argument("--kv-sync", choices=KV_SYNC, help="how ranks keep their KV caches equal")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="the compiled fast path (static cache, fixed step shape, CUDA graphs on GPUs); default: on "
@@ -106,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "kv_sync", "dtype": "dtype",
              "device": "device", "seed": "seed", "backend": "backend", "fault_timeout": "fault_timeout", "tp": "tp", "lp": "lp",
              "trust_remote_code": "trust_remote_code", "chat": "chat", "window": "lookahead.window",
-             "ngram": "lookahead.ngram", "guess": "lookahead.guess", "compile": "lookahead.compile"}
+             "ngram": "lookahead.ngram", "guess": "lookahead.guess", "compile": "lookahead.compile",
+             "lookup": "lookahead.lookup", "lookup_len": "lookahead.lookup_len", "budget": "lookahead.budget"}
 
 
 def resolve_config(args) -> RunConfig:
@@ -130,8 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = bootstrap.env_rank() == 0
     if argv is None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop (scancel, kill) ends like Ctrl-C
+    args.results = sys.stdout  # with --json, results go here and anything a library prints goes to stderr
     try:
-        code = _run(args, own_process=argv is None)
+        with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+            code = _run(args, own_process=argv is None)
         if argv is None and torch.distributed.is_initialized():
             _leave(code)  # the group was left without tearing it down: skip the interpreter's teardown too
         return code
@@ -255,7 +263,7 @@ def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Deco
             if writer:
                 writer.write(result)
             if args.json:
-                print(json.dumps(result, ensure_ascii=False), flush=True)
+                print(json.dumps(result, ensure_ascii=False), file=args.results, flush=True)
             if "error" in result:
                 if printer:
                     print(flush=True)
@@ -539,6 +547,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    import logging as std_logging
+
+    # DeepSpeed logs to stdout (its accelerator detection warns once transformers imports it through accelerate)
+    std_logging.getLogger("DeepSpeed").setLevel(std_logging.ERROR)
     try:
         from transformers.utils import logging
 
