@@ -1,11 +1,8 @@
 """Named real models that load offline from installed packages: `--model smollm2-135m` (the `[smollm2]` extra)."""
 from __future__ import annotations
 
-from contextlib import nullcontext
-from functools import partial
 from importlib.util import find_spec
 from pathlib import Path
-from unittest.mock import patch
 
 import torch
 
@@ -36,15 +33,10 @@ def load(name: str, dtype: torch.dtype, device: torch.device):
     """(model in eval mode on `device`, tokenizer) of a named model; its GGUF weights are dequantised to `dtype`."""
     folder, gguf_file = locate(name)
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-    from transformers import modeling_gguf_pytorch_utils as gguf_utils
-    from transformers.utils import logging
 
     # dense weights and the usual attention, never packed GGUF blocks with ggml kernels (even with `kernels` installed)
     dense = GgufConfig(dequantize=True)
-    quiet = not logging.is_progress_bar_enabled() and hasattr(gguf_utils, "tqdm")  # its GGUF bar is a plain tqdm
-    with patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True)) if quiet else nullcontext():
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype,
-                                                     quantization_config=dense)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype, quantization_config=dense)
     return model.to(device).eval(), tokenizer
 
