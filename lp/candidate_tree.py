@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import torch
 
 MAX_MATCH = 4  # longest suffix that prompt lookup matches (a longer match ranks first)
+# Estimated chance that a candidate's next token is right, which orders the tree's nodes when the budget binds:
+# prompt lookup's by match length (0..MAX_MATCH), the pool's newest entry and the factor per older one. Rough
+# figures: on stories260k and the default model they beat plain rank order by 0-3% tokens/step.
+LOOKUP_STRENGTH = (0.5, 0.6, 0.75, 0.85, 0.9)
+POOL_STRENGTH, POOL_DECAY = 0.45, 0.97
 
 
 @dataclass
@@ -28,13 +33,13 @@ class Tree:
 
 
 def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Continuations of `size` tokens after the `count` best earlier matches of the text's suffix.
 
     history [H] holds the committed text in its first `length` (0-d) entries. A match ends at i < length - 1
     where history[..i] ends like history[..length-1] for 1..MAX_MATCH tokens; longer matches rank first, then
-    those followed by `size` tokens, then later ones. Returns tokens [count, size] and valid [count, size]
-    (continuations stop at the end of the text)."""
+    those followed by `size` tokens, then later ones. Returns tokens [count, size], valid [count, size]
+    (continuations stop at the end of the text) and each one's match length [count] (0: no match)."""
     h = history.numel()
     i = torch.arange(h, device=history.device)
     j = torch.arange(MAX_MATCH, device=history.device)
@@ -47,24 +52,40 @@ def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size:
     best, at = score.topk(count)
     follow = at[:, None] + 1 + torch.arange(size, device=history.device)[None, :]
     valid = (best >= 0)[:, None] & (follow < length)
-    return history[follow.clamp(max=h - 1)], valid
+    return history[follow.clamp(max=h - 1)], valid, torch.where(best >= 0, run[at], 0)
 
 
-def build_tree(candidates: torch.Tensor, valid: torch.Tensor, budget: int) -> Tree:
-    """Merge candidates [R, L] (rank order; valid [R, L] is a prefix of each row) into a trie of `budget` slots,
-    filled with the first distinct nodes in rank order (row by row), so every node's parent is in the tree."""
+def build_tree(candidates: torch.Tensor, valid: torch.Tensor, budget: int, strength: torch.Tensor | None = None
+               ) -> Tree:
+    """Merge candidates [R, L] (valid [R, L] is a prefix of each row) into a trie of `budget` slots.
+
+    Without `strength` the slots take the first distinct nodes row by row. With it ([R], each row's estimated
+    chance that one more of its tokens is right), they take the nodes most likely to be reached: a node's
+    chance is that of the strongest row through it, to the power of its depth. Either way a node's parent is
+    in the tree whenever the node is."""
     r, length = candidates.shape
     device = candidates.device
+    n = r * length
     both = valid[:, None, :] & valid[None, :, :]
     same = ((candidates[:, None, :] == candidates[None, :, :]) & both).long().cumprod(-1).bool()  # [R, R, L]
     first = same.long().argmax(1)  # [R, L]: the first row sharing this prefix (itself if none earlier)
     rows = torch.arange(r, device=device)[:, None]
     distinct = (valid & (first == rows)).flatten()
-    slot = distinct.long().cumsum(0) - 1
+    cols = torch.arange(length, device=device)[None, :].expand(r, length)
+    if strength is None:
+        slot = distinct.long().cumsum(0) - 1
+    else:
+        odds = strength.double().log()[None, :, None].expand(r, r, length)
+        reach = torch.where(same, odds, -torch.inf).amax(1) * (cols + 1)  # [R, L] log chance of reaching the node
+        order = torch.arange(n, device=device, dtype=torch.float64)
+        key = torch.where(distinct, reach.flatten() - order * 1e-9, -torch.inf)  # ties: a parent precedes its child
+        k = min(budget, n)
+        best = key.topk(k)
+        slot = torch.full((n,), budget, dtype=torch.long, device=device).index_put(
+            (best.indices,), torch.where(best.values > -torch.inf, torch.arange(k, device=device), budget))
     kept = distinct & (slot < budget)
     target = torch.where(kept, slot, budget)  # slot `budget` takes the nodes left out
 
-    cols = torch.arange(length, device=device)[None, :].expand(r, length)
     parent_node = (first[:, :-1] * length + cols[:, :-1])  # node (first row, j - 1) for j >= 1
     parent_slot = torch.cat([torch.full((r, 1), -1, dtype=torch.long, device=device),
                              slot[parent_node]], 1).flatten()

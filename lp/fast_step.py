@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .candidate_tree import build_tree, prompt_lookup, verify
+from .candidate_tree import LOOKUP_STRENGTH, POOL_DECAY, POOL_STRENGTH, build_tree, prompt_lookup, verify
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .ngram_pool import NGramPool
@@ -103,6 +103,8 @@ class FastStep:
         # the tree's candidate rows: prompt lookup's, then the pool's; this rank takes every size-th one
         rows = shape.lookup + shape.guess
         self.tree_rows = torch.arange(shape.rank, rows, len(shape.slices), **to)
+        self.lookup_strength = torch.tensor(LOOKUP_STRENGTH, dtype=torch.float64, device=device)
+        self.pool_strength = POOL_STRENGTH * POOL_DECAY ** torch.arange(shape.guess, dtype=torch.float64, device=device)
         row = shape.row_size  # where every rank's window outputs sit in the flattened exchange table
         self.top_index = torch.tensor([r * row + 1 + a + c for r, s in enumerate(shape.slices) for c in range(s.columns)],
                                       **to)
@@ -273,18 +275,21 @@ class FastStep:
     def _tree(self):
         """This rank's verification tree: its share of the prompt-lookup and pool candidates, merged."""
         shape, depth = self.shape, self.shape.depth
-        parts, valid = [], []
+        parts, valid, strength = [], [], []
         if shape.lookup:
-            tokens, ok = prompt_lookup(self.history, self.history_len, shape.lookup, shape.lookup_len)
+            tokens, ok, match = prompt_lookup(self.history, self.history_len, shape.lookup, shape.lookup_len)
             parts.append(tokens)
             valid.append(ok)
+            strength.append(self.lookup_strength[match])
         if shape.guess:
             tokens, ok = self.pool.lookup(self.pending[-1], 0, shape.guess)
             parts.append(tokens)
             valid.append(ok[:, None].expand_as(tokens))
+            strength.append(self.pool_strength)
         candidates = torch.cat([torch.nn.functional.pad(t, (0, depth - t.shape[1])) for t in parts])
         ok = torch.cat([torch.nn.functional.pad(v, (0, depth - v.shape[1])) for v in valid])
-        return build_tree(candidates[self.tree_rows], ok[self.tree_rows], self.budget)
+        rows = self.tree_rows
+        return build_tree(candidates[rows], ok[rows], self.budget, torch.cat(strength)[rows])
 
     def _mask(self, cached: torch.Tensor, shift: torch.Tensor, tree) -> torch.Tensor:
         """Additive mask [1, 1, T, capacity]: the committed cache is visible, the step's tree applies within it,

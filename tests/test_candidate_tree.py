@@ -16,7 +16,7 @@ def history(tokens, capacity=16):
 def test_prompt_lookup_ranks_longer_matches_first():
     #        0  1  2  3  4  5  6  7  8  9
     text = [5, 1, 2, 8, 9, 3, 2, 6, 1, 2]  # ends with "1 2": matched in full at index 2, "2" alone at index 6
-    tokens, valid = prompt_lookup(*history(text), count=3, size=3)
+    tokens, valid, _ = prompt_lookup(*history(text), count=3, size=3)
     assert tokens[0].tolist() == [8, 9, 3]  # after the two-token match "1 2" (ending at index 2)
     assert tokens[1].tolist() == [6, 1, 2]  # after the one-token match "2" at index 6
     assert valid[:2].all() and not valid[2].any()  # no third match
@@ -24,7 +24,7 @@ def test_prompt_lookup_ranks_longer_matches_first():
 
 def test_prompt_lookup_stops_continuations_at_the_end_of_the_text():
     text = [4, 7, 4, 7, 4]
-    tokens, valid = prompt_lookup(*history(text), count=1, size=4)
+    tokens, valid, _ = prompt_lookup(*history(text), count=1, size=4)
     # "7 4" ... the longest suffix match ending before the last token: "4 7 4" ends at index 2
     assert tokens[0, :2].tolist() == [7, 4] and valid[0].tolist() == [True, True, False, False]
 
@@ -68,6 +68,22 @@ def test_verification_of_a_tree_nobody_confirms_accepts_nothing():
 def test_prompt_lookup_prefers_a_match_followed_by_a_whole_continuation():
     #        0  1  2  3  4  5  6  7
     text = [3, 8, 8, 9, 4, 6, 3, 3]  # "3" matched at 0 (3 tokens follow it) and at 6 (one token, then the end)
-    tokens, valid = prompt_lookup(*history(text), count=2, size=3)
+    tokens, valid, _ = prompt_lookup(*history(text), count=2, size=3)
     assert tokens[0].tolist() == [8, 8, 9] and valid[0].all()
     assert tokens[1, :1].tolist() == [3] and valid[1].tolist() == [True, False, False]
+
+
+def test_with_strengths_the_budget_goes_to_the_nodes_most_likely_to_be_reached():
+    # a strong candidate (0.9 a token) and two weak ones (0.3): the strong one's third token (0.9^3 = 0.73) is
+    # likelier to be reached than a weak one's first (0.3), so the strong one goes deep first
+    cands = t([[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
+    valid = torch.ones(3, 4, dtype=torch.bool)
+    tree = build_tree(cands, valid, budget=5, strength=torch.tensor([0.3, 0.9, 0.3]))
+    assert sorted(tree.tokens.tolist()) == [1, 5, 6, 7, 8]  # 0.9, 0.81, 0.73, 0.66 then 0.3 (first row first)
+    assert all(tree.valid) and all(p < 0 or tree.tokens[p] in (5, 6, 7) for p in tree.parent.tolist())
+
+
+def test_a_prefix_shared_with_a_strong_candidate_is_as_strong_as_it():
+    cands = t([[1, 2, 3], [1, 2, 4]])  # the weak first candidate shares "1 2" with the strong second one
+    tree = build_tree(cands, torch.ones(2, 3, dtype=torch.bool), budget=3, strength=torch.tensor([0.2, 0.9]))
+    assert sorted(tree.tokens.tolist()) == [1, 2, 4]
