@@ -26,6 +26,8 @@ class LookaheadConfig:
         None = 2 on the fast path; the reference engine (compile off) verifies pool candidates only.
     budget: tokens the fast path's verification tree feeds per step (None = guess * (ngram - 1)); candidates
         sharing a prefix share tokens, and the best ranked fill the budget.
+    sample, temperature, top_k, top_p, min_p: sampling (lp.sampling), exact and keyed by `seed`; None = the
+        model's generation_config (do_sample as generate() reads it). sample=False or temperature 0 = greedy.
     seed: seeds the initial guesses of the window so runs are reproducible (and identical on every rank).
     compile: the fast path (static cache, one step shape, device-resident state, torch.compile; CUDA graphs
         on GPUs). None = on for CUDA, off on CPU (compiling takes seconds a shape); False = the eager reference.
@@ -41,6 +43,11 @@ class LookaheadConfig:
     lookup: int | None = None
     lookup_len: int = 10
     budget: int | None = None
+    sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
 
     def __post_init__(self):
         check_int("window", self.window, 1, 1024)
@@ -54,6 +61,13 @@ class LookaheadConfig:
         check_int("lookup_len", self.lookup_len, 1, 64)
         if self.budget is not None:
             check_int("budget", self.budget, 0, 4096)
+        if self.sample is not None:
+            check_bool("sample", self.sample)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, 0)
+        check_number("temperature", self.temperature, 0, float("inf"), high_open=True)
+        check_number("top_p", self.top_p, 0, 1, low_open=True)
+        check_number("min_p", self.min_p, 0, 1, high_open=True)
         if self.compile is not None:
             check_bool("compile", self.compile)
 
@@ -96,6 +110,17 @@ def check_int(name: str, value, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ConfigError(f"{name} must be an integer {allowed}, got {value!r}")
+
+
+def check_number(name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    """Refuse anything but None or a real number in the range (open ends excluded)."""
+    if value is None:
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        allowed = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be a number in {allowed}, got {value!r}")
 
 
 def check_bool(name: str, value) -> None:

@@ -8,12 +8,13 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .config import ConfigError, LookaheadConfig
+from .config import ConfigError, LookaheadConfig, check_int
 from .distributed.partition import rank_shape, split_step
 from .distributed.team import SoloTeam
 from .greedy_rules import GreedyRules, greedy_rules
 from .kv_cache import InPlaceCache
 from .ngram_pool import NGramPool
+from .sampling import Sampling, sample, sampling_settings
 from .step_layout import StepShape, build_layout, step_mask, tokens_fed
 from .window import LookaheadWindow
 
@@ -143,13 +144,20 @@ class Decoder:
         self.context = context_length(model.config)
         self._cache_arg = cache_argument(model)
         self._layouts: dict[StepShape, _DeviceLayout] = {}
+        self._sampling: Sampling | None = None  # this generation's sampling (None: greedy), set by stream
+        self.seed = self.config.seed  # this generation's seed (keys the sampling draws), set by stream
 
-    def stream(self, input_ids, max_new_tokens: int | None = None, result: GenerationResult | None = None
-               ) -> Iterator[list[int]]:
-        """Yield the tokens committed by each step (1..N of them); fills `result` as it goes."""
+    def stream(self, input_ids, max_new_tokens: int | None = None, result: GenerationResult | None = None,
+               seed: int | None = None) -> Iterator[list[int]]:
+        """Yield the tokens committed by each step (1..N of them); fills `result` as it goes. `seed` (default:
+        config.seed) keys this generation's sampling draws and first window guesses."""
         cfg, team = self.config, self.team
+        if seed is not None:
+            check_int("seed", seed, 0, 2**63 - 1)
+        self.seed = cfg.seed if seed is None else seed
         prompt = _prompt_ids(input_ids)
         rules = greedy_rules(self.model.generation_config, len(prompt), max_new_tokens)
+        self._sampling = sampling_settings(self.model.generation_config, cfg)
         if self.context is not None and len(prompt) >= self.context:
             raise PromptError(f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; "
                               f"shorten it to at most {self.context - 1} tokens")
@@ -176,7 +184,8 @@ class Decoder:
         pool = NGramPool(cfg.guess, cfg.ngram - 1)
         if cfg.seed_pool_from_prompt:
             pool.add_sequence(prompt)
-        window = LookaheadWindow(cfg.levels, cfg.window, prompt, cfg.seed)
+        window = LookaheadWindow(cfg.levels, cfg.window, prompt, self.seed)
+        seed = torch.tensor(self.seed, device=self.device)
         widest_step = cfg.ngram + cfg.window * cfg.levels + cfg.guess * (cfg.ngram - 1)  # pending, window, candidates
         cache = InPlaceCache(capacity=_round_up(len(prompt) + limit + widest_step))
         committed = list(prompt)
@@ -197,7 +206,7 @@ class Decoder:
             mine = slices[team.rank]
             my_cands = candidates[mine.cand_start : mine.cand_end]
             shape = rank_shape(mine, levels, cand_len, len(pending))
-            preds = self._forward(shape, pending, window, my_cands, cache, rules)
+            preds = self._forward(shape, pending, window, my_cands, cache, rules, seed)
 
             cols = mine.columns if shape.levels else 0
             pred0, top, cand_preds = preds[0], preds[1 : 1 + cols], preds[1 + cols :]
@@ -238,11 +247,12 @@ class Decoder:
                 break
 
     def generate(self, input_ids, max_new_tokens: int | None = None, tokenizer=None,
-                 on_tokens: Callable[[list[int]], None] | None = None) -> GenerationResult:
-        """Decode to the end; `on_tokens` receives each step's committed tokens as the step ends."""
+                 on_tokens: Callable[[list[int]], None] | None = None, seed: int | None = None) -> GenerationResult:
+        """Decode to the end; `on_tokens` receives each step's committed tokens as the step ends; `seed` overrides
+        config.seed for this generation."""
         result = GenerationResult([], 0, [], 0.0, 0, "max_new_tokens")
         with torch.inference_mode():
-            for tokens in self.stream(input_ids, max_new_tokens, result):
+            for tokens in self.stream(input_ids, max_new_tokens, result, seed):
                 if on_tokens is not None:
                     on_tokens(tokens)
         if tokenizer is not None:
@@ -275,7 +285,8 @@ class Decoder:
         return found
 
     def _forward(self, shape: StepShape, pending: list[int], window: LookaheadWindow,
-                 candidates: Sequence[tuple[int, ...]], cache: InPlaceCache, rules: GreedyRules) -> list[int]:
+                 candidates: Sequence[tuple[int, ...]], cache: InPlaceCache, rules: GreedyRules,
+                 seed: torch.Tensor) -> list[int]:
         """One forward of the step; returns argmax at [last pending, top window row, candidate rows]."""
         plan = self._device_layout(shape)
         tokens = list(pending)
@@ -297,6 +308,8 @@ class Decoder:
                                f"{ids.shape[1]} tokens fed: it does not honour logits_to_keep or the given cache")
         if rules.active:
             logits = rules.apply(logits, plan.keep_depth + (cached + 1 - rules.prompt_len))
+        if self._sampling is not None:  # the draw for the position each row predicts
+            return sample(logits, plan.keep_depth + cached + 1, seed, self._sampling).tolist()
         return logits.argmax(-1).tolist()
 
 
@@ -357,9 +370,11 @@ def _round_up(n: int) -> int:
 
 
 def generate(model, input_ids, config: LookaheadConfig | None = None, max_new_tokens: int | None = None,
-             tokenizer=None, on_tokens: Callable[[list[int]], None] | None = None, team=None) -> GenerationResult:
-    """Greedy-exact lookahead decoding of one sequence: `lp.generate(model, ids, LookaheadConfig(), 256)`."""
-    return Decoder(model, config, team).generate(input_ids, max_new_tokens, tokenizer, on_tokens)
+             tokenizer=None, on_tokens: Callable[[list[int]], None] | None = None, team=None,
+             seed: int | None = None) -> GenerationResult:
+    """Exact lookahead decoding of one sequence (greedy, or sampling keyed by the seed):
+    `lp.generate(model, ids, LookaheadConfig(), 256)`."""
+    return Decoder(model, config, team).generate(input_ids, max_new_tokens, tokenizer, on_tokens, seed)
 
 
 def stream(model, input_ids, config: LookaheadConfig | None = None, max_new_tokens: int | None = None,

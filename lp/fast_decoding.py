@@ -61,6 +61,7 @@ class FastDecoder(Decoder):
         self._pool = DevicePool(self.vocab, cfg.guess, cfg.ngram - 1, self.device)
         self._rules: DeviceRules | None = None
         self._steps: dict[int, FastStep] = {}
+        self._steps_sampling = None
         self._compiled: dict[tuple[int, str], Callable] = {}
         self._host = torch.zeros(self.shape.accept + 2, dtype=torch.long, pin_memory=self.device.type == "cuda")
 
@@ -82,11 +83,11 @@ class FastDecoder(Decoder):
         host_pool = NGramPool(cfg.guess, cfg.ngram - 1)
         if cfg.seed_pool_from_prompt:
             host_pool.add_sequence(prompt)
-        rng = random.Random(cfg.seed)
+        rng = random.Random(self.seed)
         window = [[prompt[rng.randrange(len(prompt))] for _ in range(cfg.window)] for _ in range(cfg.levels)]
         with torch.inference_mode():  # entered per step, never across a yield: the caller's code runs as usual
             step = self._step(len(prompt) + limit, rules)
-            step.start(prompt, host_pool, window)
+            step.start(prompt, host_pool, window, self.seed)
         run = self._runner(step)
         compiled_before = self.compile_time_s
 
@@ -120,8 +121,9 @@ class FastDecoder(Decoder):
     # -- building and compiling the step --------------------------------------------------------------------
 
     def _step(self, tokens: int, rules) -> FastStep:
-        if self._rules is None or not self._rules.matches(rules):
+        if self._rules is None or not self._rules.matches(rules) or self._sampling != self._steps_sampling:
             self._rules = DeviceRules(rules, self.vocab, self.dtype, self.device)
+            self._steps_sampling = self._sampling  # the steps are built (and compiled) for one sampling setting
             self._steps.clear()
             self._compiled.clear()
         self._rules.load(rules)
@@ -130,7 +132,7 @@ class FastDecoder(Decoder):
         if found is None:
             found = self._steps[capacity] = FastStep(
                 self.model, self.shape, capacity, self._rules, self._pool, self.context, self._cache_arg,
-                self.layers, self.config.seed_pool_from_output)
+                self.layers, self.config.seed_pool_from_output, self._sampling)
         return found
 
     def _runner(self, step: FastStep) -> Callable[[], torch.Tensor]:

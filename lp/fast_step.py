@@ -19,6 +19,7 @@ from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .ngram_pool import NGramPool
 from .distributed.partition import Slice, rank_shape
+from .sampling import Sampling, sample
 from .slot_cache import SlotCache
 from .step_layout import StepShape, build_layout
 
@@ -71,8 +72,10 @@ class FastStep:
     """Device state and the two halves of one rank's fixed-shape step, for one cache capacity."""
 
     def __init__(self, model, shape: FastShape, capacity: int, rules: DeviceRules, pool: DevicePool,
-                 context: int | None, cache_arg: str, layers: int, seed_from_output: bool):
+                 context: int | None, cache_arg: str, layers: int, seed_from_output: bool,
+                 sampling: Sampling | None = None):
         self.model, self.shape, self.capacity, self.rules = model, shape, capacity, rules
+        self.sampling = sampling  # None: greedy
         self.cache_arg, self.seed_from_output = cache_arg, seed_from_output
         param = next(model.parameters())
         device, self.dtype = param.device, param.dtype
@@ -120,18 +123,19 @@ class FastStep:
         self.history = torch.full((capacity + a,), -1, **to)  # the committed text, for prompt lookup
         self.history_len = torch.zeros((), **to)
         self.prompt_len = torch.zeros((), **to)
+        self.seed = torch.zeros((), **to)  # keys the sampling draws
         self.fingerprint = torch.zeros((), **to)
         self.step_slots = torch.zeros(self.tokens, **to)
         self.out = torch.zeros(a + 2, **to)  # [count, accepted tokens, diverged]: what the host reads
         self.kv_start = torch.zeros((), **to)
         self.kv_buffer: torch.Tensor | None = None  # [layers, b, h, accept, dk + dv] with kv_sync == "gather"
         for t in (self.window, self.pending, self.pending_count, self.tail, self.history, self.history_len,
-                  self.prompt_len, self.fingerprint, self.step_slots, self.out, self.kv_start):
+                  self.prompt_len, self.seed, self.fingerprint, self.step_slots, self.out, self.kv_start):
             torch._dynamo.mark_static_address(t)
 
     # -- per generation (eager) ---------------------------------------------------------------------------
 
-    def start(self, prompt: list[int], host_pool: NGramPool, window_rows: list[list[int]]) -> None:
+    def start(self, prompt: list[int], host_pool: NGramPool, window_rows: list[list[int]], seed: int = 0) -> None:
         """Prefill the prompt, load the pool and window, and point the cache at the step's slots."""
         n, a = self.shape.ngram, self.shape.accept
         to = dict(device=self.device, dtype=torch.long)
@@ -167,6 +171,7 @@ class FastStep:
         self.history[: len(prompt)] = torch.tensor(prompt, **to)
         self.history_len.fill_(len(prompt))
         self.prompt_len.fill_(len(prompt))
+        self.seed.fill_(seed)
         self.fingerprint.zero_()
 
     # -- the step -----------------------------------------------------------------------------------------
@@ -194,7 +199,10 @@ class FastStep:
         logits = out.logits[0]
         if self.rules.active:
             logits = self.rules.apply(logits, positions[self.keep_rows] + 1 - self.prompt_len)
-        preds = logits.argmax(-1)
+        if self.sampling is None:
+            preds = logits.argmax(-1)
+        else:  # the draw for the position each row predicts
+            preds = sample(logits, positions[self.keep_rows] + 1, self.seed, self.sampling)
         cols = shape.mine.columns
         pred0, top = preds[0], preds[1 : 1 + cols]
         if tree is None:

@@ -48,7 +48,7 @@ def main(spec_path: str, out_path: str) -> None:
         else:
             team = ProcessGroupTeam(case["kv_sync"], fault_timeout_s=spec.get("fault_timeout", 60), mpi_comm=mpi_comm)
         seed = case.get("window_seed_per_rank", [0] * (rank + 1))[rank]
-        config = lp.LookaheadConfig(*case["wng"], seed=seed, **case.get("tree", {}))  # tree: lookup, budget
+        config = lp.LookaheadConfig(*case["wng"], **{"seed": seed, **case.get("tree", {})})  # tree: lookup, budget, sampling
         steps = []
 
         def maybe_die(tokens):
