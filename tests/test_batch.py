@@ -40,7 +40,7 @@ def test_bad_lines_become_error_records_naming_the_line(tmp_path):
         'id:"c"': "give exactly one of prompt or messages",
         'id:"d"': 'messages must be a non-empty list of {"role": str, "content": str}',
         'id:"e"': "max_new_tokens must be a positive integer, got -3",
-        'id:"f"': "unknown field 'temperature'; records have id, prompt or messages, max_new_tokens",
+        'id:"f"': "unknown field 'temperature'; records have id, prompt or messages, max_new_tokens, seed",
         "id:7": None,
     }
     assert records[-1].max_new_tokens == 5 and records[-1].line == 10

@@ -212,6 +212,26 @@ def test_the_tree_flags_reach_the_fast_path_and_keep_greedy_tokens(tiny_dir, cap
     assert record["greedy_match"] is True and record["compiled"] is True
 
 
+@pytest.mark.slow
+def test_a_temperature_samples_and_compare_greedy_checks_against_the_plain_sampler(tiny_dir, tmp_path, capsys):
+    records = tmp_path / "in.jsonl"
+    records.write_text('{"id": "a", "prompt": "abcabc", "seed": 1}\n{"id": "b", "prompt": "abcabc", "seed": 2}\n'
+                       '{"id": "c", "prompt": "abcabc"}\n')
+    argv = base_args(tiny_dir, "--input", str(records), "--temperature", "1.5", "--top-k", "40", "--json",
+                     "--compare-greedy", "--max-new-tokens", "24")
+    assert main(argv) == 0
+    out = {r["id"]: r for r in json_lines(capsys.readouterr().out)}
+    assert all(r["greedy_match"] is True for r in out.values())  # each equals the one-token sampler, same seed
+    assert out["a"]["token_ids"] != out["b"]["token_ids"]  # the record's seed keys its draws
+    assert main(base_args(tiny_dir, "--prompt", "abcabc", "--temperature", "1.5", "--top-k", "40", "--json",
+                          "--max-new-tokens", "24", "--seed", "1")) == 0
+    assert json_lines(capsys.readouterr().out)[0]["token_ids"] == out["a"]["token_ids"]  # --seed 1 = seed 1
+    assert main(base_args(tiny_dir, "--prompt", "abcabc", "--temperature", "1.5", "--greedy", "--json",
+                          "--compare-greedy", "--max-new-tokens", "24")) == 0
+    greedy = json_lines(capsys.readouterr().out)[0]
+    assert greedy["greedy_match"] is True and greedy["token_ids"] not in [r["token_ids"] for r in out.values()]
+
+
 def test_the_tree_flags_set_the_lookahead_settings():
     from lp.cli.main import build_parser, resolve_config
     cfg = resolve_config(build_parser().parse_args(["--lookup", "1", "--lookup-len", "6", "--budget", "7"]))

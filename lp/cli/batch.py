@@ -23,6 +23,7 @@ class Record:
     prompt: str | None = None
     messages: list | None = None
     max_new_tokens: int | None = None
+    seed: int | None = None
     error: str | None = None
 
     def error_result(self, message: str) -> dict:
@@ -89,9 +90,10 @@ def _record(value: dict, number: int) -> Record:
         return Record(f"line:{number}", line=number, error=f"line {number}: {why}")
     record = Record(id_key(record_id), record_id, number)
     prompt, messages, budget = value.get("prompt"), value.get("messages"), value.get("max_new_tokens")
-    unknown = sorted(set(value) - {"id", "prompt", "messages", "max_new_tokens"})
+    seed = value.get("seed")
+    unknown = sorted(set(value) - {"id", "prompt", "messages", "max_new_tokens", "seed"})
     if unknown:
-        record.error = f"unknown field {unknown[0]!r}; records have id, prompt or messages, max_new_tokens"
+        record.error = f"unknown field {unknown[0]!r}; records have id, prompt or messages, max_new_tokens, seed"
     elif (prompt is None) == (messages is None):
         record.error = "give exactly one of prompt or messages"
     elif prompt is not None and (not isinstance(prompt, str) or not prompt):
@@ -100,7 +102,9 @@ def _record(value: dict, number: int) -> Record:
         record.error = 'messages must be a non-empty list of {"role": str, "content": str}'
     elif budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         record.error = f"max_new_tokens must be a positive integer, got {budget!r}"
-    record.prompt, record.messages, record.max_new_tokens = prompt, messages, budget
+    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        record.error = f"seed must be an integer in [0, 2**63), got {seed!r}"
+    record.prompt, record.messages, record.max_new_tokens, record.seed = prompt, messages, budget, seed
     return record
 
 

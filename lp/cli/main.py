@@ -28,6 +28,7 @@ from ..distributed.tensor_parallel import (TensorParallelError, empty_model, mak
                                           split_world)
 from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules, hf_greedy
 from .. import named_models
+from ..sampling import reference_sample, sampling_settings
 from . import batch, run_config
 from .batch import InputError, Record
 from .run_config import RunConfig
@@ -84,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lookup-len", type=int, help="tokens per prompt-lookup candidate (fast path; default 10)")
     p.add_argument("--budget", type=int, help="tokens the verification tree feeds per step (fast path; default "
                    "guess x (ngram - 1))")
+    p.add_argument("--temperature", type=float, help="sample at this temperature (> 0 turns sampling on; exact: "
+                   "equal to a one-token-at-a-time sampler with the same --seed)")
+    p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0 = off)")
+    p.add_argument("--top-p", type=float, help="sample within this probability mass (1 = off)")
+    p.add_argument("--min-p", type=float, help="drop tokens below min-p x the likeliest one's probability (0 = off)")
+    p.add_argument("--greedy", action="store_true", default=None, help="decode greedily even if the model's "
+                   "generation_config samples")
     p.add_argument("--kv-sync", choices=KV_SYNC, help="how ranks keep their KV caches equal")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="the compiled fast path (static cache, fixed step shape, CUDA graphs on GPUs); default: on "
@@ -112,7 +120,9 @@ FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "k
              "device": "device", "seed": "seed", "backend": "backend", "fault_timeout": "fault_timeout", "tp": "tp", "lp": "lp",
              "trust_remote_code": "trust_remote_code", "chat": "chat", "window": "lookahead.window",
              "ngram": "lookahead.ngram", "guess": "lookahead.guess", "compile": "lookahead.compile",
-             "lookup": "lookahead.lookup", "lookup_len": "lookahead.lookup_len", "budget": "lookahead.budget"}
+             "lookup": "lookahead.lookup", "lookup_len": "lookahead.lookup_len", "budget": "lookahead.budget",
+             "temperature": "lookahead.temperature", "top_k": "lookahead.top_k", "top_p": "lookahead.top_p",
+             "min_p": "lookahead.min_p"}
 
 
 def resolve_config(args) -> RunConfig:
@@ -120,6 +130,8 @@ def resolve_config(args) -> RunConfig:
     values = run_config.load_yaml(args.config) if args.config else {}
     values = run_config.merge(values, run_config.parse_overrides(args.set))
     flags = {}
+    if args.greedy or (args.temperature is not None and args.temperature > 0):  # sampling on or off by flag
+        flags["lookahead"] = {"sample": not args.greedy}
     for attr, key in FLAG_KEYS.items():
         value = getattr(args, attr)
         if value is not None:
@@ -253,7 +265,7 @@ def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Deco
             result = _decode(item, decoder, tokenizer, printer, launch.world_size)
             if args.compare_greedy and "error" not in result:
                 if launch.rank < cfg.tp:  # a sharded replica's generate is collective: all of replica 0 runs it
-                    check = _greedy_check(model, item, result)
+                    check = _greedy_check(model, item, result, cfg.lookahead)
                     if rank0:
                         result.update(check)
                 bootstrap.release(launch)
@@ -304,7 +316,8 @@ def _records(args) -> list[Record]:
 def _prepare(record: Record, tokenizer, cfg: RunConfig) -> dict:
     """The JSON work item every rank decodes: prompt token ids and budget, or the record's error."""
     item = {"key": record.key, "id": record.id, "line": record.line, "ids": None,
-            "max_new_tokens": record.max_new_tokens or cfg.max_new_tokens, "error": record.error}
+            "max_new_tokens": record.max_new_tokens or cfg.max_new_tokens, "error": record.error,
+            "seed": cfg.lookahead.seed if record.seed is None else record.seed}
     if record.error is None:
         try:
             item["ids"] = batch.prompt_ids(record, tokenizer, cfg.chat)
@@ -322,7 +335,7 @@ def _decode(item: dict, decoder: Decoder, tokenizer, printer, world_size: int) -
     if item["error"]:
         return record.error_result(item["error"])
     try:
-        res = decoder.generate(item["ids"], item["max_new_tokens"], on_tokens=printer)
+        res = decoder.generate(item["ids"], item["max_new_tokens"], on_tokens=printer, seed=item["seed"])
     except RECORD_ERRORS as exc:
         return record.error_result(_one_line(exc))
     except Exception as exc:
@@ -356,14 +369,20 @@ def completion_text(tokenizer, prompt: list[int], new: list[int]) -> str:
     return after[len(before):] if after.startswith(before) else tokenizer.decode(new, skip_special_tokens=True)
 
 
-def _greedy_check(model, item: dict, result: dict) -> dict:
-    """transformers' generate(do_sample=False) on the same prompt and budget: equal tokens, and how much slower."""
+def _greedy_check(model, item: dict, result: dict, lookahead) -> dict:
+    """transformers' generate(do_sample=False) on the same prompt and budget (when sampling: the plain sampler, one
+    token per forward, same seed): equal tokens, and how much slower."""
     device = next(model.parameters()).device
     budget = item["max_new_tokens"] if result["stop_reason"] == "eos" else result["new_tokens"]
+    sampling = sampling_settings(model.generation_config, lookahead)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    greedy = hf_greedy(model, item["ids"], budget)  # host ids: the device has finished when it returns
+    if sampling is None:
+        greedy = hf_greedy(model, item["ids"], budget)  # host ids: the device has finished when it returns
+    else:
+        rules = greedy_rules(model.generation_config, len(item["ids"]), budget)
+        greedy = reference_sample(model, item["ids"], budget, sampling, item["seed"], rules)
     seconds = time.perf_counter() - start
     return {"greedy_match": greedy == result["token_ids"], "greedy_latency_s": round(seconds, 6),
             "speedup": round(seconds / result["latency_s"], 3) if result["latency_s"] > 0 else 0.0}
