@@ -240,3 +240,15 @@ def test_gpu_script_logic_on_a_tiny_cpu_model(tmp_path):
     fed = {(r["gpus"], r["kv_sync"]): r["tokens_fed_per_rank"] for r in result["projected"]}
     assert fed[(1, "none")] == 9
     assert fed[(2, "gather")] == 5
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_reports_each_decoding_against_transformers_own(tmp_path):
+    from benchmarks import sampling
+    out = tmp_path / "sampling.json"
+    assert sampling.main(["--model", TINY, "--limit", "1", "--max-new-tokens", "6", "--temperatures", "0.8",
+                          "--configs", "2:3:2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["method"]) for r in rows] == [("greedy", "hf generate"), ("greedy", "lp (2, 3, 2)"),
+                                                       ("T=0.8", "hf generate"), ("T=0.8", "lp (2, 3, 2)")]
+    assert all(r["ms_per_token"] > 0 and r["tokens_per_step"] >= 1 for r in rows)
