@@ -124,15 +124,21 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int, **generate_kwargs) 
     return out[0, ids.shape[1]:].tolist()
 
 
-def greedy_rules(generation_config, prompt_len: int, max_new_tokens: int | None) -> GreedyRules:
-    """Read a transformers GenerationConfig the way `generate(do_sample=False)` would, or refuse it."""
-    gc = generation_config
-    for name, neutral in _REFUSED.items():
-        value = getattr(gc, name, None)
+def refuse(generation_config, refused: dict) -> None:
+    """Raise UnsupportedGenerationSetting naming the first setting in `refused` (name -> values meaning "off") that
+    the generation_config turns on."""
+    for name, neutral in refused.items():
+        value = getattr(generation_config, name, None)
         if value not in neutral:
             raise UnsupportedGenerationSetting(
                 f"generation_config.{name}={value!r} cannot be reproduced exactly by lookahead decoding; "
                 f"set it to {neutral[-1]!r} (for example model.generation_config.{name} = {neutral[-1]!r})")
+
+
+def greedy_rules(generation_config, prompt_len: int, max_new_tokens: int | None) -> GreedyRules:
+    """Read a transformers GenerationConfig the way `generate(do_sample=False)` would, or refuse it."""
+    gc = generation_config
+    refuse(gc, _REFUSED)
     if max_new_tokens is None:
         if gc.max_new_tokens is not None:
             max_new_tokens = gc.max_new_tokens

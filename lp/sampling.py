@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from .config import check_int, check_number
+from .greedy_rules import refuse
 
 _MASK64 = (1 << 64) - 1
 
@@ -28,7 +29,8 @@ class Sampling:
     min_p: float = 0.0
 
 
-# generation_config settings a sampler would have to reproduce but this one does not: refused by name
+# generation_config settings a sampler would have to reproduce but this one does not: refused by name, as
+# greedy_rules refuses the ones no lookahead decoding reproduces
 _UNSUPPORTED = {"typical_p": (None, 1.0), "epsilon_cutoff": (None, 0.0), "eta_cutoff": (None, 0.0), "top_h": (None,)}
 
 
@@ -48,26 +50,18 @@ def sampling_settings(generation_config, config) -> Sampling | None:
     temperature = float(pick("temperature", 1.0))
     if temperature == 0:
         return None
-    for name, neutral in _UNSUPPORTED.items():
-        value = getattr(gc, name, None)
-        if value not in neutral:
-            raise ConfigError(f"generation_config.{name}={value!r} is not supported when sampling; set it to "
-                              f"{neutral[-1]!r} or decode greedily")
+    refuse(gc, _UNSUPPORTED)
     settings = Sampling(temperature, int(pick("top_k", 0)), float(pick("top_p", 1.0)), float(pick("min_p", 0.0)))
     check_sampling(settings)
     return settings
 
 
 def check_sampling(s: Sampling) -> None:
-    """Refuse values outside their ranges with a one-line ConfigError naming the setting."""
-    if not (s.temperature > 0 and s.temperature < float("inf")):
-        raise ConfigError(f"temperature must be a number > 0 (0 = greedy), got {s.temperature!r}")
-    if s.top_k < 0:
-        raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {s.top_k!r}")
-    if not 0 < s.top_p <= 1:
-        raise ConfigError(f"top_p must be in (0, 1] (1 = off), got {s.top_p!r}")
-    if not 0 <= s.min_p < 1:
-        raise ConfigError(f"min_p must be in [0, 1) (0 = off), got {s.min_p!r}")
+    """Refuse values outside their ranges (those read from a generation_config too), as LookaheadConfig does."""
+    check_number("temperature", s.temperature, 0, float("inf"), low_open=True, high_open=True)
+    check_int("top_k", s.top_k, 0)
+    check_number("top_p", s.top_p, 0, 1, low_open=True)
+    check_number("min_p", s.min_p, 0, 1, high_open=True)
 
 
 def uniforms(seed: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ def test_bad_lines_become_error_records_naming_the_line(tmp_path):
                        '{"id": "d", "messages": [{"role": "user"}]}',
                        '{"id": "e", "prompt": "x", "max_new_tokens": -3}',
                        '{"id": "f", "prompt": "x", "temperature": 0.7}',
+                       '{"id": "g", "prompt": "x", "seed": -1}',
                        '',
                        '{"id": 7, "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 5}')
     records = read_records(path)
@@ -41,9 +42,10 @@ def test_bad_lines_become_error_records_naming_the_line(tmp_path):
         'id:"d"': 'messages must be a non-empty list of {"role": str, "content": str}',
         'id:"e"': "max_new_tokens must be a positive integer, got -3",
         'id:"f"': "unknown field 'temperature'; records have id, prompt or messages, max_new_tokens, seed",
+        'id:"g"': "seed must be an integer in [0, 9223372036854775807], got -1",
         "id:7": None,
     }
-    assert records[-1].max_new_tokens == 5 and records[-1].line == 10
+    assert records[-1].max_new_tokens == 5 and records[-1].line == 11
 
 
 def test_duplicate_ids_are_refused_up_front(tmp_path):

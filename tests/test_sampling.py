@@ -151,7 +151,7 @@ def _greedy(model, prompt, n):
 def test_sampling_settings_it_cannot_reproduce_are_refused_by_name():
     model = tiny_model("llama", seed=5)
     model.generation_config.do_sample, model.generation_config.typical_p = True, 0.9
-    with pytest.raises(lp.ConfigError, match="typical_p"):
+    with pytest.raises(lp.UnsupportedGenerationSetting, match="typical_p"):
         lp.generate(model, [5, 6, 7], lp.LookaheadConfig(4, 3, 4), 5)
 
 

@@ -8,6 +8,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import ConfigError, check_int
+
 
 class InputError(ValueError):
     """The input or output file as a whole cannot be used (a single bad line becomes an error record instead)."""
@@ -102,10 +104,19 @@ def _record(value: dict, number: int) -> Record:
         record.error = 'messages must be a non-empty list of {"role": str, "content": str}'
     elif budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         record.error = f"max_new_tokens must be a positive integer, got {budget!r}"
-    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
-        record.error = f"seed must be an integer in [0, 2**63), got {seed!r}"
+    elif seed is not None and (seed_error := _seed_error(seed)):
+        record.error = seed_error
     record.prompt, record.messages, record.max_new_tokens, record.seed = prompt, messages, budget, seed
     return record
+
+
+def _seed_error(seed) -> str | None:
+    """LookaheadConfig's check of a seed, as a record's error message (None when valid)."""
+    try:
+        check_int("seed", seed, 0, 2**63 - 1)
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def _valid_messages(messages) -> bool:
