@@ -95,15 +95,17 @@ def build_model(args, device, dtype):
 
 def forward_latencies(model, args, device, dtype) -> dict[int, float]:
     """Median forward seconds for T tokens on top of a --prefix KV cache, T = 1, 2, 4, ..., --max-tokens."""
+    from lp.decoding import cache_argument
     from lp.kv_cache import InPlaceCache
 
+    arg = cache_argument(model)  # `cache` in recent transformers, `past_key_values` in 5.17 (the GPU machines')
     cache = InPlaceCache(capacity=args.prefix + args.max_tokens + 64)
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(3, args.vocab, (1, args.prefix), generator=g).to(device)
     low = torch.finfo(dtype).min
     with torch.inference_mode():
         causal = torch.full((args.prefix, args.prefix), low, dtype=dtype, device=device).triu_(1)
-        model(input_ids=prefix, attention_mask=causal[None, None], cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=prefix, attention_mask=causal[None, None], **{arg: cache}, use_cache=True, logits_to_keep=1)
         out = {}
         t = 1
         while t <= args.max_tokens:
@@ -113,7 +115,7 @@ def forward_latencies(model, args, device, dtype) -> dict[int, float]:
             mask[:, args.prefix:] = torch.full((t, t), low, dtype=dtype, device=device).triu_(1)
 
             def step():
-                model(input_ids=ids, position_ids=pos, attention_mask=mask[None, None], cache=cache, use_cache=True,
+                model(input_ids=ids, position_ids=pos, attention_mask=mask[None, None], **{arg: cache}, use_cache=True,
                       logits_to_keep=t)
                 cache.crop_to(args.prefix)
 

@@ -125,7 +125,7 @@ def test_deepspeeds_local_rank_argument_is_accepted(tiny_dir, capsys):
     (["--tp", "1", "--lp", "2"], "lp=2 x tp=1 = 2 ranks, but the world has 1"),
     (["--config", "/no/such.yaml"], "config file '/no/such.yaml' does not exist"),
     (["--input", "/no/such.jsonl"], "input file '/no/such.jsonl' does not exist"),
-    (["--lookup", "2"], "turn compile on (--compile) or drop them"),
+    (["--no-compile", "--lookup", "2"], "turn compile on (--compile) or drop them"),
     (["--budget", "-1"], "budget must be an integer in [0, 4096], got -1"),
 ])
 def test_user_mistakes_get_one_line_and_exit_2(tiny_dir, capsys, argv, message):
