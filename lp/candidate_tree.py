@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .first_index import first_max, first_true
+
 MAX_MATCH = 4  # longest suffix that prompt lookup matches (a longer match ranks first)
 # Estimated chance that a candidate's next token is right, which orders the tree's nodes when the budget binds:
 # prompt lookup's by match length (0..MAX_MATCH), the pool's newest entry and the factor per older one. Hand-set
@@ -68,7 +70,7 @@ def build_tree(candidates: torch.Tensor, valid: torch.Tensor, budget: int, stren
     n = r * length
     both = valid[:, None, :] & valid[None, :, :]
     same = ((candidates[:, None, :] == candidates[None, :, :]) & both).long().cumprod(-1).bool()  # [R, R, L]
-    first = same.long().argmax(1)  # [R, L]: the first row sharing this prefix (itself if none earlier)
+    first = first_true(same, 1).clamp(max=r - 1)  # [R, L]: the first row sharing this prefix (itself if valid)
     rows = torch.arange(r, device=device)[:, None]
     distinct = (valid & (first == rows)).flatten()
     cols = torch.arange(length, device=device)[None, :].expand(r, length)
@@ -117,9 +119,9 @@ def verify(tree: Tree, root_pred: torch.Tensor, preds: torch.Tensor, length: int
     for _ in range(length - 1):
         confirmed = ok & ((tree.parent < 0) | confirmed[tree.parent.clamp(min=0)])
     score = torch.where(confirmed, tree.depth, 0)
-    best = score.argmax()  # the first deepest confirmed node: the highest ranked candidate wins ties
+    best = first_max(score)  # the first deepest confirmed node: the highest ranked candidate wins ties
     run = score.index_select(0, best.view(1))[0]
     on_path = tree.ancestors.index_select(0, best.view(1))[0]  # [budget]
     levels = torch.arange(1, length + 1, device=preds.device)[:, None]
-    path = (on_path[None, :] & (tree.depth[None, :] == levels)).long().argmax(-1)
+    path = first_true(on_path[None, :] & (tree.depth[None, :] == levels)).clamp(max=tree.depth.numel() - 1)
     return run, path

@@ -19,6 +19,7 @@ from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .ngram_pool import NGramPool
 from .distributed.partition import Slice, rank_shape
+from .first_index import first_max
 from .sampling import Sampling, sample
 from .slot_cache import SlotCache
 from .step_layout import StepShape, build_layout
@@ -200,7 +201,7 @@ class FastStep:
         if self.rules.active:
             logits = self.rules.apply(logits, positions[self.keep_rows] + 1 - self.prompt_len)
         if self.sampling is None:
-            preds = logits.argmax(-1)
+            preds = first_max(logits)  # greedy's token: ties to the lowest id, as eager argmax
         else:  # the draw for the position each row predicts
             preds = sample(logits, positions[self.keep_rows] + 1, self.seed, self.sampling)
         cols = shape.mine.columns
@@ -227,7 +228,7 @@ class FastStep:
         cache = self.cache
         cached = cache.length.clone()
         counts = table[:, 0]
-        winner = counts.argmax()  # the first maximum: ties go to the lowest rank
+        winner = first_max(counts)  # ties go to the lowest rank
         count = _pick(counts, winner)
         accepted = _pick(table, winner)[1 : 1 + a]
         diverged = (table[:, -1] != table[0, -1]).any()

@@ -1,4 +1,4 @@
-"""Specifications of the engine's parts: config, n-gram pool, window, step layout, KV cache, partition."""
+"""Specifications of the engine's parts: config, n-gram pool, window, step layout, KV cache, partition, first index."""
 import pytest
 import torch
 
@@ -247,3 +247,28 @@ def test_a_live_peer_with_a_skewed_clock_is_not_named_and_a_silent_one_is(monkey
         assert "rank 1 stopped responding" in me.diagnose("all-gather", RuntimeError("timed out"))
     finally:
         me.stop()
+
+
+# -- first_index: ties always go to the lowest index ------------------------------------------------------
+
+def test_first_max_breaks_ties_to_the_lowest_index_like_eager_argmax():
+    from lp.first_index import first_max
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0], [0.0, float("nan"), 5.0, float("nan")]])
+    assert first_max(x).tolist() == [1, 0, 1]
+    assert first_max(x, 0).tolist() == [1, 2, 2, 2]  # NaN counts as the maximum, as in argmax
+    assert torch.equal(first_max(x[:2]), x[:2].argmax(-1))
+
+
+def test_first_true_gives_the_lowest_true_index_or_the_size_when_none():
+    from lp.first_index import first_true
+    mask = torch.tensor([[False, True, True], [False, False, False], [True, False, True]])
+    assert first_true(mask).tolist() == [1, 3, 0]
+    assert first_true(mask, 0).tolist() == [2, 0, 0]
+
+
+@pytest.mark.slow
+def test_compiled_first_max_keeps_the_first_of_many_ties():
+    from lp.first_index import first_max
+    x = torch.randint(0, 3, (64, 40)).double()  # every row has tied maxima
+    compiled = torch.compile(first_max, fullgraph=True, dynamic=False)
+    assert torch.equal(compiled(x), x.argmax(-1))

@@ -1,0 +1,52 @@
+"""On a CUDA GPU the compiled fast path (one fixed-shape step, CUDA graphs) gives transformers' own greedy and
+sampled tokens, and reads the device once per step. Skipped, with the reason printed, where no GPU is present."""
+import pytest
+import torch
+
+import lp
+from lp.default_model import DEFAULT_PROMPTS, load_default_model
+from lp.fast_decoding import FastDecoder
+from lp.first_index import first_max
+from lp.greedy_rules import greedy_rules, hf_greedy
+from lp.sampling import reference_sample, sampling_settings
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@pytest.fixture(scope="module")
+def code_model():
+    model, tokenizer = load_default_model(dtype=torch.float64, device="cuda")  # float64: no near-tie flips
+    return model, [tokenizer(p)["input_ids"] for p in DEFAULT_PROMPTS[:3]]
+
+
+@pytest.mark.parametrize("config", [lp.LookaheadConfig(15, 5, 15), lp.LookaheadConfig(7, 5, 7, lookup=4),
+                                    lp.LookaheadConfig(1, 2, 0, lookup=1, budget=10)],
+                         ids=["15-5-15", "7-5-7-lookup4", "1-2-0-lookup1-budget10"])
+def test_compiled_cuda_fast_path_equals_hf_greedy_on_the_default_model(code_model, config):
+    model, prompts = code_model
+    decoder = FastDecoder(model, config, compile=True)
+    for prompt in prompts:
+        reads = decoder.host_reads
+        result = decoder.generate(prompt, 96)
+        assert decoder.compile_error is None
+        assert result.token_ids == hf_greedy(model, prompt, 96)
+        assert decoder.host_reads - reads == result.steps  # one device-to-host copy per step
+    assert max(result.accepted_per_step) > 1  # lookahead did accept several tokens in some step
+
+
+def test_compiled_cuda_fast_path_samples_the_reference_samplers_tokens(code_model):
+    model, prompts = code_model
+    config = lp.LookaheadConfig(7, 5, 7, sample=True, temperature=0.8, top_k=40, top_p=0.95, seed=3)
+    decoder = FastDecoder(model, config, compile=True)
+    settings = sampling_settings(model.generation_config, config)
+    for prompt in prompts[:2]:
+        rules = greedy_rules(model.generation_config, len(prompt), 64)
+        assert decoder.generate(prompt, 64).token_ids == reference_sample(model, prompt, 64, settings, 3, rules)
+
+
+def test_compiled_first_max_keeps_the_first_of_tied_maxima_on_cuda():
+    x = torch.randint(0, 3, (64, 40), device="cuda").double()  # every row has ties
+    for rows in (9, 17, 64):  # the tree's rows: reductions over more than 16 went wrong before
+        torch._dynamo.reset()
+        compiled = torch.compile(first_max, fullgraph=True, dynamic=False)
+        assert torch.equal(compiled(x[:rows], 0), x[:rows].argmax(0))  # eager argmax: the first of tied maxima
