@@ -3,10 +3,12 @@
 A step feeds [pending slots | all N-1 window levels | this rank's verification tree] whose shape never
 changes: the window is filled before the first step, the tree (lp.candidate_tree: prompt lookup and pool
 candidates merged into a trie) is padded to its budget with slots that can never win, and with `recompute`
-the pending run is padded to its longest (the longest accepted run) at its front with rows no one attends to. It runs in two halves so that a team can exchange
-between them: `local` (forward, verification, this rank's exchange row) and `commit` (winner, window,
-pool, KV cache compaction). Alone, both halves run as one compiled graph. All state lives in tensors
-updated in place, so a compiled graph (or a CUDA graph) replays it with no host work.
+the pending run is padded to its longest (the longest accepted run) at its front with rows no one attends to.
+It runs in two halves so that a team can exchange between them: `local` (forward, verification, this rank's
+exchange row) and `commit` (winner, window, pool, KV cache compaction); `local` is `prepare` (what to feed),
+the forward and `finish` (verify), so the lanes of a batch (lp.batched_decoding) can share one forward. Alone,
+both halves run as one compiled graph. All state lives in tensors updated in place, so a compiled graph (or a
+CUDA graph) replays it with no host work.
 """
 from __future__ import annotations
 
@@ -21,8 +23,21 @@ from .ngram_pool import NGramPool
 from .distributed.partition import Slice, rank_shape
 from .first_index import first_max
 from .sampling import Sampling, sample
-from .slot_cache import SlotCache
+from .slot_cache import LaneCache, SlotCache
 from .step_layout import StepShape, build_layout
+
+
+@dataclass
+class Fed:
+    """One step's forward inputs, and what verifying its output needs."""
+
+    tokens: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    mask: torch.Tensor  # [1, 1, T, capacity]
+    tree: object  # the verification tree (lp.candidate_tree.Tree), or None
+    cached: torch.Tensor  # committed cache entries before the step (0-d)
+    shift: torch.Tensor  # padded pending slots at the front (0-d)
+    pending_count: torch.Tensor  # real pending slots (0-d)
 
 
 @dataclass(frozen=True)
@@ -74,8 +89,11 @@ class FastStep:
 
     def __init__(self, model, shape: FastShape, capacity: int, rules: DeviceRules, pool: DevicePool,
                  context: int | None, cache_arg: str, layers: int, seed_from_output: bool,
-                 sampling: Sampling | None = None):
+                 sampling: Sampling | None = None, cache: SlotCache | None = None, lane: int | None = None):
+        """`cache` and `lane`: this step is row `lane` of a batch sharing `cache` (lp.batched_step); by default it
+        owns a cache of one sequence."""
         self.model, self.shape, self.capacity, self.rules = model, shape, capacity, rules
+        self.lane = lane
         self.sampling = sampling  # None: greedy
         self.cache_arg, self.seed_from_output = cache_arg, seed_from_output
         param = next(model.parameters())
@@ -115,7 +133,8 @@ class FastStep:
         self.tail_index = (torch.arange(a)[:, None] + torch.arange(n)[None, :]).to(device)  # n-grams of [tail | accepted]
 
         # -- state, updated in place
-        self.cache = SlotCache(layers, capacity, device)
+        self.cache = cache if cache is not None else SlotCache(layers, capacity, device)
+        self.length = self.cache.length if lane is None else torch.zeros((), **to)  # committed cache entries
         self.pool = pool
         self.window = torch.zeros(n - 1, w, **to)
         self.pending = torch.zeros(shape.pending, **to)
@@ -131,7 +150,7 @@ class FastStep:
         self.kv_start = torch.zeros((), **to)
         self.kv_buffer: torch.Tensor | None = None  # [layers, b, h, accept, dk + dv] with kv_sync == "gather"
         for t in (self.window, self.pending, self.pending_count, self.tail, self.history, self.history_len,
-                  self.prompt_len, self.seed, self.fingerprint, self.step_slots, self.out, self.kv_start):
+                  self.prompt_len, self.seed, self.fingerprint, self.step_slots, self.out, self.kv_start, self.length):
             torch._dynamo.mark_static_address(t)
 
     # -- per generation (eager) ---------------------------------------------------------------------------
@@ -140,8 +159,8 @@ class FastStep:
         """Prefill the prompt, load the pool and window, and point the cache at the step's slots."""
         n, a = self.shape.ngram, self.shape.accept
         to = dict(device=self.device, dtype=torch.long)
-        cache = self.cache
-        cache.length.zero_()
+        cache = self.cache if self.lane is None else LaneCache(self.cache, self.lane)
+        self.length.zero_()
         body = prompt[:-1]
         # a one-token prompt still runs one forward (of that token, rewritten by the first step), so every layer
         # allocates its buffers here and never inside a compiled step, which would then be traced twice
@@ -152,8 +171,9 @@ class FastStep:
         mask[:, :k].triu_(1)
         self.model(input_ids=torch.tensor([prefill], **to), position_ids=cache.slots[None],
                    attention_mask=mask[None, None], use_cache=True, logits_to_keep=1, **{self.cache_arg: cache})
-        cache.length.fill_(len(body))
-        cache.slots = self.step_slots
+        self.length.fill_(len(body))
+        if self.lane is None:
+            cache.slots = self.step_slots
         if self.shape.kv_sync == "gather" and self.kv_buffer is None:
             k0, v0 = cache.layers[0].keys, cache.layers[0].values  # side by side: head sizes may differ
             self.kv_buffer = torch.zeros(len(cache.layers), k0.shape[0], k0.shape[1], a, k0.shape[-1] + v0.shape[-1],
@@ -179,31 +199,38 @@ class FastStep:
 
     def local(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and verify this rank's slice: its exchange row and, if it wins, the cache slots to keep."""
-        shape, n, depth = self.shape, self.shape.ngram, self.shape.depth
-        cache = self.cache
+        fed = self.prepare()
+        out = self.model(input_ids=fed.tokens[None], position_ids=fed.positions[None], attention_mask=fed.mask,
+                         use_cache=True, logits_to_keep=self.keep_rows, **{self.cache_arg: self.cache})
+        return self.finish(out.logits[0], fed)
+
+    def prepare(self) -> "Fed":
+        """What this step feeds (tokens, positions, mask) and writes where (step_slots); the forward comes next."""
+        shape = self.shape
         if self.kv_buffer is not None:  # entries received from last step's winner
-            dk = cache.layers[0].keys.shape[-1]
-            for i, layer in enumerate(cache.layers):
-                layer.write(self.kv_start, self.kv_buffer[i, ..., :dk], self.kv_buffer[i, ..., dk:])
-        cached = cache.length
+            dk = self.cache.layers[0].keys.shape[-1]
+            for i, layer in enumerate(self.cache.layers):
+                layer.write(self.kv_start, self.kv_buffer[i, ..., :dk], self.kv_buffer[i, ..., dk:], self.lane)
+        cached = self.length
         p = self.pending_count
         shift = shape.pending - p
         tree = self._tree() if self.budget else None
         fixed = torch.cat([self.pending, self.window.flatten()])[self.sources]
         depth_of = self.fixed_depth if tree is None else torch.cat([self.fixed_depth, shape.pending - 1 + tree.depth])
-        fed = fixed if tree is None else torch.cat([fixed, tree.tokens])
+        tokens = fixed if tree is None else torch.cat([fixed, tree.tokens])
         positions = (cached + depth_of - shift).clamp(0, self.context - 1)
         self.step_slots.copy_(cached + torch.arange(self.tokens, device=self.device))
-        out = self.model(input_ids=fed[None], position_ids=positions[None],
-                         attention_mask=self._mask(cached, shift, tree), use_cache=True,
-                         logits_to_keep=self.keep_rows, **{self.cache_arg: cache})
-        logits = out.logits[0]
+        return Fed(tokens, positions, self._mask(cached, shift, tree), tree, cached, shift, p)
+
+    def finish(self, logits: torch.Tensor, fed: "Fed") -> tuple[torch.Tensor, torch.Tensor]:
+        """Verify the forward's kept logits [rows, V]: this rank's exchange row and, if it wins, the slots to keep."""
+        shape, depth, tree = self.shape, self.shape.depth, fed.tree
         if self.rules.active:
-            logits = self.rules.apply(logits, positions[self.keep_rows] + 1 - self.prompt_len)
+            logits = self.rules.apply(logits, fed.positions[self.keep_rows] + 1 - self.prompt_len)
         if self.sampling is None:
             preds = first_max(logits)  # greedy's token: ties to the lowest id, as eager argmax
         else:  # the draw for the position each row predicts
-            preds = sample(logits, positions[self.keep_rows] + 1, self.seed, self.sampling)
+            preds = sample(logits, fed.positions[self.keep_rows] + 1, self.seed, self.sampling)
         cols = shape.mine.columns
         pred0, top = preds[0], preds[1 : 1 + cols]
         if tree is None:
@@ -217,16 +244,17 @@ class FastStep:
         pad = torch.zeros(shape.max_columns - cols, dtype=torch.long, device=self.device)
         row = torch.cat([(1 + run)[None], accepted, top, pad, self.fingerprint[None]])
         # slots to keep if this rank wins: its real pending rows, then the accepted path's rows
+        p, shift = fed.pending_count, fed.shift
         idx = torch.arange(shape.pending + depth, device=self.device)
         rows = torch.where(idx < p, shift + idx, self.fixed + path[(idx - p).clamp(0, depth - 1)])
-        return row, cached + rows
+        return row, fed.cached + rows
 
     def commit(self, table: torch.Tensor, keep_slots: torch.Tensor) -> torch.Tensor:
         """Apply the team's exchange table [ranks, row]: commit the winner's tokens, advance the window and pool,
         compact the cache. Returns the host-bound [count, accepted tokens, diverged]."""
         shape, n, a = self.shape, self.shape.ngram, self.shape.accept
         cache = self.cache
-        cached = cache.length.clone()
+        cached = self.length.clone()
         counts = table[:, 0]
         winner = first_max(counts)  # ties go to the lowest rank
         count = _pick(counts, winner)
@@ -236,14 +264,14 @@ class FastStep:
         p = self.pending_count.clone()
 
         for layer in cache.layers:
-            layer.keep(cached, keep_slots)
+            layer.keep(cached, keep_slots, self.lane)
         if shape.kv_sync == "recompute":
             kept = torch.where(won, p + count - 1, p)
             next_count = torch.where(won, torch.ones_like(count), count)
         else:
             kept = count  # the single pending token plus the accepted tree tokens
             next_count = torch.ones_like(count)
-        cache.length.copy_(cached + kept)
+        self.length.copy_(cached + kept)
         j = torch.arange(shape.pending, device=self.device)
         self.pending.copy_(accepted[(count - shape.pending + j).clamp(0, a - 1)])
         self.pending_count.copy_(next_count)
@@ -251,7 +279,8 @@ class FastStep:
             self.kv_start.copy_(cached)
             slots = cached + torch.arange(a, device=self.device)
             for i, layer in enumerate(cache.layers):
-                entries = torch.cat([layer.keys.index_select(2, slots), layer.values.index_select(2, slots)], -1)
+                keys, values = layer.row(self.lane)
+                entries = torch.cat([keys.index_select(2, slots), values.index_select(2, slots)], -1)
                 self.kv_buffer[i].copy_(torch.where(won, entries, 0))
 
         top = table.flatten()[self.top_index]

@@ -41,8 +41,13 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         slots = self.cache.slots
-        self.keys.index_copy_(2, slots, key_states.to(self.keys.dtype))
-        self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
+        if slots.dim() == 2:  # a batch [B, T]: each sequence writes at its own slots
+            batch = torch.arange(slots.shape[0], device=slots.device)[:, None]
+            self.keys[batch, :, slots] = key_states.transpose(1, 2).to(self.keys.dtype)
+            self.values[batch, :, slots] = value_states.transpose(1, 2).to(self.values.dtype)
+        else:
+            self.keys.index_copy_(2, slots, key_states.to(self.keys.dtype))
+            self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -54,17 +59,25 @@ class SlotLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.cache.capacity
 
-    def keep(self, start: torch.Tensor, sources: torch.Tensor) -> None:
-        """Copy the entries at slot indices `sources` [K] to slots start..start+K-1 (a fixed-size move)."""
-        targets = start + torch.arange(sources.numel(), device=sources.device)
-        self.keys.index_copy_(2, targets, self.keys.index_select(2, sources))
-        self.values.index_copy_(2, targets, self.values.index_select(2, sources))
+    def row(self, lane: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of batch row `lane` ([1, h, capacity, d] views), or of the whole batch for None."""
+        if lane is None:
+            return self.keys, self.values
+        return self.keys[lane : lane + 1], self.values[lane : lane + 1]
 
-    def write(self, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def keep(self, start: torch.Tensor, sources: torch.Tensor, lane: int | None = None) -> None:
+        """Copy the entries at slot indices `sources` [K] to slots start..start+K-1 (a fixed-size move), in batch
+        row `lane` (None: every row)."""
+        targets = start + torch.arange(sources.numel(), device=sources.device)
+        for t in self.row(lane):
+            t.index_copy_(2, targets, t.index_select(2, sources))
+
+    def write(self, start: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lane: int | None = None) -> None:
         """Overwrite K entries from slot `start` with entries received from a peer ([b, h, K, d] each)."""
         targets = start + torch.arange(keys.shape[-2], device=keys.device)
-        self.keys.index_copy_(2, targets, keys)
-        self.values.index_copy_(2, targets, values)
+        mine_k, mine_v = self.row(lane)
+        mine_k.index_copy_(2, targets, keys)
+        mine_v.index_copy_(2, targets, values)
 
 
 class SlotCache(Cache):
@@ -93,3 +106,25 @@ class SlotCache(Cache):
     def buffers(self) -> list[torch.Tensor]:
         """Every layer's key and value buffer (for checking that nothing was reallocated)."""
         return [t for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values)]
+
+
+class _LaneLayer(SlotLayer):
+    """Row `lane` of a batch's SlotLayer as a one-sequence layer (eager use only: a prefill writes through it)."""
+
+    def __init__(self, layer: SlotLayer, lane: int, cache: "LaneCache"):
+        super().__init__(cache)
+        self.keys, self.values = layer.row(lane)
+        self.is_initialized = True
+
+
+class LaneCache(SlotCache):
+    """One sequence's view of batch row `lane` of a SlotCache, for prefilling that row alone (a finished
+    sequence's row takes the next prompt while the others keep their entries). Writes at `slots`."""
+
+    def __init__(self, batch: SlotCache, lane: int):
+        if not all(layer.is_initialized for layer in batch.layers):
+            raise RuntimeError("allocate the batch cache (one forward over every row) before prefilling a row")
+        self.capacity = batch.capacity
+        self.length = torch.zeros((), dtype=torch.long, device=batch.length.device)
+        self.slots = torch.zeros(1, dtype=torch.long, device=batch.length.device)
+        Cache.__init__(self, layers=[_LaneLayer(layer, lane, self) for layer in batch.layers])

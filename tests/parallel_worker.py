@@ -18,6 +18,7 @@ sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # the lp of this c
 torch.set_num_threads(1)
 
 import lp  # noqa: E402
+from lp.batched_decoding import BatchedDecoder  # noqa: E402
 from lp.fast_decoding import FastDecoder  # noqa: E402
 from lp.distributed.parallel import DivergenceError, ProcessGroupTeam, RankFailure  # noqa: E402
 from lp.distributed.tensor_parallel import make_team, plan_groups, shard_model  # noqa: E402
@@ -41,7 +42,7 @@ def main(spec_path: str, out_path: str) -> None:
             prompt = tokenizer(case["prompt"]).input_ids
         else:
             model = tiny_model(case["model"], seed=case.get("seed", 0))
-            prompt = case["prompt"]
+            prompt = case.get("prompt")
         if plan:  # replicas of tp ranks sharded with DeepSpeed AutoTP, lookahead between replicas
             model = shard_model(model, plan.tp_group, plan.tp)
             team = make_team(case["kv_sync"], plan)
@@ -58,6 +59,12 @@ def main(spec_path: str, out_path: str) -> None:
             if rank == spec.get("stop_rank") and len(steps) == spec.get("stop_step"):
                 os.kill(os.getpid(), signal.SIGSTOP)  # alive but silent: a hung rank
 
+        if case.get("batch"):  # batched lookahead: several prompts, B lanes, one forward a step
+            decoder = BatchedDecoder(model, config, case["batch"], team, compile=case.get("fast") == "compiled")
+            done = decoder.generate_many(case["prompts"], case["max_new"])
+            results.append({"batch_tokens": [r.token_ids for r in done]})
+            team.close()
+            continue
         try:
             if case.get("fast"):  # the fixed-shape step, compiled or not
                 decoder = FastDecoder(model, config, team, compile=case["fast"] == "compiled")

@@ -1,0 +1,254 @@
+"""Batched lookahead decoding: one forward a step decodes B sequences, and a finished sequence's row takes the
+next prompt (continuous batching).
+
+Every row of the batch is a lane: a FastStep of its own (window, n-gram pool, verification tree, cache length,
+positions, mask rows, accepted count, sampling seed) over row `lane` of one shared SlotCache [B, h, capacity, d].
+A step prepares every lane's fed tokens, runs ONE forward over [B, T] tokens with a [B, 1, T, capacity] mask,
+then verifies and commits each lane: one fixed-shape graph for the whole batch (compiled, CUDA graphs on GPUs),
+one device-to-host read of [B, count + accepted + diverged] per step. Each sequence's tokens equal its own greedy
+(or seeded sampled) output. In a team (lp > 1) every lane splits its window and tree over the ranks as alone.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .config import LookaheadConfig
+from .decoding import GenerationResult, PromptError, cut_at_eos
+from .device_pool import DevicePool
+from .device_rules import DeviceRules
+from .distributed.parallel import DivergenceError
+from .fast_decoding import FastDecoder, capacity_bucket
+from .fast_step import FastStep
+from .greedy_rules import greedy_rules
+from .ngram_pool import NGramPool
+from .slot_cache import SlotCache
+
+
+class BatchedStep:
+    """The lanes' step as one graph: every lane's `prepare`, one batched forward, every lane's `finish`/`commit`."""
+
+    def __init__(self, model, lanes: list[FastStep], cache: SlotCache, cache_arg: str):
+        self.model, self.lanes, self.cache, self.cache_arg = model, lanes, cache, cache_arg
+        self.capacity = cache.capacity
+        self.slots = torch.zeros(len(lanes), lanes[0].tokens, dtype=torch.long, device=lanes[0].device)
+        torch._dynamo.mark_static_address(self.slots)
+        cache.slots = self.slots  # [B, T]: row b writes its step at its own slots
+
+    def local(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward every lane at once: exchange rows [B, row] and slots to keep [B, K]."""
+        fed = [lane.prepare() for lane in self.lanes]
+        self.slots.copy_(torch.stack([lane.step_slots for lane in self.lanes]))
+        out = self.model(input_ids=torch.stack([f.tokens for f in fed]),
+                         position_ids=torch.stack([f.positions for f in fed]),
+                         attention_mask=torch.cat([f.mask for f in fed]), use_cache=True,
+                         logits_to_keep=self.lanes[0].keep_rows, **{self.cache_arg: self.cache})
+        rows, keeps = zip(*(lane.finish(out.logits[b], f) for b, (lane, f) in enumerate(zip(self.lanes, fed))))
+        return torch.stack(rows), torch.stack(keeps)
+
+    def commit(self, table: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
+        """Commit each lane from the team's table [ranks, B, row]; returns the host-bound [B, accept + 2]."""
+        return torch.stack([lane.commit(table[:, b], keeps[b]) for b, lane in enumerate(self.lanes)])
+
+    def solo(self) -> torch.Tensor:
+        rows, keeps = self.local()
+        return self.commit(rows[None], keeps)
+
+
+@dataclass
+class _Job:
+    index: int
+    prompt: list[int]
+    limit: int
+    max_new_tokens: int
+    seed: int
+    result: GenerationResult
+    started: float
+
+
+class BatchedDecoder(FastDecoder):
+    """Decodes many prompts `batch_size` at a time with the fast path's step (see the module docstring).
+
+    `generate_many(prompts, max_new_tokens)` returns one GenerationResult per prompt, in order; `on_result`
+    receives (index, result) as each one finishes, which for a batch job is the moment to write it."""
+
+    def __new__(cls, *args, **kwargs):  # always this class (Decoder.__new__ picks an engine by config)
+        return object.__new__(cls)
+
+    def __init__(self, model, config: LookaheadConfig | None = None, batch_size: int = 4, team=None,
+                 compile: bool = True):
+        super().__init__(model, config, team, compile)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= 256:
+            raise ValueError(f"batch_size must be an integer in [1, 256], got {batch_size!r}")
+        self.batch_size = batch_size
+        self._batched: dict[int, BatchedStep] = {}
+        self._host = torch.zeros(batch_size, self.shape.accept + 2, dtype=torch.long,
+                                 pin_memory=self.device.type == "cuda")
+
+    # -- building -------------------------------------------------------------------------------------------
+
+    def _batch_step(self, capacity: int, template) -> BatchedStep:
+        if self._sampling != self._steps_sampling:
+            self._batched.clear()
+            self._compiled.clear()
+            self._steps_sampling = self._sampling
+        found = self._batched.get(capacity)
+        if found is None:
+            cfg, b = self.config, self.batch_size
+            cache = SlotCache(self.layers, capacity, self.device)
+            self._allocate(cache, capacity)
+            lanes = [FastStep(self.model, self.shape, capacity, DeviceRules(template, self.vocab, self.dtype, self.device),
+                              DevicePool(self.vocab, cfg.guess, cfg.ngram - 1, self.device), self.context,
+                              self._cache_arg, self.layers, cfg.seed_pool_from_output, self._sampling, cache, lane)
+                     for lane in range(b)]
+            found = self._batched[capacity] = BatchedStep(self.model, lanes, cache, self._cache_arg)
+        return found
+
+    def _allocate(self, cache: SlotCache, capacity: int) -> None:
+        """One eager one-token forward over every row, so the batch's buffers exist before any row's prefill."""
+        b = self.batch_size
+        cache.slots = torch.zeros(b, 1, dtype=torch.long, device=self.device)
+        mask = torch.zeros(b, 1, 1, capacity, dtype=self.dtype, device=self.device)
+        with torch.inference_mode():
+            self.model(input_ids=torch.zeros(b, 1, dtype=torch.long, device=self.device),
+                       position_ids=torch.zeros(b, 1, dtype=torch.long, device=self.device), attention_mask=mask,
+                       use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+
+    def _batch_runner(self, step: BatchedStep) -> Callable[[], torch.Tensor]:
+        team = self.team
+        if team.size == 1:
+            return self._compiled_fn(step, "batch-solo", step.solo)
+        local = self._compiled_fn(step, "batch-local", step.local)
+        commit = self._compiled_fn(step, "batch-commit", step.commit)
+
+        def run() -> torch.Tensor:
+            rows, keeps = local()
+            table = team.gather_rows(rows.flatten()).view(team.size, *rows.shape)
+            out = commit(table, keeps)
+            for lane in step.lanes:
+                if lane.kv_buffer is not None:
+                    team.sum_kv(lane.kv_buffer)
+            return out
+        return run
+
+    # -- decoding -------------------------------------------------------------------------------------------
+
+    def check_prompt(self, prompt: Sequence[int]) -> list[int]:
+        """The prompt as a list of ids, or PromptError saying what to change."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise PromptError("the prompt is empty; give at least one token")
+        bad = next((t for t in prompt if not 0 <= t < self.vocab), None)
+        if bad is not None:
+            raise PromptError(f"prompt token ids must be in [0, {self.vocab}) for this model, got {bad}")
+        if self.context is not None and len(prompt) >= self.context:
+            raise PromptError(f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; "
+                              f"shorten it to at most {self.context - 1} tokens")
+        return prompt
+
+    def generate_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int | None] | None = None,
+                      seeds: Sequence[int | None] | None = None,
+                      on_result: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
+        """Decode every prompt (token id lists) to its end, `batch_size` at a time; results in prompt order."""
+        cfg, gc, team = self.config, self.model.generation_config, self.team
+        prompts = [self.check_prompt(p) for p in prompts]
+        n = len(prompts)
+        budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
+        seeds = list(seeds) if seeds is not None else [None] * n
+        if len(budgets) != n or len(seeds) != n:
+            raise ValueError(f"{n} prompts need {n} max_new_tokens and seeds, got {len(budgets)} and {len(seeds)}")
+        if n == 0:
+            return []
+        from .sampling import sampling_settings
+        self._sampling = sampling_settings(gc, cfg)
+        jobs = deque()
+        for i, (prompt, budget, seed) in enumerate(zip(prompts, budgets, seeds)):
+            rules = greedy_rules(gc, len(prompt), budget)
+            limit = rules.max_new_tokens if self.context is None else min(rules.max_new_tokens,
+                                                                          self.context - len(prompt))
+            result = GenerationResult([], 0, [], 0.0, len(prompt), "max_new_tokens", ranks=team.size)
+            jobs.append((_Job(i, prompt, limit, rules.max_new_tokens, cfg.seed if seed is None else seed, result, 0.0),
+                         rules))
+        capacity = capacity_bucket(max(len(j.prompt) + j.limit for j, _ in jobs) + self.step_tokens)
+        results: list[GenerationResult | None] = [None] * n
+        team.begin(cfg.ngram, cfg.window)
+        try:
+            with torch.inference_mode():
+                step = self._batch_step(capacity, jobs[0][1])
+            self._run_batch(step, capacity, jobs, results, on_result)
+        except Exception as error:
+            team.report_failure(f"{type(error).__name__}: {error}")
+            raise
+        return results
+
+    def _start(self, lane: FastStep, job: _Job, rules) -> None:
+        cfg = self.config
+        host_pool = NGramPool(cfg.guess, cfg.ngram - 1)
+        if cfg.seed_pool_from_prompt:
+            host_pool.add_sequence(job.prompt)
+        rng = random.Random(job.seed)
+        window = [[job.prompt[rng.randrange(len(job.prompt))] for _ in range(cfg.window)] for _ in range(cfg.levels)]
+        with torch.inference_mode():
+            lane.rules.load(rules)
+            lane.start(job.prompt, host_pool, window, job.seed)
+        job.started = time.perf_counter()
+
+    def _run_batch(self, step: BatchedStep, capacity: int, jobs: deque, results: list, on_result) -> None:
+        a, limit_room = self.shape.accept, capacity - self.step_tokens
+        idle_prompt = _Job(-1, [0], 0, 0, 0, GenerationResult([], 0, [], 0.0, 1, "idle"), 0.0)
+        idle_rules = jobs[0][1]
+        running: list[_Job | None] = [None] * self.batch_size
+        length = [0] * self.batch_size  # committed tokens in each lane's cache, as the host tracks them
+        for b, lane in enumerate(step.lanes):
+            job, rules = jobs.popleft() if jobs else (None, None)
+            running[b] = job
+            self._start(lane, job or idle_prompt, rules or idle_rules)
+            length[b] = len((job or idle_prompt).prompt)
+        compiled_before = self.compile_time_s
+        run = self._batch_runner(step)
+        eos = set(idle_rules.eos_ids)
+        while any(j is not None for j in running):
+            with torch.inference_mode():
+                out = run()
+                self.host_reads += 1
+                self._host.copy_(out, non_blocking=True)
+                if out.device.type == "cuda":
+                    torch.cuda.current_stream().synchronize()
+            values = self._host.tolist()
+            if any(v[1 + a] for v in values):
+                raise DivergenceError("ranks disagree on the committed tokens/window/pool; the replicas are not "
+                                      "identical (same model, dtype and config on every rank?)")
+            compile_s = self.compile_time_s - compiled_before
+            compiled_before = self.compile_time_s
+            now = time.perf_counter()
+            for b, (lane, job) in enumerate(zip(step.lanes, running)):
+                count = values[b][0]
+                length[b] += count
+                if job is None:
+                    if length[b] + 2 * a > limit_room:  # an idle lane decodes junk: keep it inside its cache
+                        self._start(lane, idle_prompt, idle_rules)
+                        length[b] = 1
+                    continue
+                stats = job.result
+                emit, ended = cut_at_eos(values[b][1 : 1 + count][: job.limit - stats.new_tokens], eos)
+                stats.compile_time_s += compile_s
+                job.started += compile_s  # compiling is not decoding time
+                stats.add_step(emit, step.lanes[b].tokens, now - job.started)
+                if ended:
+                    stats.stop_reason = "eos"
+                if ended or stats.new_tokens >= job.limit:
+                    if not ended and job.limit < job.max_new_tokens:
+                        stats.stop_reason = "context"
+                    stats.compiled = self.compile and self.compile_error is None
+                    results[job.index] = stats
+                    if on_result is not None:
+                        on_result(job.index, stats)
+                    nxt, rules = jobs.popleft() if jobs else (None, None)
+                    running[b] = nxt
+                    self._start(lane, nxt or idle_prompt, rules or idle_rules)
+                    length[b] = len((nxt or idle_prompt).prompt)
