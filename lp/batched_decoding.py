@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -58,17 +57,6 @@ class BatchedStep:
     def solo(self) -> torch.Tensor:
         rows, keeps = self.local()
         return self.commit(rows[None], keeps)
-
-
-@dataclass
-class _Job:
-    index: int
-    prompt: list[int]
-    limit: int
-    max_new_tokens: int
-    seed: int
-    result: GenerationResult
-    started: float
 
 
 class BatchedDecoder(FastDecoder):
@@ -155,63 +143,91 @@ class BatchedDecoder(FastDecoder):
                       seeds: Sequence[int | None] | None = None,
                       on_result: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
         """Decode every prompt (token id lists) to its end, `batch_size` at a time; results in prompt order."""
-        cfg, gc, team = self.config, self.model.generation_config, self.team
         prompts = [self.check_prompt(p) for p in prompts]
         n = len(prompts)
         budgets = list(max_new_tokens) if isinstance(max_new_tokens, (list, tuple)) else [max_new_tokens] * n
         seeds = list(seeds) if seeds is not None else [None] * n
         if len(budgets) != n or len(seeds) != n:
             raise ValueError(f"{n} prompts need {n} max_new_tokens and seeds, got {len(budgets)} and {len(seeds)}")
-        if n == 0:
-            return []
-        from .sampling import sampling_settings
-        self._sampling = sampling_settings(gc, cfg)
-        jobs = deque()
-        for i, (prompt, budget, seed) in enumerate(zip(prompts, budgets, seeds)):
-            rules = greedy_rules(gc, len(prompt), budget)
-            limit = rules.max_new_tokens if self.context is None else min(rules.max_new_tokens,
-                                                                          self.context - len(prompt))
-            result = GenerationResult([], 0, [], 0.0, len(prompt), "max_new_tokens", ranks=team.size)
-            jobs.append((_Job(i, prompt, limit, rules.max_new_tokens, cfg.seed if seed is None else seed, result, 0.0),
-                         rules))
-        capacity = capacity_bucket(max(len(j.prompt) + j.limit for j, _ in jobs) + self.step_tokens)
         results: list[GenerationResult | None] = [None] * n
+        jobs = iter(range(n))
+
+        def source() -> Work | None:
+            i = next(jobs, None)
+            return None if i is None else Work(i, prompts[i], budgets[i], seeds[i])
+
+        def done(key, result: GenerationResult) -> None:
+            results[key] = result
+            if on_result is not None:
+                on_result(key, result)
+
+        if n:
+            self.decode(source, done, max(len(p) + self.limit(p, b) for p, b in zip(prompts, budgets)))
+        return results
+
+    def limit(self, prompt: list[int], max_new_tokens: int | None) -> int:
+        """New tokens a prompt may get: its budget (default: the generation_config's), within the context."""
+        budget = greedy_rules(self.model.generation_config, len(prompt), max_new_tokens).max_new_tokens
+        return budget if self.context is None else min(budget, self.context - len(prompt))
+
+    def decode(self, source: Callable[[], "Work | None"], on_result: Callable[[object, GenerationResult], None],
+               longest: int) -> None:
+        """Continuous batching: fill every lane from `source` (None: nothing left), decode, hand each finished
+        sequence to `on_result(work.key, result)` and refill its lane. `longest` (prompt + new tokens) sizes the
+        cache. In a team every rank calls this with sources that agree."""
+        from .sampling import sampling_settings
+
+        cfg, team = self.config, self.team
+        self._sampling = sampling_settings(self.model.generation_config, cfg)
+        idle = _Job(Work(None, [0], 0, 0), 0, 0, greedy_rules(self.model.generation_config, 1, 1), None, 0.0)
+        capacity = capacity_bucket(longest + self.step_tokens)
         team.begin(cfg.ngram, cfg.window)
         try:
             with torch.inference_mode():
-                step = self._batch_step(capacity, jobs[0][1])
-            self._run_batch(step, capacity, jobs, results, on_result)
+                step = self._batch_step(capacity, idle.rules)
+            self._run_batch(step, capacity, lambda: self._job(source()), idle, on_result)
         except Exception as error:
             team.report_failure(f"{type(error).__name__}: {error}")
             raise
-        return results
 
-    def _start(self, lane: FastStep, job: _Job, rules) -> None:
-        cfg = self.config
+    def _job(self, work: "Work | None") -> "_Job | None":
+        if work is None:
+            return None
+        prompt = self.check_prompt(work.prompt)
+        rules = greedy_rules(self.model.generation_config, len(prompt), work.max_new_tokens)
+        limit = self.limit(prompt, work.max_new_tokens)
+        result = GenerationResult([], 0, [], 0.0, len(prompt), "max_new_tokens", ranks=self.team.size)
+        seed = self.config.seed if work.seed is None else work.seed
+        return _Job(Work(work.key, prompt, work.max_new_tokens, seed), limit, rules.max_new_tokens, rules, result, 0.0)
+
+    def _start(self, lane: FastStep, job: "_Job") -> None:
+        cfg, prompt = self.config, job.work.prompt
         host_pool = NGramPool(cfg.guess, cfg.ngram - 1)
         if cfg.seed_pool_from_prompt:
-            host_pool.add_sequence(job.prompt)
-        rng = random.Random(job.seed)
-        window = [[job.prompt[rng.randrange(len(job.prompt))] for _ in range(cfg.window)] for _ in range(cfg.levels)]
+            host_pool.add_sequence(prompt)
+        rng = random.Random(job.work.seed)
+        window = [[prompt[rng.randrange(len(prompt))] for _ in range(cfg.window)] for _ in range(cfg.levels)]
         with torch.inference_mode():
-            lane.rules.load(rules)
-            lane.start(job.prompt, host_pool, window, job.seed)
+            lane.rules.load(job.rules)
+            lane.start(prompt, host_pool, window, job.work.seed)
         job.started = time.perf_counter()
 
-    def _run_batch(self, step: BatchedStep, capacity: int, jobs: deque, results: list, on_result) -> None:
-        a, limit_room = self.shape.accept, capacity - self.step_tokens
-        idle_prompt = _Job(-1, [0], 0, 0, 0, GenerationResult([], 0, [], 0.0, 1, "idle"), 0.0)
-        idle_rules = jobs[0][1]
+    def _run_batch(self, step: BatchedStep, capacity: int, next_job: Callable[[], "_Job | None"], idle: "_Job",
+                   on_result) -> None:
+        a, room = self.shape.accept, capacity - self.step_tokens
         running: list[_Job | None] = [None] * self.batch_size
         length = [0] * self.batch_size  # committed tokens in each lane's cache, as the host tracks them
-        for b, lane in enumerate(step.lanes):
-            job, rules = jobs.popleft() if jobs else (None, None)
-            running[b] = job
-            self._start(lane, job or idle_prompt, rules or idle_rules)
-            length[b] = len((job or idle_prompt).prompt)
+
+        def fill(b: int) -> None:
+            job = running[b] = next_job()
+            self._start(step.lanes[b], job or idle)
+            length[b] = len((job or idle).work.prompt)
+
+        for b in range(self.batch_size):
+            fill(b)
         compiled_before = self.compile_time_s
         run = self._batch_runner(step)
-        eos = set(idle_rules.eos_ids)
+        eos = set(idle.rules.eos_ids)
         while any(j is not None for j in running):
             with torch.inference_mode():
                 out = run()
@@ -226,12 +242,12 @@ class BatchedDecoder(FastDecoder):
             compile_s = self.compile_time_s - compiled_before
             compiled_before = self.compile_time_s
             now = time.perf_counter()
-            for b, (lane, job) in enumerate(zip(step.lanes, running)):
+            for b, job in enumerate(running):
                 count = values[b][0]
                 length[b] += count
                 if job is None:
-                    if length[b] + 2 * a > limit_room:  # an idle lane decodes junk: keep it inside its cache
-                        self._start(lane, idle_prompt, idle_rules)
+                    if length[b] + 2 * a > room:  # an idle lane decodes junk: keep it inside its cache
+                        self._start(step.lanes[b], idle)
                         length[b] = 1
                     continue
                 stats = job.result
@@ -245,10 +261,25 @@ class BatchedDecoder(FastDecoder):
                     if not ended and job.limit < job.max_new_tokens:
                         stats.stop_reason = "context"
                     stats.compiled = self.compile and self.compile_error is None
-                    results[job.index] = stats
-                    if on_result is not None:
-                        on_result(job.index, stats)
-                    nxt, rules = jobs.popleft() if jobs else (None, None)
-                    running[b] = nxt
-                    self._start(lane, nxt or idle_prompt, rules or idle_rules)
-                    length[b] = len((nxt or idle_prompt).prompt)
+                    on_result(job.work.key, stats)
+                    fill(b)
+
+
+@dataclass
+class Work:
+    """One prompt to decode: `key` comes back with its result."""
+
+    key: object
+    prompt: Sequence[int]
+    max_new_tokens: int | None = None
+    seed: int | None = None
+
+
+@dataclass
+class _Job:
+    work: Work
+    limit: int
+    max_new_tokens: int
+    rules: object
+    result: GenerationResult | None
+    started: float

@@ -94,7 +94,8 @@ def _prompt_ids(input_ids) -> list[int]:
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 2:
             if input_ids.shape[0] != 1:
-                raise PromptError(f"one sequence at a time: input_ids has batch size {input_ids.shape[0]}, pass input_ids[i:i+1]")
+                raise PromptError(f"a decoder takes one sequence: input_ids has batch size {input_ids.shape[0]}; pass "
+                                  "input_ids[i:i+1], or the prompts as a list to lp.generate to decode them batched")
             input_ids = input_ids[0]
         ids = [int(t) for t in input_ids.tolist()]
     else:
@@ -371,10 +372,36 @@ def _round_up(n: int) -> int:
 
 def generate(model, input_ids, config: LookaheadConfig | None = None, max_new_tokens: int | None = None,
              tokenizer=None, on_tokens: Callable[[list[int]], None] | None = None, team=None,
-             seed: int | None = None) -> GenerationResult:
+             seed: int | None = None, batch_size: int | None = None):
     """Exact lookahead decoding of one sequence (greedy, or sampling keyed by the seed):
-    `lp.generate(model, ids, LookaheadConfig(), 256)`."""
+    `lp.generate(model, ids, LookaheadConfig(), 256)`. Given a list of prompts (lists of ids, or a 2-D tensor of
+    several rows) it decodes them `batch_size` at a time (default: up to 8) in one forward a step and returns
+    a list of results, in order (`seed` then keys every one of them)."""
+    if _is_batch(input_ids):
+        from .batched_decoding import BatchedDecoder
+
+        if on_tokens is not None:
+            raise ValueError("on_tokens streams one sequence; with several prompts read each result's token_ids")
+        prompts = [_prompt_ids(p if not isinstance(p, torch.Tensor) else p.reshape(1, -1)) for p in input_ids]
+        cfg = config or LookaheadConfig()
+        decoder = BatchedDecoder(model, cfg, batch_size or min(len(prompts), 8) or 1, team,
+                                 compile=cfg.compiles_on(next(model.parameters()).device))
+        results = decoder.generate_many(prompts, max_new_tokens, [seed] * len(prompts))
+        if tokenizer is not None:
+            for r in results:
+                r.text = tokenizer.decode(r.token_ids, skip_special_tokens=True)
+        return results
+    if batch_size is not None:
+        raise ValueError("batch_size applies to a list of prompts; give several prompts or drop it")
     return Decoder(model, config, team).generate(input_ids, max_new_tokens, tokenizer, on_tokens, seed)
+
+
+def _is_batch(input_ids) -> bool:
+    """Several prompts: a list of id lists (or of tensors), or a 2-D tensor of more than one row."""
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids.dim() == 2 and input_ids.shape[0] > 1
+    return isinstance(input_ids, (list, tuple)) and bool(input_ids) and not isinstance(input_ids[0], int) and \
+        isinstance(input_ids[0], (list, tuple, torch.Tensor))
 
 
 def stream(model, input_ids, config: LookaheadConfig | None = None, max_new_tokens: int | None = None,

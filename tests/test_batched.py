@@ -114,3 +114,14 @@ def test_a_team_of_two_decodes_a_batch_exactly(kv_sync, tmp_path):
     outs, codes = run_team(2, {"cases": [case]}, tmp_path)
     assert codes == [0, 0], [(tmp_path / f"err{r}.txt").read_text()[-1500:] for r in range(2)]
     assert [o[0]["batch_tokens"] for o in outs] == [expected, expected]
+
+
+def test_lp_generate_takes_a_list_of_prompts_and_returns_a_result_each():
+    model = tiny_model("llama", seed=2)
+    expected = [hf_greedy(model, p, 12) for p in prompts(4)]
+    results = lp.generate(model, prompts(4), lp.LookaheadConfig(4, 3, 4), 12, batch_size=3)
+    assert [r.token_ids for r in results] == expected
+    assert [r.token_ids for r in lp.generate(model, [torch.tensor(p) for p in prompts(2)], max_new_tokens=12)] == \
+        expected[:2]
+    with pytest.raises(ValueError, match="batch_size applies to a list of prompts"):
+        lp.generate(model, prompts(1)[0], max_new_tokens=4, batch_size=2)
