@@ -153,7 +153,8 @@ def test_more_ranks_than_window_columns_is_refused_before_any_rendezvous(tiny_di
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "5")
     assert main(base_args(tiny_dir, "--prompt", "a")) == 2
-    assert "5 lookahead replicas but the window has 4 columns" in one_error_line(capsys.readouterr().err)
+    line = one_error_line(capsys.readouterr().err)
+    assert "5 ranks per lookahead team but the window has 4 columns" in line and "--replicas" in line
 
 
 def test_generation_settings_greedy_cannot_reproduce_are_refused_with_the_fix(tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lp.distributed.bootstrap import free_port
-from lp.distributed.tensor_parallel import SHARDABLE, TensorParallelError, shard_model, split_world
+from lp.distributed.tensor_parallel import SHARDABLE, TensorParallelError, shard_model
 from lp.greedy_rules import hf_greedy
 from models import FAMILIES, STORIES, stories, tiny_model
 from test_exactness import repetitive_prompt
@@ -118,14 +118,6 @@ def test_the_tp_ranks_of_a_replica_together_move_one_whole_kv_copy_of_the_winner
 def test_no_shared_memory_segment_is_left_behind(grid_run):
     prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_{grid_run['port']}_"
     assert not [p for p in Path("/dev/shm").glob(prefix + "*")]
-
-
-def test_a_world_not_divisible_by_tp_is_refused():
-    assert split_world(4, 2) == (2, 2) and split_world(2, 2) == (1, 2) and split_world(3, 1) == (3, 1)
-    with pytest.raises(TensorParallelError, match="world size 6 is not divisible by tp=4"):
-        split_world(6, 4)
-    with pytest.raises(TensorParallelError, match="lp=3 x tp=2"):
-        split_world(4, 2, lp=3)
 
 
 @pytest.mark.parametrize("family", sorted(set(FAMILIES) - set(SHARDABLE)))

@@ -179,7 +179,7 @@ class JsonlWriter:
     A regular file is locked for the job (a second job on the same --output is refused, naming the holder's
     pid); a pipe or device (/dev/stdout, >(cmd), /dev/null) is streamed to, with no lock, fsync or resume."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, lock: bool = True):
         path = Path(path)
         if not path.parent.is_dir():
             raise InputError(f"the folder of --output {str(path)!r} does not exist; create it first")
@@ -189,7 +189,7 @@ class JsonlWriter:
             raise InputError(f"cannot write --output {str(path)!r}: {exc.strerror or exc}") from None
         self.path = path
         self.regular = stat.S_ISREG(os.fstat(self.fd).st_mode)
-        self.lock_fd = _lock(path) if self.regular else None
+        self.lock_fd = _lock(path) if self.regular and lock else None
 
     def write(self, record: dict) -> None:
         data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
@@ -206,6 +206,43 @@ class JsonlWriter:
         os.close(self.fd)
         if self.lock_fd is not None:
             os.close(self.lock_fd)  # releases the lock; the .lock file stays (removing it would race a new holder)
+
+
+def shard_path(output: str | Path, replica: int) -> Path:
+    """Where replica `replica` (> 0) of a job writes its results until rank 0 merges them into `output`."""
+    output = Path(output)
+    return output.with_name(f"{output.name}.replica-{replica}.part")
+
+
+def merge_shards(output: str | Path) -> int:
+    """Append the whole lines of every replica shard of `output` that `output` does not already hold, fsync, and
+    delete the shards; returns how many lines moved. A merge cut short is finished by the next one: a line
+    already in `output` is not written twice."""
+    output = Path(output)
+    shards = sorted(output.parent.glob(f"{output.name}.replica-*.part"))
+    if not shards or not output.is_file():
+        return 0
+    data = output.read_bytes()
+    if data and not data.endswith(b"\n"):  # a writer killed mid-line: cut it, as done_keys would
+        data = data[: data.rfind(b"\n") + 1]
+        with open(output, "r+b") as f:
+            f.truncate(len(data))
+    have = set(data.splitlines())
+    moved = 0
+    fd = os.open(output, os.O_WRONLY | os.O_APPEND)
+    try:
+        for shard in shards:
+            text = shard.read_bytes()
+            for line in text[: text.rfind(b"\n") + 1].splitlines():
+                if line.strip() and line not in have:
+                    os.write(fd, line + b"\n")
+                    have.add(line)
+                    moved += 1
+            os.fsync(fd)
+            shard.unlink()
+    finally:
+        os.close(fd)
+    return moved
 
 
 class OutputError(OSError):
@@ -241,6 +278,18 @@ class Totals:
     compile_time_s: float = 0.0
     compiled: bool = False
     greedy: list = field(default_factory=list)  # (match, greedy_latency_s, latency_s) per compared record
+
+    def as_dict(self) -> dict:
+        """The totals as plain JSON (to send a replica's totals to rank 0)."""
+        return {k: getattr(self, k) for k in ("records", "errors", "skipped", "new_tokens", "steps", "latency_s",
+                                              "compile_time_s", "compiled", "greedy")}
+
+    def merge(self, other: dict) -> None:
+        """Add another replica's totals (as_dict) to these."""
+        for k in ("records", "errors", "skipped", "new_tokens", "steps", "latency_s", "compile_time_s"):
+            setattr(self, k, getattr(self, k) + other[k])
+        self.compiled = self.compiled or other["compiled"]
+        self.greedy.extend(tuple(g) for g in other["greedy"])
 
     def add(self, result: dict) -> None:
         self.records += 1

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..batched_decoding import BatchedDecoder, Work
 from ..decoding import Decoder, GenerationResult, PromptError
 from ..distributed import bootstrap
 from ..distributed.bootstrap import BootstrapError, Launch
-from ..distributed.parallel import KV_SYNC, DivergenceError, ProcessGroupTeam, RankFailure
-from ..distributed.tensor_parallel import (TensorParallelError, empty_model, make_team, plan_groups, shard_model,
-                                          split_world)
+from ..distributed.parallel import KV_SYNC, DivergenceError, ProcessGroupTeam, RankFailure, default_store
+from ..distributed.replicas import Layout, LayoutError, WorkQueue, replica_groups, split_world
+from ..distributed.tensor_parallel import TensorParallelError, empty_model, make_team, plan_groups, shard_model
 from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules, hf_greedy
 from .. import named_models
 from ..sampling import reference_sample, sampling_settings
@@ -41,7 +42,7 @@ class UsageError(ValueError):
 
 
 USER_ERRORS = (UsageError, ConfigError, PromptError, UnsupportedGenerationSetting, FileNotFoundError, InputError,
-               batch.OutputError, TensorParallelError,
+               batch.OutputError, TensorParallelError, LayoutError,
                BootstrapError)
 PEER_FAILURES = (RankFailure, DivergenceError)  # the group is broken or the ranks disagree: stop the job
 RECORD_ERRORS = (PromptError, UnsupportedGenerationSetting)  # deterministic: every rank raises them alike
@@ -104,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-timeout", type=float, metavar="SECONDS", help="give up on a silent peer after this long")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks per replica (DeepSpeed AutoTP, pip install 'lp[deepspeed]'); "
                    "world = replicas x tp")
-    p.add_argument("--lp", type=int, help="lookahead replicas (default: world size / tp); checked against the world")
+    p.add_argument("--lp", type=int, help="ranks per lookahead team, each a model copy splitting one step (default: "
+                   "world size / (tp x replicas), one team); the world holds replicas x lp x tp ranks")
+    p.add_argument("--replicas", type=int, help="independent lookahead teams draining one queue of prompts "
+                   "(default: world size / (lp x tp))")
+    p.add_argument("--batch-size", type=int, help="sequences each team decodes in one forward (batched lookahead "
+                   "with continuous batching; default 1)")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="run a model's own Python code from the hub (off by default)")
     p.add_argument("--chat", action="store_true", default=None, help="wrap plain prompts in the chat template")
@@ -118,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "kv_sync", "dtype": "dtype",
              "device": "device", "seed": "seed", "backend": "backend", "fault_timeout": "fault_timeout", "tp": "tp", "lp": "lp",
+             "replicas": "replicas", "batch_size": "batch_size",
              "trust_remote_code": "trust_remote_code", "chat": "chat", "window": "lookahead.window",
              "ngram": "lookahead.ngram", "guess": "lookahead.guess", "compile": "lookahead.compile",
              "lookup": "lookahead.lookup", "lookup_len": "lookahead.lookup_len", "budget": "lookahead.budget",
@@ -189,10 +196,14 @@ def _run(args, own_process: bool = False) -> int:
     cfg = resolve_config(args)  # same input on every rank, so every rank fails alike: no hang
     launch = bootstrap.detect()
     bootstrap.watch_launcher(launch)
-    replicas, _ = split_world(launch.world_size, cfg.tp, cfg.lp)
-    if replicas > cfg.lookahead.window:
-        raise UsageError(f"{replicas} lookahead replicas but the window has {cfg.lookahead.window} columns to "
-                         f"share; launch at most {cfg.lookahead.window * cfg.tp} ranks or raise --window")
+    layout = split_world(launch.world_size, cfg.tp, cfg.lp, cfg.replicas)
+    if layout.lp > cfg.lookahead.window:
+        raise UsageError(f"{layout.lp} ranks per lookahead team but the window has {cfg.lookahead.window} columns to "
+                         f"share; give each team at most {cfg.lookahead.window} (--lp), add --replicas, or raise "
+                         "--window")
+    if args.compare_greedy and layout.team_size > 1 and (layout.replicas > 1 or cfg.batch_size > 1):
+        raise UsageError("--compare-greedy with --replicas or --batch-size needs teams of one rank: add --lp 1 "
+                         "(and --tp 1)")
     backend = bootstrap.choose_backend(cfg.backend, launch)
     device = bootstrap.choose_device(cfg.device, backend, launch)
     if device.type == "cpu" and launch.local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -200,7 +211,7 @@ def _run(args, own_process: bool = False) -> int:
     torch.manual_seed(cfg.seed)
     bootstrap.init_process_group(launch, backend, cfg.fault_timeout)
     try:
-        code = _serve(args, cfg, launch, device)
+        code = _serve(args, cfg, launch, device, layout)
     except PEER_FAILURES:
         raise  # the group is broken: leave it alone
     except BaseException:
@@ -210,7 +221,7 @@ def _run(args, own_process: bool = False) -> int:
     return code
 
 
-def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device) -> int:
+def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: Layout) -> int:
     rank0 = launch.rank == 0
     log = _logger(rank0)
     message, model, tokenizer, items, writer, skipped = None, None, None, None, None, 0
@@ -224,6 +235,8 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device) -> int:
                                        "to another file")
             records = _records(args)
             writer = batch.JsonlWriter(args.output) if args.output else None  # locked before it is read
+            if writer:
+                batch.merge_shards(args.output)  # results a killed multi-replica run left in its shards
             done = batch.done_keys(args.output, args.retry_errors) if args.output else set()  # cuts a partial line
             done = done if args.input else set()  # --prompt ids (0, 1, ...) name nothing across runs: append
             todo = [r for r in records if r.key not in done]
@@ -241,8 +254,10 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device) -> int:
             writer.close()
         raise UsageError(message)
     items = bootstrap.broadcast_json(items, launch)
-    decoder = _decoder(model, cfg, launch)
+    decoder = _decoder(model, cfg, launch, layout, device)
     try:
+        if layout.replicas > 1 or cfg.batch_size > 1:
+            return _drain_queue(args, cfg, launch, layout, items, decoder, model, tokenizer, writer, skipped)
         return _decode_all(args, cfg, launch, items, decoder, model, tokenizer, writer, skipped)
     finally:
         if hasattr(decoder.team, "close"):
@@ -271,11 +286,7 @@ def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Deco
                 bootstrap.release(launch)
             if not rank0:
                 continue
-            totals.add(result)
-            if writer:
-                writer.write(result)
-            if args.json:
-                print(json.dumps(result, ensure_ascii=False), file=args.results, flush=True)
+            _record_result(result, totals, writer, args)
             if "error" in result:
                 if printer:
                     print(flush=True)
@@ -468,18 +479,128 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _decoder(model, cfg: RunConfig, launch: Launch) -> Decoder:
+def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, device: torch.device) -> Decoder:
+    """This rank's decoder in its replica's team (every rank makes every process group, in the same order)."""
     team = None
-    if cfg.tp > 1:  # DeepSpeed AutoTP inside each replica, lookahead exchange between replicas
-        plan = plan_groups(launch.world_size, cfg.tp)
+    replica = layout.replica_of(launch.rank)
+    if cfg.tp > 1:  # DeepSpeed AutoTP inside each model copy, lookahead exchange between a team's copies
+        plan = plan_groups(launch.world_size, cfg.tp, layout.lp, layout.replicas)
         model = shard_model(model, plan.tp_group, plan.tp)
         team = make_team(cfg.kv_sync, plan, cfg.fault_timeout)
-    elif launch.world_size > 1:
+    elif layout.replicas == 1 and launch.world_size > 1:
         team = ProcessGroupTeam(kv_sync=cfg.kv_sync, fault_timeout_s=cfg.fault_timeout, mpi_comm=launch.mpi_comm)
+    elif layout.lp > 1:  # one group per replica; heartbeats under each replica's own store prefix
+        groups = [torch.distributed.new_group(layout.ranks_of(r)) for r in range(layout.replicas)]
+        store = default_store()
+        store = torch.distributed.PrefixStore(f"lp-team{replica}", store) if store is not None else None
+        team = ProcessGroupTeam(kv_sync=cfg.kv_sync, group=groups[replica], fault_timeout_s=cfg.fault_timeout,
+                                store=store)
     try:
+        if cfg.batch_size > 1:
+            return BatchedDecoder(model, cfg.lookahead, cfg.batch_size, team,
+                                  compile=cfg.lookahead.compiles_on(device))
         return Decoder(model, cfg.lookahead, team=team)
     except ValueError as exc:  # encoder-decoder or sliding-window models: the same answer on every rank
         raise UsageError(_one_line(exc)) from None
+
+
+def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: list, decoder, model, tokenizer,
+                 writer, skipped: int) -> int:
+    """Replicas and batches: each replica claims items from one queue; its first rank writes its results (rank 0
+    to --output, the others to shard files merged into it at the end); rank 0 shows progress and the summary
+    for all replicas."""
+    replica = layout.replica_of(launch.rank)
+    leader = launch.rank == layout.ranks_of(replica)[0]
+    rank0 = launch.rank == 0
+    store = default_store() if launch.world_size > 1 else None
+    queue = WorkQueue(len(items), layout, launch.rank, replica_groups(layout)[replica], store,
+                      key=bootstrap.next_tag("queue"))
+    if leader and not rank0 and args.output:
+        writer = batch.JsonlWriter(batch.shard_path(args.output, replica), lock=False)
+    progress = _progress(len(items), enabled=rank0 and bool(args.json or args.output))
+    totals = batch.Totals(skipped=skipped if rank0 else 0)
+    done_key = bootstrap.next_tag("done")
+    start = time.perf_counter()
+
+    def handle(item: dict, result: dict) -> None:
+        if args.compare_greedy and "error" not in result:
+            result.update(_greedy_check(model, item, result, cfg.lookahead))
+        if not leader:
+            return
+        _record_result(result, totals, writer, args)
+        if not args.json and not args.output:
+            _print_block(item, result, tokenizer, replica if layout.replicas > 1 else None)
+        if "error" in result:
+            where = f"id {result['id']}: " if result["id"] is not None else ""
+            progress.write(f"lp: error: {where}{result['error']}", file=sys.stderr)
+        finished = store.add(done_key, 1) if store is not None else totals.records
+        if rank0:
+            progress.update(finished - progress.n)
+            progress.set_postfix_str(f"{totals.tokens_per_second:.1f} tok/s (this replica)", refresh=False)
+
+    def next_item() -> int | None:
+        """The next claimed item that has a prompt; items that are errors already are reported on the way."""
+        while (index := queue.claim()) is not None:
+            item = items[index]
+            if item["error"] is None:
+                return index
+            handle(item, Record(item["key"], item["id"], item["line"]).error_result(item["error"]))
+        return None
+
+    try:
+        if isinstance(decoder, BatchedDecoder):
+            def source():
+                index = next_item()
+                return None if index is None else Work(index, items[index]["ids"], items[index]["max_new_tokens"],
+                                                       items[index]["seed"])
+
+            longest = max((len(i["ids"]) + i["max_new_tokens"] for i in items if i["error"] is None), default=1)
+            decoder.decode(source, lambda index, res: handle(items[index], _result(items[index], res, tokenizer)),
+                           longest)
+        else:
+            while (index := next_item()) is not None:
+                handle(items[index], _decode(items[index], decoder, tokenizer, None, layout.team_size))
+    finally:
+        progress.close()
+        if writer:
+            writer.close()
+    reports = bootstrap.gather_json(totals.as_dict() if leader else None, launch)  # waits for every replica
+    if rank0:
+        if args.output:
+            batch.merge_shards(args.output)
+        for report in reports[1:]:
+            if report is not None:
+                totals.merge(report)
+        summary = totals.summary(launch.world_size, time.perf_counter() - start)
+        wall = summary["wall_s"]
+        summary.update(replicas=layout.replicas, batch_size=cfg.batch_size,
+                       throughput_tokens_per_second=round(summary["new_tokens"] / wall, 3) if wall > 0 else 0.0,
+                       prompts_per_second=round(summary["ok"] / wall, 3) if wall > 0 else 0.0)
+        if args.json or args.input:
+            print(json.dumps({"summary": summary}), file=sys.stderr, flush=True)
+        if not args.json:
+            print(_summary_line(summary, cfg), flush=True)
+    if args.input:
+        return 0
+    failed = bootstrap.broadcast_json(totals.errors, launch)
+    return EXIT_FAILED if failed else 0
+
+
+def _record_result(result: dict, totals: batch.Totals, writer, args) -> None:
+    """Count a result, append it to --output, and with --json print it on stdout."""
+    totals.add(result)
+    if writer:
+        writer.write(result)
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False), file=args.results, flush=True)
+
+
+def _print_block(item: dict, result: dict, tokenizer, replica: int | None) -> None:
+    """A whole completion at once (replicas and batches finish out of order, so nothing streams token by token)."""
+    where = f", replica {replica}" if replica is not None else ""
+    text = tokenizer.decode(item["ids"], skip_special_tokens=True) + result.get("text", "") if item["ids"] else ""
+    body = f"lp: error: {result['error']}" if "error" in result else f"{text}\n({_stats_line(result)})"
+    print(f"--- id {item['id']}{where} ---\n{body}", flush=True)
 
 
 class _Printer:
@@ -524,6 +645,10 @@ def _summary_line(s: dict, cfg: RunConfig) -> str:
             f"{s['tokens_per_step']:.2f} tokens/step, {s['tokens_per_second']:.1f} tokens/s, {s['ranks']} rank"
             f"{'s' if s['ranks'] > 1 else ''} (W={la.window} N={la.ngram} G={la.guess}"
             f"{', compiled' if s.get('compiled') else ''})")
+    if "throughput_tokens_per_second" in s:  # sequences overlap: the job's rate is its tokens over its wall time
+        line += (f"; {s['replicas']} replica{'s' * (s['replicas'] > 1)} x batch {s['batch_size']}: "
+                 f"{s['throughput_tokens_per_second']:.1f} tokens/s and {s['prompts_per_second']:.2f} prompts/s "
+                 f"over {s['wall_s']:.1f} s")
     if s.get("compile_time_s"):
         line += f"; compiling took {s['compile_time_s']:.1f} s (not in tokens/s)"
     if "greedy_match" in s:

@@ -28,7 +28,9 @@ class RunConfig:
     trust_remote_code: bool = False
     fault_timeout: float = 60.0
     tp: int = 1
-    lp: int | None = None  # lookahead replicas; None = world size // tp
+    lp: int | None = None  # ranks per lookahead team; None = world size // (tp x replicas)
+    replicas: int | None = None  # independent lookahead teams sharing one queue; None = world // (lp x tp), or 1
+    batch_size: int = 1  # sequences one forward decodes (batched lookahead, continuous batching)
     chat: bool = False
     lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
     generation: dict = field(default_factory=dict)  # overrides of the model's generation_config
@@ -150,6 +152,9 @@ def _validate(cfg: RunConfig) -> None:
     check_int("tp", cfg.tp, 1)
     if cfg.lp is not None:
         check_int("lp", cfg.lp, 1)
+    if cfg.replicas is not None:
+        check_int("replicas", cfg.replicas, 1)
+    check_int("batch_size", cfg.batch_size, 1, 256)
     check_bool("trust_remote_code", cfg.trust_remote_code)
     check_bool("chat", cfg.chat)
     timeout = cfg.fault_timeout

@@ -255,7 +255,7 @@ def first_error(message: str | None, launch: Launch, timeout_s: float = SETUP_TI
     """
     if launch.world_size <= 1:
         return message
-    store, tag = default_store(), _next_tag("setup")
+    store, tag = default_store(), next_tag("setup")
     store.set(f"{tag}/{launch.rank}", json.dumps(message))
     _wait(store, [f"{tag}/{r}" for r in range(launch.world_size)], timeout_s, launch, "finish setting up")
     for r in range(launch.world_size):
@@ -269,7 +269,7 @@ def release(launch: Launch, timeout_s: float = SETUP_TIMEOUT_S) -> None:
     """Rank 0 lets the others go on once it is done with work of its own (e.g. the greedy comparison)."""
     if launch.world_size <= 1:
         return
-    store, tag = default_store(), _next_tag("release")
+    store, tag = default_store(), next_tag("release")
     if launch.rank == 0:
         store.set(tag, "1")
     else:
@@ -295,7 +295,24 @@ def _has(store, key: str) -> bool:
 _TAGS: dict[str, int] = {}
 
 
-def _next_tag(kind: str) -> str:
+def gather_json(obj, launch: Launch, timeout_s: float = 7 * 24 * 3600.0) -> list | None:
+    """Every rank's JSON-able `obj`, in rank order, on rank 0 (None elsewhere). Waits for the slowest rank (an
+    independent replica may finish hours later; a dead rank stops the job through its launcher meanwhile)."""
+    if launch.world_size <= 1:
+        return [obj]
+    store = default_store()
+    if store is None:  # no rendezvous store (MPI): one broadcast per rank
+        got = [broadcast_json(obj if launch.rank == r else None, launch, src=r) for r in range(launch.world_size)]
+        return got if launch.rank == 0 else None
+    tag = next_tag("gather")
+    store.set(f"{tag}/{launch.rank}", json.dumps(obj))
+    if launch.rank != 0:
+        return None
+    _wait(store, [f"{tag}/{r}" for r in range(launch.world_size)], timeout_s, launch, "finish its work")
+    return [json.loads(store.get(f"{tag}/{r}")) for r in range(launch.world_size)]
+
+
+def next_tag(kind: str) -> str:
     """Store keys unique per call; every rank makes the same calls in the same order, so they agree."""
     _TAGS[kind] = _TAGS.get(kind, 0) + 1
     return f"lp-cli/{kind}/{_TAGS[kind]}"

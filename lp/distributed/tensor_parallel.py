@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .parallel import ProcessGroupTeam, default_store
+from .replicas import split_world
 
 # Families whose tiny float64 models shard under AutoTP with logits equal to the unsharded model's and
 # decode exactly in tests/test_tensor_parallel.py. AutoTP refuses gpt2; phi3's fused qkv/gate_up break.
@@ -41,35 +42,32 @@ class Plan(NamedTuple):
     tp: int
     tp_group: object  # the ranks sharing this rank's replica
     lp_group: object  # the ranks with this rank's tensor index, one per replica
-    replica: int
+    replica: int  # this rank's model copy inside its lookahead team
     tp_rank: int
+    team: int = 0  # which independent team (lp.distributed.replicas) the rank belongs to
 
 
-def split_world(world: int, tp: int, lp: int | None = None) -> tuple[int, int]:
-    """(P_lp, P_tp) for `world` ranks; P_lp defaults to world // tp; a world not divisible by tp is refused."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise TensorParallelError(f"tp must be a positive integer, got {tp!r}")
-    if world % tp:
-        raise TensorParallelError(f"world size {world} is not divisible by tp={tp}: launch a multiple of {tp} ranks")
-    if lp is not None and lp * tp != world:
-        raise TensorParallelError(f"lp={lp} x tp={tp} = {lp * tp} ranks, but the world has {world}")
-    return world // tp, tp
-
-
-def plan_groups(world: int, tp: int, lp: int | None = None) -> Plan:
-    """Create every replica group and every lookahead group (same calls, same order on every rank)."""
-    lp, tp = split_world(world, tp, lp)
+def plan_groups(world: int, tp: int, lp: int | None = None, replicas: int | None = None) -> Plan:
+    """Create every replica's tensor-parallel and lookahead groups (same calls, same order on every rank)."""
+    layout = split_world(world, tp, lp, replicas)
+    lp, tp, size = layout.lp, layout.tp, layout.team_size
     rank = dist.get_rank()
-    replica, tp_rank = divmod(rank, tp)
-    tp_groups = [dist.new_group([g * tp + t for t in range(tp)]) for g in range(lp)]
-    lp_groups = [dist.new_group([g * tp + t for g in range(lp)]) for t in range(tp)]
-    return Plan(lp, tp, tp_groups[replica], lp_groups[tp_rank], replica, tp_rank)
+    tp_groups, lp_groups = {}, {}
+    for r in range(layout.replicas):
+        base = r * size
+        for g in range(lp):
+            tp_groups[r, g] = dist.new_group([base + g * tp + t for t in range(tp)])
+        for t in range(tp):
+            lp_groups[r, t] = dist.new_group([base + g * tp + t for g in range(lp)])
+    replica = layout.replica_of(rank)
+    copy, tp_rank = divmod(rank - replica * size, tp)
+    return Plan(lp, tp, tp_groups[replica, copy], lp_groups[replica, tp_rank], copy, tp_rank, replica)
 
 
 def make_team(kv_sync: str, plan: Plan, fault_timeout_s: float = 60.0) -> ProcessGroupTeam:
     """The lookahead team of this rank's tensor index; its heartbeats live under their own store prefix."""
     store = default_store()
-    store = dist.PrefixStore(f"lp-tp{plan.tp_rank}", store) if store is not None else None
+    store = dist.PrefixStore(f"lp-team{plan.team}-tp{plan.tp_rank}", store) if store is not None else None
     return ProcessGroupTeam(kv_sync, group=plan.lp_group, fault_timeout_s=fault_timeout_s, store=store)
 
 

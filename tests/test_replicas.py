@@ -1,0 +1,170 @@
+"""Replicas: the world splits into replicas x lp x tp ranks; independent teams drain one queue of prompts, every id
+lands in the one --output exactly once with the tokens a one-rank run gives, and a job killed mid-way resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+from lp.cli import batch
+from lp.distributed.replicas import Layout, LayoutError, WorkQueue, split_world
+from test_cli import RUN, ROOT, base_args, clean_env, json_lines, run, tiny_dir  # noqa: F401 (fixture)
+
+
+# -- the layout -----------------------------------------------------------------------------------------------
+
+def test_the_world_splits_into_replicas_of_lp_by_tp_ranks():
+    assert split_world(4) == Layout(1, 4, 1)  # one team of every rank, as before replicas existed
+    assert split_world(4, lp=1) == Layout(4, 1, 1)  # torchrun --nproc_per_node 4 ... --lp 1: 4 teams of 1
+    assert split_world(8, tp=2, replicas=2) == Layout(2, 2, 2)
+    assert split_world(8, tp=2, lp=1) == Layout(4, 1, 2)
+    assert split_world(6, lp=3, replicas=2) == Layout(2, 3, 1)
+    layout = Layout(2, 2, 2)
+    assert [layout.replica_of(r) for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert layout.ranks_of(1) == [4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("world,kwargs,message", [
+    (6, dict(tp=4), "world size 6 is not divisible by tp=4"),
+    (4, dict(tp=2, lp=3), "lp=3 x tp=2 = 6 ranks, but the world has 4"),
+    (6, dict(lp=4), "lp=4 x tp=1 = 4 ranks a team does not divide the world of 6 ranks: launch a multiple of 4"),
+    (6, dict(replicas=4), "replicas=4 x tp=1 does not divide the world of 6 ranks"),
+    (8, dict(lp=2, replicas=2), "replicas=2 x lp=2 x tp=1 = 4 ranks, but the world has 8"),
+    (4, dict(replicas=0), "replicas must be a positive integer, got 0"),
+])
+def test_a_layout_that_does_not_fit_the_world_says_what_to_launch(world, kwargs, message):
+    with pytest.raises(LayoutError, match=message):
+        split_world(world, **kwargs)
+
+
+# -- the queue ------------------------------------------------------------------------------------------------
+
+def test_replicas_claim_every_index_exactly_once_in_claim_order():
+    store = dist.HashStore()
+    layout = Layout(3, 1, 1)
+    queues = [WorkQueue(10, layout, rank, store=store) for rank in range(3)]
+    got = {r: [] for r in range(3)}
+    order = [0, 0, 2, 1, 0, 2, 2, 2, 1, 0, 1, 1, 0]  # replicas ask at their own pace
+    for r in order:
+        index = queues[r].claim()
+        if index is not None:
+            got[r].append(index)
+    assert sorted(i for claims in got.values() for i in claims) == list(range(10))
+    assert got[0][:2] == [0, 1] and got[2][0] == 2  # first come, first served
+    assert all(q.claim() is None for q in queues)
+
+
+def test_without_a_store_replicas_take_interleaved_indices():
+    queues = [WorkQueue(7, Layout(2, 1, 1), rank) for rank in range(2)]
+    assert [queues[0].claim() for _ in range(5)] == [0, 2, 4, 6, None]
+    assert [queues[1].claim() for _ in range(4)] == [1, 3, 5, None]
+
+
+# -- shard files ----------------------------------------------------------------------------------------------
+
+def test_shards_merge_into_the_output_once_even_after_a_merge_was_cut_short(tmp_path):
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(b'{"id": 1, "text": "a"}\n{"id": 2, "te')  # a writer killed mid-line
+    batch.shard_path(output, 1).write_bytes(b'{"id": 3, "text": "c"}\n{"id": 4, "text": "d"}\n{"id": 5, "t')
+    batch.shard_path(output, 2).write_bytes(b'{"id": 6, "error": "bad"}\n')
+    # as if an earlier merge had copied id 3 and died before deleting shard 1
+    with open(output, "r+b") as f:
+        f.truncate(len(b'{"id": 1, "text": "a"}\n'))
+        f.seek(0, 2)
+        f.write(b'{"id": 3, "text": "c"}\n')
+    assert batch.merge_shards(output) == 2
+    assert [json.loads(line)["id"] for line in output.read_text().splitlines()] == [1, 3, 4, 6]
+    assert not list(tmp_path.glob("*.part"))
+    assert batch.merge_shards(output) == 0
+
+
+# -- whole jobs under torchrun --------------------------------------------------------------------------------
+
+def _records(tmp_path: Path, count: int) -> str:
+    path = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": f"r{i}", "prompt": f"{i}: abcab", "max_new_tokens": 4 + (i * 7) % 17})
+             for i in range(count)]
+    path.write_text("\n".join(lines + [json.dumps({"id": "bad", "prompt": ""})]) + "\n")
+    return str(path)
+
+
+def _by_id(path: Path) -> dict:
+    return {r["id"]: r.get("token_ids", r.get("error")) for r in json_lines(path.read_text())}
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tiny_dir, tmp_path_factory):  # noqa: F811
+    tmp = tmp_path_factory.mktemp("one_rank")
+    source, output = _records(tmp, 120), tmp / "out.jsonl"
+    out = run([sys.executable, RUN, *base_args(tiny_dir, "--input", source, "--output", output)], timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return source, _by_id(output)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("procs,flags", [(2, ["--lp", "1"]), (2, ["--replicas", "2", "--batch-size", "3"]),
+                                         (4, ["--lp", "2", "--batch-size", "2"])],
+                         ids=["2x1", "2x1-batch3", "2x2-batch2"])
+def test_replicas_write_every_id_once_with_the_one_rank_tokens(tiny_dir, one_rank_run, tmp_path, procs, flags):  # noqa: F811
+    source, expected = one_rank_run
+    output = tmp_path / "out.jsonl"
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", procs, RUN,
+               *base_args(tiny_dir, "--input", source, "--output", output, *flags)], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = json_lines(output.read_text())
+    assert len(lines) == len(expected) and _by_id(output) == expected  # each id once, same tokens
+    assert not list(tmp_path.glob("*.part"))  # the shards were merged
+    summary = json.loads([line for line in out.stderr.splitlines() if line.startswith('{"summary"')][-1])["summary"]
+    assert summary["records"] == len(expected) and summary["errors"] == 1 and summary["replicas"] == 2
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60) -> int:
+    """The pid of the worker torchrun started with RANK=rank."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            parent = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker of rank {rank} under torchrun {launcher.pid}")
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_job_stops_the_job_and_the_rerun_loses_and_repeats_nothing(tiny_dir, one_rank_run,  # noqa: F811
+                                                                                          tmp_path):
+    source, expected = one_rank_run
+    output = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RUN),
+           *base_args(tiny_dir, "--input", source, "--output", str(output), "--lp", "1", "--max-new-tokens", "12")]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    victim = _rank_pid(job, 1)
+    shard = batch.shard_path(output, 1)
+    deadline = time.time() + 240
+    while time.time() < deadline and (not shard.exists() or shard.read_text().count("\n") < 3):
+        time.sleep(0.01)
+    os.kill(victim, signal.SIGKILL)
+    job.wait(timeout=120)
+    assert job.returncode != 0  # the job stopped; torchrun names the failed rank
+    assert "rank" in job.stderr.read().lower()
+    written = (output.read_text() if output.exists() else "") + shard.read_text()
+    assert 3 <= written.count("\n") < len(expected), "the kill must land mid-job"
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    ids = [r["id"] for r in json_lines(output.read_text())]
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))  # nothing lost, nothing twice
+    assert _by_id(output) == expected
