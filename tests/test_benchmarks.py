@@ -252,3 +252,22 @@ def test_sampling_benchmark_reports_each_decoding_against_transformers_own(tmp_p
     assert [(r["mode"], r["method"]) for r in rows] == [("greedy", "hf generate"), ("greedy", "lp (2, 3, 2)"),
                                                        ("T=0.8", "hf generate"), ("T=0.8", "lp (2, 3, 2)")]
     assert all(r["ms_per_token"] > 0 and r["tokens_per_step"] >= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_throughput_benchmark_compares_teams_replicas_and_batches_with_hf(tmp_path):
+    out = tmp_path / "throughput"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--model", "default", "--prompts", "5",
+           "--max-new-tokens", "6", "--batch-sizes", "2", "--window", "2", "--ngram", "3", "--guess", "2",
+           "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["setting"] for r in rows] == [
+        "HF generate, one at a time", "HF generate, batched B=2, left padding", "lp, one process",
+        "lp, one team of 2 ranks", "lp, 2 replicas of 1 rank", "lp, one process, batch B=2",
+        "lp, 2 replicas of 1 rank, batch B=2"]
+    lp_rows = rows[2:]
+    assert all(r["same_tokens_as_lp_one_process"] and r["same_tokens_as_hf_one_at_a_time"] == 5 for r in lp_rows)
+    assert all(r["new_tokens"] == rows[0]["new_tokens"] for r in lp_rows)  # the same work in every setting
+    assert "| lp, 2 replicas of 1 rank, batch B=2 | 2 | 2 |" in (out / "results.md").read_text()

@@ -1,5 +1,6 @@
 """Replicas: the world splits into replicas x lp x tp ranks; independent teams drain one queue of prompts, every id
 lands in the one --output exactly once with the tokens a one-rank run gives, and a job killed mid-way resumes."""
+import importlib.util
 import json
 import os
 import signal
@@ -106,11 +107,16 @@ def one_rank_run(tiny_dir, tmp_path_factory):  # noqa: F811
     return source, _by_id(output)
 
 
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("procs,flags", [(2, ["--lp", "1"]), (2, ["--replicas", "2", "--batch-size", "3"]),
-                                         (4, ["--lp", "2", "--batch-size", "2"])],
-                         ids=["2x1", "2x1-batch3", "2x2-batch2"])
+                                         (4, ["--lp", "2", "--batch-size", "2"]), (4, ["--tp", "2", "--lp", "1"])],
+                         ids=["2x1", "2x1-batch3", "2x2-batch2", "2x1xtp2"])
 def test_replicas_write_every_id_once_with_the_one_rank_tokens(tiny_dir, one_rank_run, tmp_path, procs, flags):  # noqa: F811
+    if "--tp" in flags and not HAS_DEEPSPEED:
+        pytest.skip("DeepSpeed is not installed (pip install 'lp[deepspeed]'): replicas of tp-sharded copies untested")
     source, expected = one_rank_run
     output = tmp_path / "out.jsonl"
     out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", procs, RUN,
