@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import lp
+from lp.greedy_rules import hf_greedy
 from models import tiny_model
 
 
@@ -17,9 +18,12 @@ def test_prompt_longer_than_the_context():
         lp.generate(model, list(range(3, 40)), max_new_tokens=3)
 
 
-def test_batches_are_refused():
-    with pytest.raises(lp.PromptError, match="batch size 2"):
-        lp.generate(tiny_model(), torch.ones(2, 4, dtype=torch.long), max_new_tokens=3)
+def test_a_decoder_refuses_a_batch_and_names_lp_generate_for_one():
+    with pytest.raises(lp.PromptError, match="batch size 2; pass input_ids.*to lp.generate"):
+        lp.Decoder(tiny_model()).generate(torch.ones(2, 4, dtype=torch.long), max_new_tokens=3)
+    rows = lp.generate(tiny_model(), torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]]), max_new_tokens=3)
+    assert [r.token_ids for r in rows] == [hf_greedy(tiny_model(), [5, 6, 7, 8], 3),
+                                           hf_greedy(tiny_model(), [9, 10, 11, 12], 3)]
 
 
 def test_sliding_window_models_are_refused_before_any_work():
