@@ -104,14 +104,16 @@ def test_writer_appends_whole_lines(tmp_path):
     assert json_lines(path.read_text(encoding="utf-8")) == [{"id": 1, "text": "é\nline"}, {"id": 2, "text": ""}]
 
 
-def test_a_batch_job_writes_results_and_error_records_and_goes_on(tiny_dir, tmp_path, capsys):
+@pytest.mark.parametrize("batch_size", ["1", "3"])
+def test_a_batch_job_writes_results_and_error_records_and_goes_on(tiny_dir, tmp_path, capsys, batch_size):
     source = write_lines(tmp_path / "in.jsonl",
                          '{"id": "p", "prompt": "def f(x):"}',
                          '{"id": "broken", "prompt": ',
                          '{"id": "m", "messages": [{"role": "user", "content": "hi"}], "max_new_tokens": 5}',
                          '{"id": "long", "prompt": "' + "x" * 600 + '"}')
     output = tmp_path / "out.jsonl"
-    assert main(base_args(tiny_dir, "--input", source, "--output", str(output), "--compare-greedy")) == 0
+    assert main(base_args(tiny_dir, "--input", source, "--output", str(output), "--compare-greedy",
+                          "--batch-size", batch_size)) == 0
     records = {r.get("id") if r.get("id") is not None else r["line"]: r for r in json_lines(output.read_text())}
     assert set(records) == {"p", 2, "m", "long"}
     assert RESULT_FIELDS | {"greedy_match"} <= set(records["p"]) and records["p"]["greedy_match"] is True

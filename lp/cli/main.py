@@ -539,12 +539,13 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
             progress.set_postfix_str(f"{totals.tokens_per_second:.1f} tok/s (this replica)", refresh=False)
 
     def next_item() -> int | None:
-        """The next claimed item that has a prompt; items that are errors already are reported on the way."""
+        """The next claimed item that has a prompt the decoder takes; the others are reported on the way."""
         while (index := queue.claim()) is not None:
             item = items[index]
-            if item["error"] is None:
+            error = item["error"] or _prompt_error(decoder, item)
+            if error is None:
                 return index
-            handle(item, Record(item["key"], item["id"], item["line"]).error_result(item["error"]))
+            handle(item, Record(item["key"], item["id"], item["line"]).error_result(error))
         return None
 
     try:
@@ -554,7 +555,8 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
                 return None if index is None else Work(index, items[index]["ids"], items[index]["max_new_tokens"],
                                                        items[index]["seed"])
 
-            longest = max((len(i["ids"]) + i["max_new_tokens"] for i in items if i["error"] is None), default=1)
+            longest = max((len(i["ids"]) + decoder.limit(i["ids"], i["max_new_tokens"]) for i in items
+                           if i["error"] is None and _prompt_error(decoder, i) is None), default=1)
             decoder.decode(source, lambda index, res: handle(items[index], _result(items[index], res, tokenizer)),
                            longest)
         else:
@@ -584,6 +586,17 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
         return 0
     failed = bootstrap.broadcast_json(totals.errors, launch)
     return EXIT_FAILED if failed else 0
+
+
+def _prompt_error(decoder, item: dict) -> str | None:
+    """Why a batched decoder cannot take this item's prompt (too long for the context, ...), or None."""
+    if not isinstance(decoder, BatchedDecoder):
+        return None  # the one-at-a-time path reports these as it decodes
+    try:
+        decoder.check_prompt(item["ids"])
+    except RECORD_ERRORS as exc:
+        return _one_line(exc)
+    return None
 
 
 def _record_result(result: dict, totals: batch.Totals, writer, args) -> None:
