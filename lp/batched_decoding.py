@@ -241,6 +241,7 @@ class BatchedDecoder(FastDecoder):
                                       "identical (same model, dtype and config on every rank?)")
             compile_s = self.compile_time_s - compiled_before
             compiled_before = self.compile_time_s
+            charged = False  # one compile is charged to one record, so a job's totals add up
             now = time.perf_counter()
             for b, job in enumerate(running):
                 count = values[b][0]
@@ -252,8 +253,9 @@ class BatchedDecoder(FastDecoder):
                     continue
                 stats = job.result
                 emit, ended = cut_at_eos(values[b][1 : 1 + count][: job.limit - stats.new_tokens], eos)
-                stats.compile_time_s += compile_s
                 job.started += compile_s  # compiling is not decoding time
+                if compile_s and not charged:
+                    stats.compile_time_s, charged = stats.compile_time_s + compile_s, True
                 stats.add_step(emit, step.lanes[b].tokens, now - job.started)
                 if ended:
                     stats.stop_reason = "eos"

@@ -95,6 +95,7 @@ def test_compiled_batch_step_equals_greedy_and_reads_the_device_once_a_step():
     decoder = BatchedDecoder(model, lp.LookaheadConfig(5, 4, 5), batch_size=2, compile=True)
     results = decoder.generate_many(prompts(5), 30)
     assert decoder.compile_error is None and [r.token_ids for r in results] == expected
+    assert sum(r.compile_time_s for r in results) == pytest.approx(decoder.compile_time_s)  # counted once
     reads = decoder.host_reads
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         results = decoder.generate_many(prompts(5), 30)  # compiled already: no compile time, same tokens

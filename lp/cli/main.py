@@ -663,7 +663,7 @@ def _summary_line(s: dict, cfg: RunConfig) -> str:
                  f"{s['throughput_tokens_per_second']:.1f} tokens/s and {s['prompts_per_second']:.2f} prompts/s "
                  f"over {s['wall_s']:.1f} s")
     if s.get("compile_time_s"):
-        line += f"; compiling took {s['compile_time_s']:.1f} s (not in tokens/s)"
+        line += f"; compiling took {s['compile_time_s']:.1f} s (not in tokens/s{', but in the job rate' * ('throughput_tokens_per_second' in s)})"
     if "greedy_match" in s:
         line += f"; greedy match: {'yes' if s['greedy_match'] else 'NO'}, speedup {s['speedup']:.2f}x"
     return line
