@@ -10,7 +10,6 @@ one device-to-host read of [B, count + accepted + diverged] per step. Each seque
 """
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -18,14 +17,13 @@ from typing import Callable, Sequence
 import torch
 
 from .config import LookaheadConfig
-from .decoding import GenerationResult, PromptError, cut_at_eos
+from .decoding import GenerationResult, cut_at_eos
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .distributed.parallel import DivergenceError
 from .fast_decoding import FastDecoder, capacity_bucket
 from .fast_step import FastStep
 from .greedy_rules import greedy_rules
-from .ngram_pool import NGramPool
 from .slot_cache import SlotCache
 
 
@@ -126,19 +124,6 @@ class BatchedDecoder(FastDecoder):
 
     # -- decoding -------------------------------------------------------------------------------------------
 
-    def check_prompt(self, prompt: Sequence[int]) -> list[int]:
-        """The prompt as a list of ids, or PromptError saying what to change."""
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise PromptError("the prompt is empty; give at least one token")
-        bad = next((t for t in prompt if not 0 <= t < self.vocab), None)
-        if bad is not None:
-            raise PromptError(f"prompt token ids must be in [0, {self.vocab}) for this model, got {bad}")
-        if self.context is not None and len(prompt) >= self.context:
-            raise PromptError(f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; "
-                              f"shorten it to at most {self.context - 1} tokens")
-        return prompt
-
     def generate_many(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int | None] | None = None,
                       seeds: Sequence[int | None] | None = None,
                       on_result: Callable[[int, GenerationResult], None] | None = None) -> list[GenerationResult]:
@@ -167,8 +152,7 @@ class BatchedDecoder(FastDecoder):
 
     def limit(self, prompt: list[int], max_new_tokens: int | None) -> int:
         """New tokens a prompt may get: its budget (default: the generation_config's), within the context."""
-        budget = greedy_rules(self.model.generation_config, len(prompt), max_new_tokens).max_new_tokens
-        return budget if self.context is None else min(budget, self.context - len(prompt))
+        return self.plan(prompt, max_new_tokens)[1]
 
     def decode(self, source: Callable[[], "Work | None"], on_result: Callable[[object, GenerationResult], None],
                longest: int) -> None:
@@ -194,19 +178,14 @@ class BatchedDecoder(FastDecoder):
         if work is None:
             return None
         prompt = self.check_prompt(work.prompt)
-        rules = greedy_rules(self.model.generation_config, len(prompt), work.max_new_tokens)
-        limit = self.limit(prompt, work.max_new_tokens)
+        rules, limit = self.plan(prompt, work.max_new_tokens)
         result = GenerationResult([], 0, [], 0.0, len(prompt), "max_new_tokens", ranks=self.team.size)
         seed = self.config.seed if work.seed is None else work.seed
         return _Job(Work(work.key, prompt, work.max_new_tokens, seed), limit, rules.max_new_tokens, rules, result, 0.0)
 
     def _start(self, lane: FastStep, job: "_Job") -> None:
-        cfg, prompt = self.config, job.work.prompt
-        host_pool = NGramPool(cfg.guess, cfg.ngram - 1)
-        if cfg.seed_pool_from_prompt:
-            host_pool.add_sequence(prompt)
-        rng = random.Random(job.work.seed)
-        window = [[prompt[rng.randrange(len(prompt))] for _ in range(cfg.window)] for _ in range(cfg.levels)]
+        prompt = job.work.prompt
+        host_pool, window = self.initial_state(prompt, job.work.seed)
         with torch.inference_mode():
             lane.rules.load(job.rules)
             lane.start(prompt, host_pool, window, job.work.seed)
@@ -230,12 +209,7 @@ class BatchedDecoder(FastDecoder):
         eos = set(idle.rules.eos_ids)
         while any(j is not None for j in running):
             with torch.inference_mode():
-                out = run()
-                self.host_reads += 1
-                self._host.copy_(out, non_blocking=True)
-                if out.device.type == "cuda":
-                    torch.cuda.current_stream().synchronize()
-            values = self._host.tolist()
+                values = self.fetch(run())
             if any(v[1 + a] for v in values):
                 raise DivergenceError("ranks disagree on the committed tokens/window/pool; the replicas are not "
                                       "identical (same model, dtype and config on every rank?)")

@@ -156,15 +156,9 @@ class Decoder:
         if seed is not None:
             check_int("seed", seed, 0, 2**63 - 1)
         self.seed = cfg.seed if seed is None else seed
-        prompt = _prompt_ids(input_ids)
-        rules = greedy_rules(self.model.generation_config, len(prompt), max_new_tokens)
+        prompt = self.check_prompt(input_ids)
+        rules, limit = self.plan(prompt, max_new_tokens)
         self._sampling = sampling_settings(self.model.generation_config, cfg)
-        if self.context is not None and len(prompt) >= self.context:
-            raise PromptError(f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; "
-                              f"shorten it to at most {self.context - 1} tokens")
-        limit = rules.max_new_tokens
-        if self.context is not None:
-            limit = min(limit, self.context - len(prompt))
         stats = result if result is not None else GenerationResult([], 0, [], 0.0, len(prompt), "max_new_tokens")
         stats.prompt_tokens, stats.ranks = len(prompt), team.size
         team.begin(cfg.ngram, cfg.window)
@@ -176,6 +170,22 @@ class Decoder:
         if stats.stop_reason != "eos" and limit < rules.max_new_tokens:
             stats.stop_reason = "context"
         stats.comm_time_s, stats.comm_bytes = sum(team.comm.seconds), sum(team.comm.bytes)
+
+    def check_prompt(self, input_ids) -> list[int]:
+        """The prompt as a list of ids, or PromptError saying what to change (empty, batched, no room left)."""
+        prompt = _prompt_ids(input_ids)
+        if self.context is not None and len(prompt) >= self.context:
+            raise PromptError(f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; "
+                              f"shorten it to at most {self.context - 1} tokens")
+        return prompt
+
+    def plan(self, prompt: list[int], max_new_tokens: int | None) -> tuple[GreedyRules, int]:
+        """The generation's rules, and how many new tokens it may make: its budget, within the model's context."""
+        rules = greedy_rules(self.model.generation_config, len(prompt), max_new_tokens)
+        limit = rules.max_new_tokens
+        if self.context is not None:
+            limit = min(limit, self.context - len(prompt))
+        return rules, limit
 
     def _decode(self, prompt: list[int], rules: GreedyRules, limit: int, stats: GenerationResult
                 ) -> Iterator[list[int]]:

@@ -58,7 +58,7 @@ class FastDecoder(Decoder):
                                team.rank, kv_sync)
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
-        self._pool = DevicePool(self.vocab, cfg.guess, cfg.ngram - 1, self.device)
+        self._pool: DevicePool | None = None  # made with the first step (a batch's lanes have pools of their own)
         self._rules: DeviceRules | None = None
         self._steps: dict[int, FastStep] = {}
         self._steps_sampling = None
@@ -72,19 +72,35 @@ class FastDecoder(Decoder):
 
     # -- the loop -----------------------------------------------------------------------------------------
 
-    def _decode(self, prompt, rules, limit, stats) -> Iterator[list[int]]:
-        cfg = self.config
-        start = time.perf_counter()
-        if max(prompt) >= self.vocab or min(prompt) < 0:
-            bad = next(t for t in prompt if not 0 <= t < self.vocab)
+    def check_prompt(self, input_ids) -> list[int]:
+        prompt = super().check_prompt(input_ids)
+        bad = next((t for t in prompt if not 0 <= t < self.vocab), None)
+        if bad is not None:
             raise PromptError(f"prompt token ids must be in [0, {self.vocab}) for this model, got {bad}")
-        if limit == 0:
-            return
+        return prompt
+
+    def initial_state(self, prompt: list[int], seed: int) -> tuple[NGramPool, list[list[int]]]:
+        """A generation's starting pool (the prompt's n-grams) and window (prompt tokens drawn by `seed`)."""
+        cfg = self.config
         host_pool = NGramPool(cfg.guess, cfg.ngram - 1)
         if cfg.seed_pool_from_prompt:
             host_pool.add_sequence(prompt)
-        rng = random.Random(self.seed)
-        window = [[prompt[rng.randrange(len(prompt))] for _ in range(cfg.window)] for _ in range(cfg.levels)]
+        rng = random.Random(seed)
+        return host_pool, [[prompt[rng.randrange(len(prompt))] for _ in range(cfg.window)] for _ in range(cfg.levels)]
+
+    def fetch(self, out: torch.Tensor) -> list:
+        """The step's one device-to-host copy, as Python values."""
+        self.host_reads += 1
+        self._host.copy_(out, non_blocking=True)
+        if out.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        return self._host.tolist()
+
+    def _decode(self, prompt, rules, limit, stats) -> Iterator[list[int]]:
+        start = time.perf_counter()
+        if limit == 0:
+            return
+        host_pool, window = self.initial_state(prompt, self.seed)
         with torch.inference_mode():  # entered per step, never across a yield: the caller's code runs as usual
             step = self._step(len(prompt) + limit, rules)
             step.start(prompt, host_pool, window, self.seed)
@@ -110,11 +126,7 @@ class FastDecoder(Decoder):
 
     def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool]:
         """The step's one device-to-host copy: [count, accepted tokens, diverged]."""
-        self.host_reads += 1
-        self._host.copy_(out, non_blocking=True)
-        if out.device.type == "cuda":
-            torch.cuda.current_stream().synchronize()
-        values = self._host.tolist()
+        values = self.fetch(out)
         a = self.shape.accept
         return values[0], values[1 : 1 + a], bool(values[1 + a])
 
@@ -127,6 +139,8 @@ class FastDecoder(Decoder):
             self._steps.clear()
             self._compiled.clear()
         self._rules.load(rules)
+        if self._pool is None:
+            self._pool = DevicePool(self.vocab, self.config.guess, self.config.ngram - 1, self.device)
         capacity = capacity_bucket(tokens + self.step_tokens)
         found = self._steps.get(capacity)
         if found is None:
