@@ -301,11 +301,19 @@ def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Deco
         if writer:
             writer.close()
     if rank0:
-        summary = totals.summary(launch.world_size, time.perf_counter() - start)
-        if args.json or args.input:
-            print(json.dumps({"summary": summary}), file=sys.stderr, flush=True)
-        if not args.json:
-            print(_summary_line(summary, cfg), flush=True)
+        _report(totals.summary(launch.world_size, time.perf_counter() - start), args, cfg)
+    return _exit_code(args, totals, launch)
+
+
+def _report(summary: dict, args, cfg: RunConfig) -> None:
+    """Rank 0's end of a run: the JSON summary on stderr (with --json or --input) and the summary line."""
+    if args.json or args.input:
+        print(json.dumps({"summary": summary}), file=sys.stderr, flush=True)
+    if not args.json:
+        print(_summary_line(summary, cfg), flush=True)
+
+
+def _exit_code(args, totals: batch.Totals, launch: Launch) -> int:
     if args.input:
         return 0  # a batch job that ran to the end succeeded; its failed records are in the output and summary
     failed = bootstrap.broadcast_json(totals.errors, launch)
@@ -578,20 +586,12 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
         summary.update(replicas=layout.replicas, batch_size=cfg.batch_size,
                        throughput_tokens_per_second=round(summary["new_tokens"] / wall, 3) if wall > 0 else 0.0,
                        prompts_per_second=round(summary["ok"] / wall, 3) if wall > 0 else 0.0)
-        if args.json or args.input:
-            print(json.dumps({"summary": summary}), file=sys.stderr, flush=True)
-        if not args.json:
-            print(_summary_line(summary, cfg), flush=True)
-    if args.input:
-        return 0
-    failed = bootstrap.broadcast_json(totals.errors, launch)
-    return EXIT_FAILED if failed else 0
+        _report(summary, args, cfg)
+    return _exit_code(args, totals, launch)
 
 
 def _prompt_error(decoder, item: dict) -> str | None:
-    """Why a batched decoder cannot take this item's prompt (too long for the context, ...), or None."""
-    if not isinstance(decoder, BatchedDecoder):
-        return None  # the one-at-a-time path reports these as it decodes
+    """Why the decoder cannot take this item's prompt (too long for the context, ...), or None."""
     try:
         decoder.check_prompt(item["ids"])
     except RECORD_ERRORS as exc:
@@ -663,7 +663,8 @@ def _summary_line(s: dict, cfg: RunConfig) -> str:
                  f"{s['throughput_tokens_per_second']:.1f} tokens/s and {s['prompts_per_second']:.2f} prompts/s "
                  f"over {s['wall_s']:.1f} s")
     if s.get("compile_time_s"):
-        line += f"; compiling took {s['compile_time_s']:.1f} s (not in tokens/s{', but in the job rate' * ('throughput_tokens_per_second' in s)})"
+        job_rate = ", but in the job rate" if "throughput_tokens_per_second" in s else ""
+        line += f"; compiling took {s['compile_time_s']:.1f} s (not in tokens/s{job_rate})"
     if "greedy_match" in s:
         line += f"; greedy match: {'yes' if s['greedy_match'] else 'NO'}, speedup {s['speedup']:.2f}x"
     return line
