@@ -145,7 +145,8 @@ def test_a_rank_whose_launcher_was_killed_stops_by_itself(tmp_path):
     launcher = subprocess.Popen([sys.executable, "-c", f"""
 import subprocess, sys
 worker = subprocess.Popen([sys.executable, {str(RUN)!r}, "--model", {str(model)!r}, "--max-new-tokens", "100000",
-                           "--window", "2", "--prompt", "a"], stdout=subprocess.DEVNULL, stderr=open({str(tmp_path / 'err')!r}, "w"))
+                           "--window", "2"] + ["--prompt", "a"] * 200,  # minutes of work: it must not end by itself
+                          stdout=subprocess.DEVNULL, stderr=open({str(tmp_path / 'err')!r}, "w"))
 open({str(pid_file)!r}, "w").write(str(worker.pid))
 worker.wait()
 """], cwd=ROOT, env=clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"))
@@ -154,7 +155,10 @@ worker.wait()
         assert time.time() < deadline, "the worker did not start"
         time.sleep(0.2)
     worker = int(pid_file.read_text())
-    time.sleep(3)  # let it get going
+    err = tmp_path / "err"
+    while "lp: loading" not in err.read_text():  # printed once the watch has begun (imports can take seconds)
+        assert time.time() < deadline, "the worker never got going"
+        time.sleep(0.2)
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
     deadline = time.time() + 20
