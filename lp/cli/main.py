@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "generation_config samples")
     p.add_argument("--kv-sync", choices=KV_SYNC, help="how ranks keep their KV caches equal")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="the compiled fast path (static cache, fixed step shape, CUDA graphs on GPUs); default: on "
-                   "for CUDA, off on CPU; compiling takes seconds per cache-size bucket, before the first step")
+                   help="the compiled fast path (static cache, fixed step shape, CUDA graphs on GPUs); default: off. "
+                   "On CUDA it is not yet exact at every setting (add --compare-greedy); compiling takes seconds "
+                   "per cache-size bucket, before the first step")
     p.add_argument("--dtype", choices=run_config.DTYPES)
     p.add_argument("--device", help="auto, cpu, cuda (cuda:LOCAL_RANK per rank) or cuda:N")
     p.add_argument("--seed", type=int)
