@@ -134,41 +134,64 @@ def test_mpirun_ranks_get_a_broadcast_loopback_port(tmp_path):
                                             {"items": [0, "é"]}]] * 2
 
 
+def start_worker_under_a_stand_in_launcher(tmp_path, then: str) -> subprocess.Popen:
+    """A stand-in for torchrun: starts one worker with torchrun's variables and minutes of work (it must not end
+    by itself), writes the worker's pid to tmp_path/worker.pid, then runs `then` (Python)."""
+    from test_cli import ROOT, RUN, clean_env, save_tiny_model
+    model = save_tiny_model(tmp_path / "m")
+    return subprocess.Popen([sys.executable, "-c", f"""
+import subprocess, sys, time
+worker = subprocess.Popen([sys.executable, {str(RUN)!r}, "--model", {str(model)!r}, "--max-new-tokens", "100000",
+                           "--window", "2"] + ["--prompt", "a"] * 200,
+                          stdout=subprocess.DEVNULL, stderr=open({str(tmp_path / 'err')!r}, "w"))
+open({str(tmp_path / 'worker.pid')!r}, "w").write(str(worker.pid))
+{then}
+"""], cwd=ROOT, env=clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"))
+
+
+def wait_until(ready, seconds: float, failure: str) -> None:
+    import time
+    deadline = time.time() + seconds
+    while not ready():
+        assert time.time() < deadline, failure
+        time.sleep(0.2)
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 @pytest.mark.slow
 def test_a_rank_whose_launcher_was_killed_stops_by_itself(tmp_path):
     import signal
-    import time
-    from test_cli import ROOT, RUN, clean_env, save_tiny_model
-    model = save_tiny_model(tmp_path / "m")
-    pid_file = tmp_path / "worker.pid"
-    # a stand-in for torchrun: starts one worker with torchrun's variables, reports its pid, then waits on it
-    launcher = subprocess.Popen([sys.executable, "-c", f"""
-import subprocess, sys
-worker = subprocess.Popen([sys.executable, {str(RUN)!r}, "--model", {str(model)!r}, "--max-new-tokens", "100000",
-                           "--window", "2"] + ["--prompt", "a"] * 200,  # minutes of work: it must not end by itself
-                          stdout=subprocess.DEVNULL, stderr=open({str(tmp_path / 'err')!r}, "w"))
-open({str(pid_file)!r}, "w").write(str(worker.pid))
-worker.wait()
-"""], cwd=ROOT, env=clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"))
-    deadline = time.time() + 60
-    while not pid_file.exists() or not pid_file.read_text():
-        assert time.time() < deadline, "the worker did not start"
-        time.sleep(0.2)
+    launcher = start_worker_under_a_stand_in_launcher(tmp_path, "worker.wait()")
+    pid_file, err = tmp_path / "worker.pid", tmp_path / "err"
+    wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60, "the worker did not start")
     worker = int(pid_file.read_text())
-    err = tmp_path / "err"
-    while "lp: loading" not in err.read_text():  # printed once the watch has begun (imports can take seconds)
-        assert time.time() < deadline, "the worker never got going"
-        time.sleep(0.2)
+    # printed once the watch has begun (imports can take seconds)
+    wait_until(lambda: "lp: loading" in err.read_text(), 60, "the worker never got going")
     launcher.send_signal(signal.SIGKILL)
     launcher.wait()
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            os.kill(worker, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    else:
-        os.kill(worker, signal.SIGKILL)
-        pytest.fail("the worker outlived its launcher by 20 s")
-    assert "the launcher" in (tmp_path / "err").read_text() and "died; stopping" in (tmp_path / "err").read_text()
+    try:
+        wait_until(lambda: gone(worker), 20, "the worker outlived its launcher by 20 s")
+    finally:
+        if not gone(worker):
+            os.kill(worker, signal.SIGKILL)
+    assert "the launcher" in err.read_text() and "died; stopping" in err.read_text()
+
+
+def test_a_rank_whose_launcher_died_while_it_was_still_importing_stops_too(tmp_path):
+    # the stand-in dies 1 s after starting the worker, while the worker still imports torch
+    assert start_worker_under_a_stand_in_launcher(tmp_path, "time.sleep(1.0)").wait() == 0
+    worker = int((tmp_path / "worker.pid").read_text())
+    try:  # imports, then the watch's first check
+        wait_until(lambda: gone(worker), 90, "the worker kept running for 90 s after its launcher died")
+    finally:
+        if not gone(worker):
+            os.kill(worker, 9)
+    err = (tmp_path / "err").read_text()
+    assert "died; stopping" in err and "lp: loading" not in err  # stopped before it loaded the model

@@ -28,7 +28,7 @@ from ..distributed.parallel import KV_SYNC, DivergenceError, ProcessGroupTeam, R
 from ..distributed.replicas import Layout, LayoutError, WorkQueue, replica_groups, split_world
 from ..distributed.tensor_parallel import TensorParallelError, empty_model, make_team, plan_groups, shard_model
 from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules, hf_greedy
-from .. import named_models
+from .. import STARTED_BY, named_models
 from ..sampling import reference_sample, sampling_settings
 from . import batch, run_config
 from .batch import InputError, Record
@@ -196,7 +196,7 @@ def _leave(code: int, clean: bool = True) -> None:
 def _run(args, own_process: bool = False) -> int:
     cfg = resolve_config(args)  # same input on every rank, so every rank fails alike: no hang
     launch = bootstrap.detect()
-    bootstrap.watch_launcher(launch)
+    bootstrap.watch_launcher(launch, STARTED_BY)
     layout = split_world(launch.world_size, cfg.tp, cfg.lp, cfg.replicas)
     if layout.lp > cfg.lookahead.window:
         raise UsageError(f"{layout.lp} ranks per lookahead team but the window has {cfg.lookahead.window} columns to "

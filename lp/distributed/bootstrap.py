@@ -172,20 +172,20 @@ def choose_device(requested: str, backend: str, launch: Launch) -> torch.device:
     return device
 
 
-def watch_launcher(launch: Launch, period_s: float = 1.0) -> threading.Thread | None:
-    """Under a launcher, stop this rank when the launcher dies: a kill -9ed torchrun leaves its workers running,
-    and a rerun of the same job would then write the same results twice."""
+def watch_launcher(launch: Launch, parent: int, period_s: float = 1.0) -> threading.Thread | None:
+    """Under a launcher, stop this rank when the launcher (pid `parent`, read when the process started) dies: a
+    kill -9ed torchrun leaves its workers running, and a rerun of the same job would then write the same results
+    twice. The first check is at once, for a launcher that died while this rank was importing."""
     if launch.launcher == "single":
         return None
-    parent = os.getppid()
 
     def watch() -> None:
         while True:
-            time.sleep(period_s)
             if os.getppid() != parent:  # re-parented: the launcher (pid `parent`) is gone
                 sys.stderr.write(f"lp: error: rank {launch.rank}: the launcher (pid {parent}) died; stopping\n")
                 sys.stderr.flush()
                 os._exit(1)
+            time.sleep(period_s)
 
     thread = threading.Thread(target=watch, name="lp-launcher-watch", daemon=True)
     thread.start()
