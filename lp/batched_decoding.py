@@ -36,6 +36,15 @@ class BatchedStep:
         self.slots = torch.zeros(len(lanes), lanes[0].tokens, dtype=torch.long, device=lanes[0].device)
         torch._dynamo.mark_static_address(self.slots)
         cache.slots = self.slots  # [B, T]: row b writes its step at its own slots
+        self.kv_buffer: torch.Tensor | None = None
+        if lanes[0].shape.kv_sync == "gather":  # every lane's entries in one buffer: one all-reduce a batch step
+            k, v = cache.layers[0].keys, cache.layers[0].values
+            self.kv_buffer = torch.zeros(len(lanes), len(cache.layers), 1, k.shape[1], lanes[0].shape.accept,
+                                         k.shape[-1] + v.shape[-1], dtype=k.dtype, device=k.device)
+            torch._dynamo.mark_static_address(self.kv_buffer)
+            for b, lane in enumerate(lanes):
+                lane.kv_buffer = self.kv_buffer[b]  # FastStep.start keeps a buffer it was given
+                torch._dynamo.mark_static_address(lane.kv_buffer)
 
     def local(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward every lane at once: exchange rows [B, row] and slots to keep [B, K]."""
@@ -116,9 +125,8 @@ class BatchedDecoder(FastDecoder):
             rows, keeps = local()
             table = team.gather_rows(rows.flatten()).view(team.size, *rows.shape)
             out = commit(table, keeps)
-            for lane in step.lanes:
-                if lane.kv_buffer is not None:
-                    team.sum_kv(lane.kv_buffer)
+            if step.kv_buffer is not None:
+                team.sum_kv(step.kv_buffer)
             return out
         return run
 

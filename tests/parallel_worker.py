@@ -61,8 +61,12 @@ def main(spec_path: str, out_path: str) -> None:
 
         if case.get("batch"):  # batched lookahead: several prompts, B lanes, one forward a step
             decoder = BatchedDecoder(model, config, case["batch"], team, compile=case.get("fast") == "compiled")
+            kv_sums = []  # a spy: how many KV all-reduces the batch steps make
+            sum_kv = team.sum_kv
+            team.sum_kv = lambda buffer: (kv_sums.append(buffer.shape), sum_kv(buffer))
             done = decoder.generate_many(case["prompts"], case["max_new"])
-            results.append({"batch_tokens": [r.token_ids for r in done]})
+            results.append({"batch_tokens": [r.token_ids for r in done], "kv_sums": len(kv_sums),
+                            "exchanges": len(team.comm.seconds)})
             team.close()
             continue
         try:

@@ -115,6 +115,8 @@ def test_a_team_of_two_decodes_a_batch_exactly(kv_sync, tmp_path):
     outs, codes = run_team(2, {"cases": [case]}, tmp_path)
     assert codes == [0, 0], [(tmp_path / f"err{r}.txt").read_text()[-1500:] for r in range(2)]
     assert [o[0]["batch_tokens"] for o in outs] == [expected, expected]
+    # gather: one all-reduce of every lane's KV entries per batch step (one exchange of rows per step)
+    assert [o[0]["kv_sums"] for o in outs] == [o[0]["exchanges"] if kv_sync == "gather" else 0 for o in outs]
 
 
 def test_lp_generate_takes_a_list_of_prompts_and_returns_a_result_each():
