@@ -28,21 +28,21 @@ class DevicePool:
         """Start a generation from a host pool whose keys are among `keys` (the prompt's n-grams, in its order)."""
         self.count.zero_()
         self.next.zero_()
-        keys, slots, values, counts = [], [], [], []
+        rows, slots, values, counts = [], [], [], []
         for key in dict.fromkeys(keys):
             entries = pool.candidates(key, self.guess)  # newest first
             if not entries:
                 continue
             c = len(entries)
             for j, entry in enumerate(entries):
-                keys.append(key)
+                rows.append(key)
                 slots.append(c - 1 - j)  # the newest sits just before the write pointer
                 values.append(entry)
             counts.append((key, c))
-        if not keys:
+        if not rows:
             return
         device = self.tokens.device
-        k = torch.tensor(keys, device=device)
+        k = torch.tensor(rows, device=device)
         self.tokens[k, torch.tensor(slots, device=device)] = torch.tensor(values, dtype=torch.long, device=device)
         ck = torch.tensor([key for key, _ in counts], device=device)
         cv = torch.tensor([c for _, c in counts], device=device)

@@ -74,6 +74,28 @@ def test_tree_defaults_keep_the_old_number_of_fed_tokens():
     assert config.tree_budget == 60 and config.lookup_count == 2 and config.tree_depth == 10
 
 
+def prompt_pool():
+    """A device pool loaded from the n-grams of a little text: under 3, (4, 5) then (6, 7); under 5, (8, 9)."""
+    import torch
+    from lp.device_pool import DevicePool
+    from lp.ngram_pool import NGramPool
+    host = NGramPool(3, 2)
+    for gram in ([1, 2, 3], [3, 4, 5], [3, 6, 7], [5, 8, 9]):
+        host.add_sequence(gram)
+    pool = DevicePool(vocab=10, guess=3, length=2, device=torch.device("cpu"))
+    pool.load(host, [1, 3, 5, 6])
+    return pool
+
+
+def test_the_device_pool_starts_with_the_prompts_n_grams_newest_first():
+    import torch
+    pool = prompt_pool()
+    tokens, ok = pool.lookup(torch.tensor(3), 0, 3)
+    assert tokens[:2].tolist() == [[6, 7], [4, 5]] and ok.tolist() == [True, True, False]
+    assert pool.lookup(torch.tensor(5), 0, 1)[0].tolist() == [[8, 9]]
+    assert not pool.lookup(torch.tensor(6), 0, 3)[1].any()  # a key with nothing after it
+
+
 @pytest.mark.slow
 def test_compiled_trees_give_greedy_tokens():
     model = tiny_model("llama", seed=7)
