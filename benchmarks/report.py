@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-# lookup, lookup_len, budget: the candidates lp verifies a step, as resolved (lp's fast path: the config's lookup_count,
-# lookup_len and tree_budget; the eager engine: 0, 0 and G*(N-1), pool candidates only); None for HF's methods
-CONFIG_KEYS = ("method", "window", "ngram", "guess", "lookup", "lookup_len", "budget", "ranks", "tp", "kv_sync",
-               "prompt_lookup")
+# lookup, lookup_len, chain, budget: the candidates lp verifies a step, as resolved (lp's fast path: the config's
+# lookup_count, lookup_len, chain_count (0 without room) and tree_budget; the eager engine: 0, 0, 0 and G*(N-1), pool
+# candidates only); None for HF's methods
+CONFIG_KEYS = ("method", "window", "ngram", "guess", "lookup", "lookup_len", "chain", "budget", "ranks", "tp",
+               "kv_sync", "prompt_lookup")
 COLUMNS = CONFIG_KEYS + (
     "prompts", "repeats", "new_tokens", "steps", "tokens_per_step", "step_ms_mean", "step_ms_p50", "step_ms_p90",
     "compute_ms_per_step", "comm_ms_per_step", "comm_ms_by_rank", "comm_ms_min", "comm_share", "comm_bytes_per_step",
@@ -38,7 +39,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def config_key(run: dict) -> tuple:
-    return tuple(run[k] for k in CONFIG_KEYS)
+    return tuple(run.get(k) for k in CONFIG_KEYS)  # .get: results written before a key existed
 
 
 def _mean_by_prompt(runs: list[dict], value) -> dict[str, float]:
@@ -161,12 +162,14 @@ def write_outputs(out_dir: Path, rows: list[dict], runs: list[dict], env: dict, 
 
 
 def candidates(row: dict) -> str:
-    """The candidates an lp row verifies a step: "lookup 2x10 budget 60" (prompt-lookup candidates x tokens each,
-    tokens fed for candidates), "lookup 0 budget 60" (pool candidates only); "" for rows without the keys."""
+    """The candidates an lp row verifies a step: "lookup 2x10 chain 2 budget 60" (prompt-lookup candidates x
+    tokens each, continuations chained onto each pool candidate, tokens fed for candidates), "lookup 0 budget 60"
+    (pool candidates only); "" for rows without the keys."""
     if row.get("lookup") is None:
         return ""
     lookup = f"{row['lookup']}x{row['lookup_len']}" if row["lookup"] else "0"
-    return f" lookup {lookup} budget {row['budget']}"
+    chain = f" chain {row['chain']}" if row.get("chain") else ""
+    return f" lookup {lookup}{chain} budget {row['budget']}"
 
 
 def _label(row: dict) -> str:

@@ -7,6 +7,7 @@ import torch
 
 
 DEFAULT_LOOKUP = 2  # prompt-lookup candidates per step on the fast path
+DEFAULT_CHAIN = 2  # continuations chained onto each pool candidate on the fast path
 
 
 class ConfigError(ValueError):
@@ -24,6 +25,9 @@ class LookaheadConfig:
     lookup, lookup_len: the fast path also verifies the continuations (lookup_len tokens each) of the `lookup`
         best places where the text's last 1-4 tokens occurred before (prompt lookup), ranked before the pool's.
         None = 2 on the fast path; the reference engine (compile off) verifies pool candidates only.
+    chain: the fast path continues each pool candidate by the `chain` newest n-grams stored under its last
+        token, as deep as the tree goes (lookup_len when prompt lookup is on; no room, no chaining). None = 2 on
+        the fast path; the reference engine does not chain.
     budget: tokens the fast path's verification tree feeds per step (None = guess * (ngram - 1)); candidates
         sharing a prefix share tokens, and the best ranked fill the budget.
     sample, temperature, top_k, top_p, min_p: sampling (lp.sampling), exact and keyed by `seed`; None = the
@@ -43,6 +47,7 @@ class LookaheadConfig:
     compile: bool | None = None
     lookup: int | None = None
     lookup_len: int = 10
+    chain: int | None = None
     budget: int | None = None
     sample: bool | None = None
     temperature: float | None = None
@@ -60,6 +65,8 @@ class LookaheadConfig:
         if self.lookup is not None:
             check_int("lookup", self.lookup, 0, 64)
         check_int("lookup_len", self.lookup_len, 1, 64)
+        if self.chain is not None:
+            check_int("chain", self.chain, 0, 16)
         if self.budget is not None:
             check_int("budget", self.budget, 0, 4096)
         if self.sample is not None:
@@ -81,6 +88,16 @@ class LookaheadConfig:
     def lookup_count(self) -> int:
         """Prompt-lookup candidates per step on the fast path."""
         return DEFAULT_LOOKUP if self.lookup is None else self.lookup
+
+    @property
+    def chain_count(self) -> int:
+        """Continuations chained onto each pool candidate on the fast path."""
+        return DEFAULT_CHAIN if self.chain is None else self.chain
+
+    @property
+    def chain_room(self) -> int:
+        """Tokens a chained continuation adds on the fast path: up to N-1, as deep as the tree goes (0: none)."""
+        return min(self.ngram - 1, self.tree_depth - (self.ngram - 1)) if self.chain_count else 0
 
     @property
     def tree_budget(self) -> int:

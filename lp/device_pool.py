@@ -57,6 +57,21 @@ class DevicePool:
         slots = (self.next.index_select(0, key) - 1 - order) % g
         return self.tokens.index_select(0, key)[0].index_select(0, slots), order < self.count.index_select(0, key)
 
+    def chained(self, tokens: torch.Tensor, valid: torch.Tensor, chain: int, room: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each candidate [K, N-1] (valid [K, N-1]) continued by each of the `chain` newest entries stored under
+        its last token, cut to `room` tokens: [K * chain, N-1 + room], candidate-major. A continuation is valid
+        where its candidate is and the entry exists: a pool n-gram that is accepted whole often runs on."""
+        g = max(self.guess, 1)
+        last = tokens[:, -1]
+        rows, oks = [], []
+        for nth in range(chain):
+            more = self.tokens[last, (self.next[last] - 1 - nth) % g][:, :room]
+            stored = valid[:, -1] & (self.count[last] > nth)
+            rows.append(torch.cat([tokens, more], 1))
+            oks.append(torch.cat([valid, stored[:, None].expand(-1, more.shape[1])], 1))
+        return torch.stack(rows, 1).flatten(0, 1), torch.stack(oks, 1).flatten(0, 1)
+
     def insert(self, grams: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Insert n-grams [M, N] where `valid` [M], in order; returns how many were new (a 0-d tensor)."""
         if self.guess == 0:

@@ -54,6 +54,13 @@ class FastShape:
     slices: tuple[Slice, ...]  # every rank's window columns and tree slots [cand_start, cand_end)
     rank: int
     kv_sync: str  # "none" (one rank), "gather" or "recompute"
+    chain: int = 0  # continuations chained onto each pool candidate (lp.device_pool.DevicePool.chained); 0: none
+    chain_room: int = 0  # tokens each continuation adds (LookaheadConfig.chain_room)
+
+    @property
+    def pool_rows(self) -> int:
+        """Candidate rows the pool gives the tree: G, or G x chain when its candidates are chained."""
+        return self.guess * (self.chain or 1)
 
     @property
     def mine(self) -> Slice:
@@ -123,10 +130,12 @@ class FastStep:
         keep = [fixed.pending - 1] + top_rows + list(range(self.fixed, self.tokens))
         self.keep_rows = torch.tensor(keep, **to)
         # the tree's candidate rows: prompt lookup's, then the pool's; this rank takes every size-th one
-        rows = shape.lookup + shape.guess
+        rows = shape.lookup + shape.pool_rows
         self.tree_rows = torch.arange(shape.rank, rows, len(shape.slices), **to)
         self.lookup_strength = torch.tensor(LOOKUP_STRENGTH, dtype=torch.float64, device=device)
-        self.pool_strength = POOL_STRENGTH * POOL_DECAY ** torch.arange(shape.guess, dtype=torch.float64, device=device)
+        # the pool's candidates, newest first; a chained row ranks as its candidate does
+        newest_first = POOL_DECAY ** torch.arange(shape.guess, dtype=torch.float64, device=device)
+        self.pool_strength = (POOL_STRENGTH * newest_first).repeat_interleave(shape.pool_rows // max(shape.guess, 1))
         row = shape.row_size  # where every rank's window outputs sit in the flattened exchange table
         self.top_index = torch.tensor([r * row + 1 + a + c for r, s in enumerate(shape.slices) for c in range(s.columns)],
                                       **to)
@@ -321,8 +330,11 @@ class FastStep:
             strength.append(self.lookup_strength[match])
         if shape.guess:
             tokens, ok = self.pool.lookup(self.pending[-1], 0, shape.guess)
+            ok = ok[:, None].expand_as(tokens)
+            if shape.chain:
+                tokens, ok = self.pool.chained(tokens, ok, shape.chain, shape.chain_room)
             parts.append(tokens)
-            valid.append(ok[:, None].expand_as(tokens))
+            valid.append(ok)
             strength.append(self.pool_strength)
         candidates = torch.cat([torch.nn.functional.pad(t, (0, depth - t.shape[1])) for t in parts])
         ok = torch.cat([torch.nn.functional.pad(v, (0, depth - v.shape[1])) for v in valid])

@@ -110,25 +110,29 @@ def test_sweep_candidate_configs_run_on_the_fast_path_only(tmp_path):
     done = subprocess.run(sweep + ["--configs", "2:3:2:1"], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 2 and "--fast-eager" in done.stderr and not (tmp_path / "sweep").exists()
 
-    cmd = sweep + ["--configs", "2:3:2,2:3:2:0,3:3:2:1:4:6", "--fast-eager", "--nproc", "1,2", "--kv-sync",
+    cmd = sweep + ["--configs", "2:3:2,2:3:2:0,3:3:2:1:4:6,2:3:2:::4:0", "--fast-eager", "--nproc", "1,2", "--kv-sync",
                    "recompute", "--prompt-lookup", "3", "--max-new-tokens", "10", "--repeats", "1", "--warmup", "0",
                    "--no-plots", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "lookahead (3,3,2) lookup 1x4 budget 6 fast path, not compiled" in done.stdout
+    assert "lookahead (3,3,2) lookup 1x4 chain 2 budget 6 fast path, not compiled" in done.stdout
     rows = json.loads((out / "results.json").read_text())["rows"]
-    got = [(r["method"], r["window"], r["lookup"], r["lookup_len"], r["budget"], r["ranks"]) for r in rows]
-    assert got == [("hf_greedy", None, None, None, None, 1), ("hf_prompt_lookup", None, None, None, None, 1),
-                   ("lookahead", 2, 0, 0, 4, 1),  # 2:3:2 and 2:3:2:0 are one eager row; 3:3:2:1:4:6 has none
-                   ("lookahead_fast_eager", 2, 2, 10, 4, 1), ("lookahead_fast_eager", 2, 0, 0, 4, 1),
-                   ("lookahead_fast_eager", 3, 1, 4, 6, 1), ("lookahead", 2, 0, 0, 4, 2)]
+    got = [(r["method"], r["window"], r["lookup"], r["lookup_len"], r["chain"], r["budget"], r["ranks"]) for r in rows]
+    hf = (None,) * 5
+    assert got == [("hf_greedy", *hf, 1), ("hf_prompt_lookup", *hf, 1),
+                   ("lookahead", 2, 0, 0, 0, 4, 1),  # 2:3:2 and 2:3:2:0 are one eager row; the others have none
+                   ("lookahead_fast_eager", 2, 2, 10, 2, 4, 1), ("lookahead_fast_eager", 2, 0, 0, 0, 4, 1),
+                   ("lookahead_fast_eager", 3, 1, 4, 2, 6, 1),
+                   ("lookahead_fast_eager", 2, 2, 10, 0, 4, 1),  # 2:3:2:::4:0, the same tree unchained
+                   ("lookahead", 2, 0, 0, 0, 4, 2)]
     assert all(r["matched_greedy"] for r in rows)
-    fast = {(r["window"], r["lookup"]): r["fed_per_step_max"] for r in rows if r["method"] == "lookahead_fast_eager"}
-    assert fast == {(2, 2): 9, (2, 0): 9, (3, 1): 13}  # 1 pending + W x (N-1) window tokens + the budget
+    fast = {(r["window"], r["lookup"], r["chain"]): r["fed_per_step_max"] for r in rows
+            if r["method"] == "lookahead_fast_eager"}
+    assert fast == {(2, 2, 2): 9, (2, 0, 0): 9, (3, 1, 2): 13, (2, 2, 0): 9}  # 1 pending + W x (N-1) + the budget
     runs = json.loads((out / "runs.json").read_text())
     for row in rows:
         mine = [r for r in runs if r["method"] == row["method"] and r["window"] == row["window"]
-                and r["lookup"] == row["lookup"] and r["ranks"] == row["ranks"]]
+                and r["lookup"] == row["lookup"] and r["chain"] == row["chain"] and r["ranks"] == row["ranks"]]
         new, fed = sum(len(r["tokens"]) for r in mine if r["rank"] == 0), sum(sum(r["fed"]) for r in mine)
         assert row["accepted_per_100_fed"] == pytest.approx(100 * new / fed, rel=0.01), row["method"]
         assert row["ms_per_token"] == pytest.approx(1e3 * row["wall_s"] / new, rel=0.01)

@@ -9,7 +9,9 @@ from models import FAMILIES, tiny_model
 from test_exactness import repetitive_prompt
 
 TREES = [dict(lookup=0), dict(lookup=2, lookup_len=10), dict(lookup=1, lookup_len=3, budget=2),
-         dict(lookup=4, lookup_len=6, budget=9), dict(lookup=3, lookup_len=12, budget=80), dict(budget=0)]
+         dict(lookup=4, lookup_len=6, budget=9), dict(lookup=3, lookup_len=12, budget=80), dict(budget=0),
+         dict(lookup=2, lookup_len=10, chain=0), dict(lookup=1, lookup_len=8, chain=3, budget=40),
+         dict(lookup=2, lookup_len=5, chain=1, budget=12)]
 
 
 def greedy_check(family: str, window: int, ngram: int, guess: int, tree: dict) -> lp.GenerationResult:
@@ -59,11 +61,13 @@ def test_the_reference_engine_refuses_tree_settings_it_does_not_apply():
         lp.Decoder(model, lp.LookaheadConfig(lookup=2))
     with pytest.raises(lp.ConfigError, match="turn compile on"):
         lp.Decoder(model, lp.LookaheadConfig(budget=30))
+    with pytest.raises(lp.ConfigError, match="turn compile on"):
+        lp.Decoder(model, lp.LookaheadConfig(chain=1))
     assert type(lp.Decoder(model, lp.LookaheadConfig(lookup=0))) is lp.Decoder  # the pool only: fine
 
 
 @pytest.mark.parametrize("field,value", [("lookup", -1), ("lookup", 65), ("lookup_len", 0), ("budget", -2),
-                                         ("budget", True)])
+                                         ("budget", True), ("chain", -1), ("chain", 17), ("chain", 1.5)])
 def test_tree_settings_are_validated(field, value):
     with pytest.raises(lp.ConfigError, match=field):
         lp.LookaheadConfig(**{field: value})
@@ -72,6 +76,14 @@ def test_tree_settings_are_validated(field, value):
 def test_tree_defaults_keep_the_old_number_of_fed_tokens():
     config = lp.LookaheadConfig(15, 5, 15)
     assert config.tree_budget == 60 and config.lookup_count == 2 and config.tree_depth == 10
+    assert config.chain_count == 2 and config.chain_room == 4  # pool 4-grams continued to 8 tokens, within 10
+
+
+def test_chaining_needs_room_below_the_trees_depth():
+    assert lp.LookaheadConfig(15, 5, 15, lookup=0).chain_room == 0  # depth N-1: the paper's pool, unchained
+    assert lp.LookaheadConfig(7, 5, 7, lookup_len=6).chain_room == 2
+    assert lp.LookaheadConfig(15, 5, 15, chain=0).chain_room == 0
+    assert lp.LookaheadConfig(15, 5, 15, chain=0).tree_depth == 10  # chaining never deepens the tree
 
 
 def prompt_pool():
@@ -94,6 +106,19 @@ def test_the_device_pool_starts_with_the_prompts_n_grams_newest_first():
     assert tokens[:2].tolist() == [[6, 7], [4, 5]] and ok.tolist() == [True, True, False]
     assert pool.lookup(torch.tensor(5), 0, 1)[0].tolist() == [[8, 9]]
     assert not pool.lookup(torch.tensor(6), 0, 3)[1].any()  # a key with nothing after it
+
+
+def test_a_chained_pool_candidate_runs_on_with_the_newest_n_grams_under_its_last_token():
+    import torch
+    candidates = torch.tensor([[2, 3], [8, 9], [4, 5]])  # ending in 3 (two stored), 9 (none), 5 (one)
+    valid = torch.tensor([[True, True], [True, True], [False, False]])
+    tokens, ok = prompt_pool().chained(candidates, valid, chain=2, room=1)
+    assert tokens[:2].tolist() == [[2, 3, 6], [2, 3, 4]]  # candidate-major, the newest continuation first
+    assert tokens[2:, :2].tolist() == [[8, 9], [8, 9], [4, 5], [4, 5]]
+    assert tokens[4, 2].item() == 8
+    assert ok.tolist() == [[True, True, True], [True, True, True],
+                           [True, True, False], [True, True, False],  # nothing stored under 9
+                           [False, False, False], [False, False, False]]  # an invalid candidate stays invalid
 
 
 @pytest.mark.slow

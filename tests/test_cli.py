@@ -235,8 +235,9 @@ def test_a_temperature_samples_and_compare_greedy_checks_against_the_plain_sampl
 
 def test_the_tree_flags_set_the_lookahead_settings():
     from lp.cli.main import build_parser, resolve_config
-    cfg = resolve_config(build_parser().parse_args(["--lookup", "1", "--lookup-len", "6", "--budget", "7"]))
-    assert (cfg.lookahead.lookup, cfg.lookahead.lookup_len, cfg.lookahead.budget) == (1, 6, 7)
+    cfg = resolve_config(build_parser().parse_args(["--lookup", "1", "--lookup-len", "6", "--budget", "7",
+                                                    "--chain", "3"]))
+    assert (cfg.lookahead.lookup, cfg.lookahead.lookup_len, cfg.lookahead.budget, cfg.lookahead.chain) == (1, 6, 7, 3)
     cfg = resolve_config(build_parser().parse_args(["--set", "lookahead.budget=9"]))
     assert cfg.lookahead.budget == 9 and cfg.lookahead.lookup is None
 

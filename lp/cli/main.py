@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guess", type=int, help="G: candidate n-grams verified per step")
     p.add_argument("--lookup", type=int, help="prompt-lookup candidates per step (fast path; default 2)")
     p.add_argument("--lookup-len", type=int, help="tokens per prompt-lookup candidate (fast path; default 10)")
+    p.add_argument("--chain", type=int, help="continuations chained onto each pool candidate, up to the tree's depth "
+                   "(fast path; default 2, 0: none)")
     p.add_argument("--budget", type=int, help="tokens the verification tree feeds per step (fast path; default "
                    "guess x (ngram - 1))")
     p.add_argument("--temperature", type=float, help="sample at this temperature (> 0 turns sampling on; exact: "
@@ -128,7 +130,8 @@ FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "k
              "replicas": "replicas", "batch_size": "batch_size",
              "trust_remote_code": "trust_remote_code", "chat": "chat", "window": "lookahead.window",
              "ngram": "lookahead.ngram", "guess": "lookahead.guess", "compile": "lookahead.compile",
-             "lookup": "lookahead.lookup", "lookup_len": "lookahead.lookup_len", "budget": "lookahead.budget",
+             "lookup": "lookahead.lookup", "lookup_len": "lookahead.lookup_len", "chain": "lookahead.chain",
+             "budget": "lookahead.budget",
              "temperature": "lookahead.temperature", "top_k": "lookahead.top_k", "top_p": "lookahead.top_p",
              "min_p": "lookahead.min_p"}
 
