@@ -123,8 +123,8 @@ def _refuse_unsupported_model(model) -> None:
 class Decoder:
     """Runs lookahead decoding of `model` with `config`, alone or as one rank of a team.
 
-    `Decoder(model, config)` is the compiled fast path (lp.fast_decoding.FastDecoder) when config.compile is on
-    (when config.compile is True) and this eager reference engine otherwise; both give greedy decoding's tokens."""
+    `Decoder(model, config)` is the compiled fast path (lp.fast_decoding.FastDecoder) when config.compile is True
+    and this eager reference engine otherwise (the default); both give greedy decoding's tokens."""
 
     def __new__(cls, model, config: LookaheadConfig | None = None, team=None, **kwargs):
         if cls is Decoder and (config or LookaheadConfig()).compiles_on(next(model.parameters()).device):
