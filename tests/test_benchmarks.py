@@ -73,7 +73,8 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "HF greedy, static cache + compiled" in done.stdout
-    assert "(2,3,2) lookup 2x10 budget 4 compiled fast path" in done.stdout  # lookup None: 2 on the fast path
+    # lookup and chain None: 2 each on the fast path
+    assert "(2,3,2) lookup 2x10 chain 2 budget 4 compiled fast path" in done.stdout
 
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
@@ -84,7 +85,8 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
     assert fast["graphs_compiled"] >= 1 and not fast["compile_error"] and fast["compile_s"] > 0
     assert data["settings"]["graphs_compiled_while_timing"] == 0 and data["settings"]["compile_s_while_timing"] == 0
     assert all(r["warmup_s"] > 0 for r in rows[2:]) and rows[3]["fed_per_step_max"] == 9  # 1 + 2*2 + 2*2
-    assert [(r["lookup"], r["budget"]) for r in rows] == [(None, None), (0, 4), (None, None), (2, 4)]
+    assert [(r["lookup"], r["chain"], r["budget"]) for r in rows] == [(None, None, None), (0, 0, 4),
+                                                                       (None, None, None), (2, 2, 4)]
     assert rows[2]["speedup_vs_greedy_compiled"] == 1.0 and rows[2]["fed_per_step_max"] == 1
 
     # greedy by hand, independent of transformers' generate and of lp: a full forward per token, argmax of the last
