@@ -39,7 +39,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def config_key(run: dict) -> tuple:
-    return tuple(run.get(k) for k in CONFIG_KEYS)  # .get: results written before a key existed
+    return tuple(run[k] for k in CONFIG_KEYS)
 
 
 def _mean_by_prompt(runs: list[dict], value) -> dict[str, float]:

@@ -311,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     if fast_only and not (args.compile or args.fast_eager):
         c = fast_only[0]
         parser.error(f"config {c.window}:{c.ngram}:{c.guess}:{c.lookup}:{c.lookup_len}:{c.budget}:{c.chain} sets a "
-                     "lookup, a chain or a budget, which only lp's fast path runs (the eager engine refuses them): add --compile or "
-                     "--fast-eager")
+                     "lookup, a chain or a budget, which only lp's fast path runs (the eager engine refuses them): add "
+                     "--compile or --fast-eager")
     torch.set_num_threads(args.threads)
     try:
         model, tokenizer = loading.load_model(args.model, getattr(torch, args.dtype))

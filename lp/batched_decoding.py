@@ -22,7 +22,7 @@ from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .distributed.parallel import DivergenceError
 from .fast_decoding import FastDecoder, capacity_bucket
-from .fast_step import FastStep
+from .fast_step import FastStep, kv_exchange_buffer
 from .greedy_rules import greedy_rules
 from .slot_cache import SlotCache
 
@@ -38,10 +38,7 @@ class BatchedStep:
         cache.slots = self.slots  # [B, T]: row b writes its step at its own slots
         self.kv_buffer: torch.Tensor | None = None
         if lanes[0].shape.kv_sync == "gather":  # every lane's entries in one buffer: one all-reduce a batch step
-            k, v = cache.layers[0].keys, cache.layers[0].values
-            self.kv_buffer = torch.zeros(len(lanes), len(cache.layers), 1, k.shape[1], lanes[0].shape.accept,
-                                         k.shape[-1] + v.shape[-1], dtype=k.dtype, device=k.device)
-            torch._dynamo.mark_static_address(self.kv_buffer)
+            self.kv_buffer = kv_exchange_buffer(cache, lanes[0].shape.accept, len(lanes))
             for b, lane in enumerate(lanes):
                 lane.kv_buffer = self.kv_buffer[b]  # FastStep.start keeps a buffer it was given
                 torch._dynamo.mark_static_address(lane.kv_buffer)

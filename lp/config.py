@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-import torch
-
 
 DEFAULT_LOOKUP = 2  # prompt-lookup candidates per step on the fast path
 DEFAULT_CHAIN = 2  # continuations chained onto each pool candidate on the fast path
@@ -109,9 +107,10 @@ class LookaheadConfig:
         """The longest candidate: how many tokens past the bonus one a step can accept."""
         return max(self.ngram - 1, self.lookup_len if self.lookup_count else 0)
 
-    def compiles_on(self, device: torch.device | str) -> bool:
-        """Whether decoding on `device` takes the compiled fast path: only when asked, on every device. On CUDA it
-        was on by default until an H200 run found it not exact at (15,5,15) (see `CUDA_COMPILE_WARNING`)."""
+    @property
+    def compiled(self) -> bool:
+        """Whether decoding takes the compiled fast path: only when asked, on every device. On CUDA it was on by
+        default until an H200 run found it not exact at (15,5,15) (see lp.fast_decoding.CUDA_COMPILE_WARNING)."""
         return bool(self.compile)
 
     @classmethod

@@ -127,7 +127,7 @@ class Decoder:
     and this eager reference engine otherwise (the default); both give greedy decoding's tokens."""
 
     def __new__(cls, model, config: LookaheadConfig | None = None, team=None, **kwargs):
-        if cls is Decoder and (config or LookaheadConfig()).compiles_on(next(model.parameters()).device):
+        if cls is Decoder and (config or LookaheadConfig()).compiled:
             from .fast_decoding import FastDecoder
             return super().__new__(FastDecoder)
         return super().__new__(cls)
@@ -394,8 +394,7 @@ def generate(model, input_ids, config: LookaheadConfig | None = None, max_new_to
             raise ValueError("on_tokens streams one sequence; with several prompts read each result's token_ids")
         prompts = [_prompt_ids(p if not isinstance(p, torch.Tensor) else p.reshape(1, -1)) for p in input_ids]
         cfg = config or LookaheadConfig()
-        decoder = BatchedDecoder(model, cfg, batch_size or min(len(prompts), 8) or 1, team,
-                                 compile=cfg.compiles_on(next(model.parameters()).device))
+        decoder = BatchedDecoder(model, cfg, batch_size or min(len(prompts), 8) or 1, team, compile=cfg.compiled)
         results = decoder.generate_many(prompts, max_new_tokens, [seed] * len(prompts))
         if tokenizer is not None:
             for r in results:

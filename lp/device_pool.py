@@ -63,14 +63,14 @@ class DevicePool:
         its last token, cut to `room` tokens: [K * chain, N-1 + room], candidate-major. A continuation is valid
         where its candidate is and the entry exists: a pool n-gram that is accepted whole often runs on."""
         g = max(self.guess, 1)
-        last = tokens[:, -1]
-        rows, oks = [], []
-        for nth in range(chain):
-            more = self.tokens[last, (self.next[last] - 1 - nth) % g][:, :room]
-            stored = valid[:, -1] & (self.count[last] > nth)
-            rows.append(torch.cat([tokens, more], 1))
-            oks.append(torch.cat([valid, stored[:, None].expand(-1, more.shape[1])], 1))
-        return torch.stack(rows, 1).flatten(0, 1), torch.stack(oks, 1).flatten(0, 1)
+        k, n = tokens.shape
+        last = tokens[:, -1:]  # [K, 1]
+        nth = torch.arange(chain, device=tokens.device)
+        more = self.tokens[last, (self.next[last] - 1 - nth) % g][..., :room]  # [K, chain, room]
+        stored = valid[:, -1:] & (self.count[last] > nth)  # [K, chain]
+        rows = torch.cat([tokens[:, None].expand(k, chain, n), more], -1)
+        oks = torch.cat([valid[:, None].expand(k, chain, n), stored[..., None].expand(k, chain, more.shape[-1])], -1)
+        return rows.flatten(0, 1), oks.flatten(0, 1)
 
     def insert(self, grams: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Insert n-grams [M, N] where `valid` [M], in order; returns how many were new (a 0-d tensor)."""

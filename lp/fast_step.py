@@ -135,7 +135,7 @@ class FastStep:
         self.lookup_strength = torch.tensor(LOOKUP_STRENGTH, dtype=torch.float64, device=device)
         # the pool's candidates, newest first; a chained row ranks as its candidate does
         newest_first = POOL_DECAY ** torch.arange(shape.guess, dtype=torch.float64, device=device)
-        self.pool_strength = (POOL_STRENGTH * newest_first).repeat_interleave(shape.pool_rows // max(shape.guess, 1))
+        self.pool_strength = (POOL_STRENGTH * newest_first).repeat_interleave(shape.chain or 1)
         row = shape.row_size  # where every rank's window outputs sit in the flattened exchange table
         self.top_index = torch.tensor([r * row + 1 + a + c for r, s in enumerate(shape.slices) for c in range(s.columns)],
                                       **to)
@@ -184,10 +184,7 @@ class FastStep:
         if self.lane is None:
             cache.slots = self.step_slots
         if self.shape.kv_sync == "gather" and self.kv_buffer is None:
-            k0, v0 = cache.layers[0].keys, cache.layers[0].values  # side by side: head sizes may differ
-            self.kv_buffer = torch.zeros(len(cache.layers), k0.shape[0], k0.shape[1], a, k0.shape[-1] + v0.shape[-1],
-                                         dtype=k0.dtype, device=self.device)
-            torch._dynamo.mark_static_address(self.kv_buffer)
+            self.kv_buffer = kv_exchange_buffer(cache, a)
         if self.kv_buffer is not None:
             self.kv_buffer.zero_()
         self.kv_start.fill_(len(body))
@@ -358,6 +355,19 @@ class FastStep:
         hidden = (rel >= t)[None, :] | (inside[None, :] & within[:, rel.clamp(0, t - 1)])
         mask = torch.zeros(t, self.capacity, dtype=self.dtype, device=self.device)
         return mask.masked_fill(hidden, torch.finfo(self.dtype).min)[None, None]
+
+
+def kv_exchange_buffer(cache: SlotCache, accept: int, lanes: int | None = None) -> torch.Tensor:
+    """Zeros at a fixed address for the winner's KV entries that kv_sync=gather sums over the ranks:
+    [layers, b, h, accept, dk + dv] (keys and values side by side: head sizes may differ), or one such buffer per
+    batch row, [lanes, layers, 1, h, accept, dk + dv], for the lanes of a batch."""
+    keys, values = cache.layers[0].keys, cache.layers[0].values
+    rows = keys.shape[0] if lanes is None else 1
+    lead = (len(cache.layers),) if lanes is None else (lanes, len(cache.layers))
+    buffer = torch.zeros(*lead, rows, keys.shape[1], accept, keys.shape[-1] + values.shape[-1], dtype=keys.dtype,
+                         device=keys.device)
+    torch._dynamo.mark_static_address(buffer)
+    return buffer
 
 
 def _pick(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

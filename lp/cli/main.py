@@ -258,7 +258,7 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
             writer.close()
         raise UsageError(message)
     items = bootstrap.broadcast_json(items, launch)
-    decoder = _decoder(model, cfg, launch, layout, device)
+    decoder = _decoder(model, cfg, launch, layout)
     try:
         if layout.replicas > 1 or cfg.batch_size > 1:
             return _drain_queue(args, cfg, launch, layout, items, decoder, model, tokenizer, writer, skipped)
@@ -491,7 +491,7 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, device: torch.device) -> Decoder:
+def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout) -> Decoder:
     """This rank's decoder in its replica's team (every rank makes every process group, in the same order)."""
     team = None
     replica = layout.replica_of(launch.rank)
@@ -509,8 +509,7 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, device: torc
                                 store=store)
     try:
         if cfg.batch_size > 1:
-            return BatchedDecoder(model, cfg.lookahead, cfg.batch_size, team,
-                                  compile=cfg.lookahead.compiles_on(device))
+            return BatchedDecoder(model, cfg.lookahead, cfg.batch_size, team, compile=cfg.lookahead.compiled)
         return Decoder(model, cfg.lookahead, team=team)
     except ValueError as exc:  # encoder-decoder or sliding-window models: the same answer on every rank
         raise UsageError(_one_line(exc)) from None
@@ -533,6 +532,8 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
     totals = batch.Totals(skipped=skipped if rank0 else 0)
     done_key = bootstrap.next_tag("done")
     start = time.perf_counter()
+    for item in items:  # a prompt the decoder cannot take (too long, ...) is that record's error, as one at a time
+        item["error"] = item["error"] or _prompt_error(decoder, item)
 
     def handle(item: dict, result: dict) -> None:
         if args.compare_greedy and "error" not in result:
@@ -554,10 +555,9 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
         """The next claimed item that has a prompt the decoder takes; the others are reported on the way."""
         while (index := queue.claim()) is not None:
             item = items[index]
-            error = item["error"] or _prompt_error(decoder, item)
-            if error is None:
+            if item["error"] is None:
                 return index
-            handle(item, Record(item["key"], item["id"], item["line"]).error_result(error))
+            handle(item, Record(item["key"], item["id"], item["line"]).error_result(item["error"]))
         return None
 
     try:
@@ -568,7 +568,7 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
                                                        items[index]["seed"])
 
             longest = max((len(i["ids"]) + decoder.limit(i["ids"], i["max_new_tokens"]) for i in items
-                           if i["error"] is None and _prompt_error(decoder, i) is None), default=1)
+                           if i["error"] is None), default=1)
             decoder.decode(source, lambda index, res: handle(items[index], _result(items[index], res, tokenizer)),
                            longest)
         else:
