@@ -134,16 +134,19 @@ def test_mpirun_ranks_get_a_broadcast_loopback_port(tmp_path):
                                             {"items": [0, "é"]}]] * 2
 
 
-def start_worker_under_a_stand_in_launcher(tmp_path, then: str) -> subprocess.Popen:
-    """A stand-in for torchrun: starts one worker with torchrun's variables and minutes of work (it must not end
-    by itself), writes the worker's pid to tmp_path/worker.pid, then runs `then` (Python)."""
+def start_worker_under_a_stand_in_launcher(tmp_path, then: str, worker_prelude: str = "") -> subprocess.Popen:
+    """A stand-in for torchrun: starts one worker (launch/run.py, after `worker_prelude` when given) with torchrun's
+    variables and minutes of work (it must not end by itself), writes the worker's pid to tmp_path/worker.pid,
+    then runs `then` (Python)."""
     from test_cli import ROOT, RUN, clean_env, save_tiny_model
     model = save_tiny_model(tmp_path / "m")
+    args = [str(RUN), "--model", str(model), "--max-new-tokens", "100000", "--window", "2"] + ["--prompt", "a"] * 200
+    worker = args if not worker_prelude else [
+        "-c", f"{worker_prelude}\nimport runpy, sys\nsys.argv = {args!r}\nrunpy.run_path(sys.argv[0], run_name='__main__')"]
     return subprocess.Popen([sys.executable, "-c", f"""
-import subprocess, sys, time
-worker = subprocess.Popen([sys.executable, {str(RUN)!r}, "--model", {str(model)!r}, "--max-new-tokens", "100000",
-                           "--window", "2"] + ["--prompt", "a"] * 200,
-                          stdout=subprocess.DEVNULL, stderr=open({str(tmp_path / 'err')!r}, "w"))
+import os, subprocess, sys, time
+worker = subprocess.Popen([sys.executable] + {worker!r}, stdout=subprocess.DEVNULL,
+                          stderr=open({str(tmp_path / 'err')!r}, "w"))
 open({str(tmp_path / 'worker.pid')!r}, "w").write(str(worker.pid))
 {then}
 """], cwd=ROOT, env=clean_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"))
@@ -185,8 +188,14 @@ def test_a_rank_whose_launcher_was_killed_stops_by_itself(tmp_path):
 
 
 def test_a_rank_whose_launcher_died_while_it_was_still_importing_stops_too(tmp_path):
-    # the stand-in dies 1 s after starting the worker, while the worker still imports torch
-    assert start_worker_under_a_stand_in_launcher(tmp_path, "time.sleep(1.0)").wait() == 0
+    # the worker imports lp (which notes its launcher), says so, and goes on only once the stand-in is gone: as if
+    # the launcher died while the worker was still importing torch
+    imported = tmp_path / "imported"
+    prelude = (f"import os, time, lp\nopen({str(imported)!r}, 'w').close()\n"
+               "while os.getppid() == lp.STARTED_BY:\n    time.sleep(0.05)")
+    launcher = start_worker_under_a_stand_in_launcher(
+        tmp_path, f"while not os.path.exists({str(imported)!r}):\n    time.sleep(0.05)", prelude)
+    assert launcher.wait(timeout=120) == 0
     worker = int((tmp_path / "worker.pid").read_text())
     try:  # imports, then the watch's first check
         wait_until(lambda: gone(worker), 90, "the worker kept running for 90 s after its launcher died")

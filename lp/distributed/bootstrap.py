@@ -179,14 +179,18 @@ def watch_launcher(launch: Launch, parent: int, period_s: float = 1.0) -> thread
     if launch.launcher == "single":
         return None
 
+    def check() -> None:
+        if os.getppid() != parent:  # re-parented: the launcher (pid `parent`) is gone
+            sys.stderr.write(f"lp: error: rank {launch.rank}: the launcher (pid {parent}) died; stopping\n")
+            sys.stderr.flush()
+            os._exit(1)
+
     def watch() -> None:
         while True:
-            if os.getppid() != parent:  # re-parented: the launcher (pid `parent`) is gone
-                sys.stderr.write(f"lp: error: rank {launch.rank}: the launcher (pid {parent}) died; stopping\n")
-                sys.stderr.flush()
-                os._exit(1)
             time.sleep(period_s)
+            check()
 
+    check()  # here, not in the thread: a rank whose launcher is gone already goes no further
     thread = threading.Thread(target=watch, name="lp-launcher-watch", daemon=True)
     thread.start()
     return thread
