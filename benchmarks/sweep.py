@@ -112,11 +112,12 @@ def eager_keys(cfg: LookaheadConfig, ranks: int = 1, tp: int = 1, kv_sync: str =
                 budget=cfg.guess * (cfg.ngram - 1), ranks=ranks, tp=tp, kv_sync=kv_sync, prompt_lookup=0)
 
 
-def fast_keys(cfg: LookaheadConfig) -> dict:
-    """A row's config keys for lp's fast path (one process): the lookup and budget it resolves the config to."""
+def fast_keys(cfg: LookaheadConfig, device_type: str) -> dict:
+    """A row's config keys for lp's fast path (one process) on a device of this type: the lookup and budget it
+    resolves the config to."""
     return dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, lookup=cfg.lookup_count,
                 lookup_len=cfg.lookup_len if cfg.lookup_count else 0,
-                chain=cfg.chain_count if cfg.chain_room else 0, budget=cfg.tree_budget, ranks=1, tp=1,
+                chain=cfg.chain_count if cfg.chain_room else 0, budget=cfg.tree_budget(device_type), ranks=1, tp=1,
                 kv_sync="none", prompt_lookup=0)
 
 
@@ -148,8 +149,9 @@ def in_process_methods(args, model, configs) -> list[tuple]:
         for keys, cfg in distinct([c for c in configs if runs_eagerly(c)], eager_keys):
             decoder = Decoder(model, replace(cfg, compile=False))
             methods.append(("lookahead", keys, lambda ids, d=decoder: time_lookahead(d, ids, args.max_new_tokens)))
+    device_type = next(model.parameters()).device.type
     if getattr(args, "fast_eager", False):
-        for keys, cfg in distinct(configs, fast_keys):
+        for keys, cfg in distinct(configs, lambda c: fast_keys(c, device_type)):
             methods.append(("lookahead_fast_eager", keys, fast_run(FastDecoder(model, cfg, compile=False), args)))
     if args.compile:
         methods += compiled_methods(args, model, configs)
@@ -175,7 +177,8 @@ def compiled_methods(args, model, configs) -> list[tuple]:
     methods = [("hf_greedy_compiled", dict(HF_KEYS, prompt_lookup=0),
                 lambda ids: time_hf(model, ids, args.max_new_tokens, cache_implementation="static",
                                     compile_config=compile_config))]
-    for keys, cfg in distinct(configs, fast_keys):
+    device_type = next(model.parameters()).device.type
+    for keys, cfg in distinct(configs, lambda c: fast_keys(c, device_type)):
         methods.append(("lookahead_compiled", keys, fast_run(FastDecoder(model, cfg, compile=True), args)))
     return methods
 

@@ -26,8 +26,8 @@ class LookaheadConfig:
     chain: the fast path continues each pool candidate by the `chain` newest n-grams stored under its last
         token, as deep as the tree goes (lookup_len when prompt lookup is on; no room, no chaining). None = 2 on
         the fast path; the reference engine does not chain.
-    budget: tokens the fast path's verification tree feeds per step (None = guess * (ngram - 1)); candidates
-        sharing a prefix share tokens, and the best ranked fill the budget.
+    budget: tokens the fast path's verification tree feeds per step (None = guess * (ngram - 1) on GPUs, half
+        that on CPUs: `tree_budget`); candidates sharing a prefix share tokens, and the best ranked fill the budget.
     sample, temperature, top_k, top_p, min_p: sampling (lp.sampling), exact and keyed by `seed`; None = the
         model's generation_config (do_sample as generate() reads it). sample=False or temperature 0 = greedy.
     seed: seeds the initial guesses of the window so runs are reproducible (and identical on every rank).
@@ -97,10 +97,15 @@ class LookaheadConfig:
         """Tokens a chained continuation adds on the fast path: up to N-1, as deep as the tree goes (0: none)."""
         return min(self.ngram - 1, self.tree_depth - (self.ngram - 1)) if self.chain_count else 0
 
-    @property
-    def tree_budget(self) -> int:
-        """Tokens the verification tree feeds per step."""
-        return self.guess * (self.ngram - 1) if self.budget is None else self.budget
+    def tree_budget(self, device_type: str) -> int:
+        """Tokens the verification tree feeds per step on a device of this type ("cpu", "cuda", ...): `budget`
+        when set. By default G*(N-1) on accelerators, where a step of a few hundred tokens costs about what a
+        small one does, and half that (rounded up) on CPUs, where every fed token costs: there half the tree
+        keeps nearly all the accepted tokens for 25 % fewer fed (benchmarks/README.md (e3))."""
+        if self.budget is not None:
+            return self.budget
+        full = self.guess * (self.ngram - 1)
+        return (full + 1) // 2 if device_type == "cpu" else full
 
     @property
     def tree_depth(self) -> int:

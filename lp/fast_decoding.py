@@ -60,7 +60,7 @@ class FastDecoder(Decoder):
         kv_sync = "none" if team.size == 1 else team.kv_sync
         depth = cfg.tree_depth
         pending = depth + 1 if kv_sync == "recompute" else 1
-        slices = tuple(split_step(cfg.window, cfg.levels, cfg.tree_budget, 1, [pending] * team.size))
+        slices = tuple(split_step(cfg.window, cfg.levels, cfg.tree_budget(self.device.type), 1, [pending] * team.size))
         self.shape = FastShape(cfg.window, cfg.ngram, cfg.guess, cfg.lookup_count, cfg.lookup_len, depth, pending, slices,
                                team.rank, kv_sync, cfg.chain_count if cfg.chain_room else 0, cfg.chain_room)
         self.vocab = model.get_output_embeddings().weight.shape[0]

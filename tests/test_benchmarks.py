@@ -73,8 +73,8 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "HF greedy, static cache + compiled" in done.stdout
-    # lookup and chain None: 2 each on the fast path
-    assert "(2,3,2) lookup 2x10 chain 2 budget 4 compiled fast path" in done.stdout
+    # lookup and chain None: 2 each on the fast path; the budget None: G*(N-1) = 4 halved on a CPU
+    assert "(2,3,2) lookup 2x10 chain 2 budget 2 compiled fast path" in done.stdout
 
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
@@ -84,9 +84,9 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
     fast = compiled["lookahead_compiled"]
     assert fast["graphs_compiled"] >= 1 and not fast["compile_error"] and fast["compile_s"] > 0
     assert data["settings"]["graphs_compiled_while_timing"] == 0 and data["settings"]["compile_s_while_timing"] == 0
-    assert all(r["warmup_s"] > 0 for r in rows[2:]) and rows[3]["fed_per_step_max"] == 9  # 1 + 2*2 + 2*2
+    assert all(r["warmup_s"] > 0 for r in rows[2:]) and rows[3]["fed_per_step_max"] == 7  # 1 + 2*2 + 2
     assert [(r["lookup"], r["chain"], r["budget"]) for r in rows] == [(None, None, None), (0, 0, 4),
-                                                                       (None, None, None), (2, 2, 4)]
+                                                                       (None, None, None), (2, 2, 2)]
     assert rows[2]["speedup_vs_greedy_compiled"] == 1.0 and rows[2]["fed_per_step_max"] == 1
 
     # greedy by hand, independent of transformers' generate and of lp: a full forward per token, argmax of the last
@@ -123,14 +123,15 @@ def test_sweep_candidate_configs_run_on_the_fast_path_only(tmp_path):
     hf = (None,) * 5
     assert got == [("hf_greedy", *hf, 1), ("hf_prompt_lookup", *hf, 1),
                    ("lookahead", 2, 0, 0, 0, 4, 1),  # 2:3:2 and 2:3:2:0 are one eager row; the others have none
-                   ("lookahead_fast_eager", 2, 2, 10, 2, 4, 1), ("lookahead_fast_eager", 2, 0, 0, 0, 4, 1),
+                   # the fast path's default budget on a CPU: half of G*(N-1)
+                   ("lookahead_fast_eager", 2, 2, 10, 2, 2, 1), ("lookahead_fast_eager", 2, 0, 0, 0, 2, 1),
                    ("lookahead_fast_eager", 3, 1, 4, 2, 6, 1),
                    ("lookahead_fast_eager", 2, 2, 10, 0, 4, 1),  # 2:3:2:::4:0, the same tree unchained
                    ("lookahead", 2, 0, 0, 0, 4, 2)]
     assert all(r["matched_greedy"] for r in rows)
     fast = {(r["window"], r["lookup"], r["chain"]): r["fed_per_step_max"] for r in rows
             if r["method"] == "lookahead_fast_eager"}
-    assert fast == {(2, 2, 2): 9, (2, 0, 0): 9, (3, 1, 2): 13, (2, 2, 0): 9}  # 1 pending + W x (N-1) + the budget
+    assert fast == {(2, 2, 2): 7, (2, 0, 0): 7, (3, 1, 2): 13, (2, 2, 0): 9}  # 1 pending + W x (N-1) + the budget
     runs = json.loads((out / "runs.json").read_text())
     for row in rows:
         mine = [r for r in runs if r["method"] == row["method"] and r["window"] == row["window"]
@@ -207,10 +208,10 @@ def test_gpu_fast_path_smoke_runs_the_same_code_on_a_tiny_cpu_model(tmp_path):
            "--tokens-per-step", "2:3:2=2.5", "--bandwidth-gbs", "100", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| compiled greedy step |" in done.stdout and "| lp FastDecoder step | 2:3:2 | 9 |" in done.stdout
+    assert "| compiled greedy step |" in done.stdout and "| lp FastDecoder step | 2:3:2 | 7 |" in done.stdout
     result = json.loads(out.read_text())
     greedy, fast = result["rows"]
-    assert greedy["tokens_fed"] == 1 and fast["tokens_fed"] == 1 + 2 * 2 + 2 * 2 and not fast["compile_error"]
+    assert greedy["tokens_fed"] == 1 and fast["tokens_fed"] == 1 + 2 * 2 + 2 and not fast["compile_error"]
     assert fast["ms_per_token"] == pytest.approx(fast["ms_median"] / 2.5, rel=1e-3)
     assert result["floor"]["ms"] == pytest.approx(result["parameter_bytes"] / 100e9 * 1e3, rel=1e-3)
     assert [g["goal"] for g in result["goals"]] == [1.3, 1.3]

@@ -73,9 +73,12 @@ def test_tree_settings_are_validated(field, value):
         lp.LookaheadConfig(**{field: value})
 
 
-def test_tree_defaults_keep_the_old_number_of_fed_tokens():
+def test_tree_defaults_keep_the_old_number_of_fed_tokens_on_gpus_and_half_on_cpus():
     config = lp.LookaheadConfig(15, 5, 15)
-    assert config.tree_budget == 60 and config.lookup_count == 2 and config.tree_depth == 10
+    assert config.tree_budget("cuda") == 60 and config.lookup_count == 2 and config.tree_depth == 10
+    assert config.tree_budget("cpu") == 30  # a CPU pays for every fed token
+    assert lp.LookaheadConfig(1, 2, 1).tree_budget("cpu") == 1  # rounded up: a tree of one never becomes none
+    assert lp.LookaheadConfig(15, 5, 15, budget=60).tree_budget("cpu") == 60  # a set budget holds everywhere
     assert config.chain_count == 2 and config.chain_room == 4  # pool 4-grams continued to 8 tokens, within 10
 
 

@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chain", type=int, help="continuations chained onto each pool candidate, up to the tree's depth "
                    "(fast path; default 2, 0: none)")
     p.add_argument("--budget", type=int, help="tokens the verification tree feeds per step (fast path; default "
-                   "guess x (ngram - 1))")
+                   "guess x (ngram - 1) on GPUs, half that on CPUs)")
     p.add_argument("--temperature", type=float, help="sample at this temperature (> 0 turns sampling on; exact: "
                    "equal to a one-token-at-a-time sampler with the same --seed)")
     p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0 = off)")
