@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 # lookup, lookup_len, chain, budget: the candidates lp verifies a step, as resolved (lp's fast path: the config's
-# lookup_count, lookup_len, chain_count (0 without room) and tree_budget; the eager engine: 0, 0, 0 and G*(N-1), pool
+# lookup_count, lookup_len, chain_count and tree_budget; the eager engine: 0, 0, 0 and G*(N-1), pool
 # candidates only); None for HF's methods
 CONFIG_KEYS = ("method", "window", "ngram", "guess", "lookup", "lookup_len", "chain", "budget", "ranks", "tp",
                "kv_sync", "prompt_lookup")

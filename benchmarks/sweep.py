@@ -117,7 +117,7 @@ def fast_keys(cfg: LookaheadConfig, device_type: str) -> dict:
     resolves the config to."""
     return dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, lookup=cfg.lookup_count,
                 lookup_len=cfg.lookup_len if cfg.lookup_count else 0,
-                chain=cfg.chain_count if cfg.chain_room else 0, budget=cfg.tree_budget(device_type), ranks=1, tp=1,
+                chain=cfg.chain_count, budget=cfg.tree_budget(device_type), ranks=1, tp=1,
                 kv_sync="none", prompt_lookup=0)
 
 

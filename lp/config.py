@@ -89,8 +89,10 @@ class LookaheadConfig:
 
     @property
     def chain_count(self) -> int:
-        """Continuations chained onto each pool candidate on the fast path."""
-        return DEFAULT_CHAIN if self.chain is None else self.chain
+        """Continuations chained onto each pool candidate on the fast path: none when the tree is no deeper than
+        a pool n-gram (no room to continue it)."""
+        chain = DEFAULT_CHAIN if self.chain is None else self.chain
+        return chain if self.tree_depth > self.ngram - 1 else 0
 
     @property
     def chain_room(self) -> int:

@@ -62,7 +62,7 @@ class FastDecoder(Decoder):
         pending = depth + 1 if kv_sync == "recompute" else 1
         slices = tuple(split_step(cfg.window, cfg.levels, cfg.tree_budget(self.device.type), 1, [pending] * team.size))
         self.shape = FastShape(cfg.window, cfg.ngram, cfg.guess, cfg.lookup_count, cfg.lookup_len, depth, pending, slices,
-                               team.rank, kv_sync, cfg.chain_count if cfg.chain_room else 0, cfg.chain_room)
+                               team.rank, kv_sync, cfg.chain_count, cfg.chain_room)
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self._pool: DevicePool | None = None  # made with the first step (a batch's lanes have pools of their own)

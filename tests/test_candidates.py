@@ -83,7 +83,8 @@ def test_tree_defaults_keep_the_old_number_of_fed_tokens_on_gpus_and_half_on_cpu
 
 
 def test_chaining_needs_room_below_the_trees_depth():
-    assert lp.LookaheadConfig(15, 5, 15, lookup=0).chain_room == 0  # depth N-1: the paper's pool, unchained
+    unchained = lp.LookaheadConfig(15, 5, 15, lookup=0)  # depth N-1: the paper's pool, no room to chain
+    assert unchained.chain_room == 0 and unchained.chain_count == 0
     assert lp.LookaheadConfig(7, 5, 7, lookup_len=6).chain_room == 2
     assert lp.LookaheadConfig(15, 5, 15, chain=0).chain_room == 0
     assert lp.LookaheadConfig(15, 5, 15, chain=0).tree_depth == 10  # chaining never deepens the tree
