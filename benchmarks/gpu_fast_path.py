@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
         args.steps, args.warmup_steps, args.prompt_tokens = min(args.steps, 4), min(args.warmup_steps, 2), 8
     shape = SMOKE_SHAPE if args.smoke else dict(hidden=4096, layers=32, heads=32, ffn=11008, vocab=32000)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (--smoke: not a measurement)"
-    configs = [LookaheadConfig(*map(int, c.split(":"))) for c in args.configs.split(",") if c]
+    # the full step's time: plain steps (one token, when a step has no candidate) would mix in greedy steps
+    configs = [LookaheadConfig(*map(int, c.split(":")), plain_steps=False) for c in args.configs.split(",") if c]
     assumed = parse_tokens_per_step(args.tokens_per_step)
     began = time.time()
     model = build_model(shape, device, dtype)

@@ -17,8 +17,9 @@ import torch
 
 # lookup, lookup_len, chain, budget: the candidates lp verifies a step, as resolved (lp's fast path: the config's
 # lookup_count, lookup_len, chain_count and tree_budget; the eager engine: 0, 0, 0 and G*(N-1), pool
-# candidates only); None for HF's methods
-CONFIG_KEYS = ("method", "window", "ngram", "guess", "lookup", "lookup_len", "chain", "budget", "ranks", "tp",
+# candidates only); plain: 1 where a step with no candidate runs as a one-token step (plain_steps_on); None for
+# HF's methods
+CONFIG_KEYS = ("method", "window", "ngram", "guess", "lookup", "lookup_len", "chain", "budget", "plain", "ranks", "tp",
                "kv_sync", "prompt_lookup")
 COLUMNS = CONFIG_KEYS + (
     "prompts", "repeats", "new_tokens", "steps", "tokens_per_step", "step_ms_mean", "step_ms_p50", "step_ms_p90",
@@ -164,12 +165,14 @@ def write_outputs(out_dir: Path, rows: list[dict], runs: list[dict], env: dict, 
 def candidates(row: dict) -> str:
     """The candidates an lp row verifies a step: "lookup 2x10 chain 2 budget 60" (prompt-lookup candidates x
     tokens each, continuations chained onto each pool candidate, tokens fed for candidates), "lookup 0 budget 60"
-    (pool candidates only); "" for rows without the keys."""
+    (pool candidates only), then "plain steps" where steps with no candidate feed one token; "" for rows without
+    the keys."""
     if row.get("lookup") is None:
         return ""
     lookup = f"{row['lookup']}x{row['lookup_len']}" if row["lookup"] else "0"
     chain = f" chain {row['chain']}" if row.get("chain") else ""
-    return f" lookup {lookup}{chain} budget {row['budget']}"
+    plain = " plain steps" if row.get("plain") else ""
+    return f" lookup {lookup}{chain} budget {row['budget']}{plain}"
 
 
 def _label(row: dict) -> str:

@@ -31,8 +31,8 @@ from lp.distributed.bootstrap import free_port  # noqa: E402
 from lp.fast_decoding import FastDecoder, capacity_bucket  # noqa: E402
 
 WORKER = Path(__file__).resolve().with_name("rank_worker.py")
-HF_KEYS = dict(window=None, ngram=None, guess=None, lookup=None, lookup_len=None, chain=None, budget=None, ranks=1,
-               tp=1, kv_sync=None)
+HF_KEYS = dict(window=None, ngram=None, guess=None, lookup=None, lookup_len=None, chain=None, budget=None, plain=None,
+               ranks=1, tp=1, kv_sync=None)
 
 
 def int_list(text: str) -> list[int]:
@@ -48,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int_list, default=[15])
     p.add_argument("--ngram", type=int_list, default=[5])
     p.add_argument("--guess", type=int_list, default=[15])
-    p.add_argument("--configs", type=config_list, help="explicit W:N:G[:LOOKUP[:LOOKUP_LEN[:BUDGET[:CHAIN]]]] list "
-                   "instead of the grid, e.g. 15:5:15:0,15:5:15:2:10,1:2:0:1:10:10,15:5:15:::60:0 (LOOKUP: "
-                   "prompt-lookup candidates a step, 0 = pool only, the eager engine's policy; LOOKUP_LEN: tokens "
-                   "each; BUDGET: tokens fed for candidates; CHAIN: continuations chained onto each pool candidate; an "
-                   "empty field keeps the default; a LOOKUP, CHAIN > 0 or a BUDGET runs on lp's fast path only: "
-                   "--compile or --fast-eager)")
+    p.add_argument("--configs", type=config_list, help="explicit W:N:G[:LOOKUP[:LOOKUP_LEN[:BUDGET[:CHAIN[:PLAIN]]]]] "
+                   "list instead of the grid, e.g. 15:5:15:0,15:5:15:2:10,1:2:0:1:10:10,15:5:15:::60:0,1:2:0:1:4:4::1 "
+                   "(LOOKUP: prompt-lookup candidates a step, 0 = pool only, the eager engine's policy; LOOKUP_LEN: "
+                   "tokens each; BUDGET: tokens fed for candidates; CHAIN: continuations chained onto each pool "
+                   "candidate; PLAIN: 1 = a step with no candidate feeds one token, 0 = it runs whole; an empty field "
+                   "keeps the default; a LOOKUP, CHAIN > 0, BUDGET or PLAIN = 1 runs on lp's fast path only: --compile "
+                   "or --fast-eager)")
     p.add_argument("--nproc", type=int_list, default=[1], help="ranks; 1 = one process (no process group)")
     p.add_argument("--tp", type=int_list, default=[1], help="tensor-parallel ranks per replica (DeepSpeed AutoTP) "
                    "for P>1 teams: --nproc 2 --tp 2 is TP only, --nproc 4 --tp 2 is 2 replicas x TP 2")
@@ -76,19 +77,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-CONFIG_FIELDS = ("window", "ngram", "guess", "lookup", "lookup_len", "budget", "chain")
+CONFIG_FIELDS = ("window", "ngram", "guess", "lookup", "lookup_len", "budget", "chain", "plain_steps")
+
+
+def config_value(field: str, text: str):
+    """One config field's value: an integer, or for plain_steps 0 or 1 (anything else is refused by the config)."""
+    value = int(text)
+    return bool(value) if field == "plain_steps" and value in (0, 1) else value
 
 
 def config_list(text: str) -> list[LookaheadConfig]:
-    """W:N:G[:LOOKUP[:LOOKUP_LEN[:BUDGET[:CHAIN]]]],... as lookahead configs (argparse type: a bad entry is a usage
-    error); an empty field keeps the default ("15:5:15:::60:0")."""
+    """W:N:G[:LOOKUP[:LOOKUP_LEN[:BUDGET[:CHAIN[:PLAIN]]]]],... as lookahead configs (argparse type: a bad entry is
+    a usage error); an empty field keeps the default ("15:5:15:::60:0")."""
     configs = []
     for entry in filter(None, (c.strip() for c in text.split(","))):
         parts = entry.split(":")
         if not 3 <= len(parts) <= len(CONFIG_FIELDS):
-            raise argparse.ArgumentTypeError(f"{entry!r}: expected W:N:G[:LOOKUP[:LOOKUP_LEN[:BUDGET[:CHAIN]]]]")
+            raise argparse.ArgumentTypeError(f"{entry!r}: expected W:N:G[:LOOKUP[:LOOKUP_LEN[:BUDGET[:CHAIN[:PLAIN]]]]]")
         try:
-            configs.append(LookaheadConfig(**{k: int(v) for k, v in zip(CONFIG_FIELDS, parts) if v.strip()}))
+            configs.append(LookaheadConfig(**{k: config_value(k, v) for k, v in zip(CONFIG_FIELDS, parts)
+                                              if v.strip()}))
         except (ValueError, ConfigError) as error:
             raise argparse.ArgumentTypeError(f"{entry!r}: {error}") from None
     return configs
@@ -102,22 +110,24 @@ def lookahead_configs(args) -> list[LookaheadConfig]:
 
 def runs_eagerly(cfg: LookaheadConfig) -> bool:
     """Whether lp's eager reference engine (Decoder, compile off) takes this config: it verifies pool candidates
-    only, so it refuses a lookup > 0, a chain > 0 or a budget; a lookup or chain left None means 0 there."""
-    return not cfg.lookup and not cfg.chain and cfg.budget is None
+    only, so it refuses a lookup > 0, a chain > 0, a budget or plain steps; a lookup or chain left None means 0
+    there, and so do plain steps."""
+    return not cfg.lookup and not cfg.chain and cfg.budget is None and not cfg.plain_steps
 
 
 def eager_keys(cfg: LookaheadConfig, ranks: int = 1, tp: int = 1, kv_sync: str = "none") -> dict:
     """A row's config keys for the eager engine: pool candidates only, up to G of N-1 tokens each."""
     return dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, lookup=0, lookup_len=0, chain=0,
-                budget=cfg.guess * (cfg.ngram - 1), ranks=ranks, tp=tp, kv_sync=kv_sync, prompt_lookup=0)
+                budget=cfg.guess * (cfg.ngram - 1), plain=0, ranks=ranks, tp=tp, kv_sync=kv_sync, prompt_lookup=0)
 
 
 def fast_keys(cfg: LookaheadConfig, device_type: str) -> dict:
-    """A row's config keys for lp's fast path (one process) on a device of this type: the lookup and budget it
-    resolves the config to."""
+    """A row's config keys for lp's fast path (one process) on a device of this type: the lookup, budget and plain
+    steps it resolves the config to."""
     return dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, lookup=cfg.lookup_count,
                 lookup_len=cfg.lookup_len if cfg.lookup_count else 0,
-                chain=cfg.chain_count, budget=cfg.tree_budget(device_type), ranks=1, tp=1,
+                chain=cfg.chain_count, budget=cfg.tree_budget(device_type),
+                plain=int(cfg.plain_steps_on(device_type)), ranks=1, tp=1,
                 kv_sync="none", prompt_lookup=0)
 
 
@@ -313,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     fast_only = [c for c in lookahead_configs(args) if not runs_eagerly(c)]
     if fast_only and not (args.compile or args.fast_eager):
         c = fast_only[0]
-        parser.error(f"config {c.window}:{c.ngram}:{c.guess}:{c.lookup}:{c.lookup_len}:{c.budget}:{c.chain} sets a "
-                     "lookup, a chain or a budget, which only lp's fast path runs (the eager engine refuses them): add "
+        parser.error(f"config {c.window}:{c.ngram}:{c.guess}:{c.lookup}:{c.lookup_len}:{c.budget}:{c.chain}:"
+                     f"{c.plain_steps} sets a lookup, a chain, a budget or plain steps, which only lp's fast path runs (the eager engine refuses them): add "
                      "--compile or --fast-eager")
     torch.set_num_threads(args.threads)
     try:

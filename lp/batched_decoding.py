@@ -11,7 +11,7 @@ one device-to-host read of [B, count + accepted + diverged] per step. Each seque
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -55,7 +55,7 @@ class BatchedStep:
         return torch.stack(rows), torch.stack(keeps)
 
     def commit(self, table: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
-        """Commit each lane from the team's table [ranks, B, row]; returns the host-bound [B, accept + 2]."""
+        """Commit each lane from the team's table [ranks, B, row]; returns the host-bound [B, accept + 3]."""
         return torch.stack([lane.commit(table[:, b], keeps[b]) for b, lane in enumerate(self.lanes)])
 
     def solo(self) -> torch.Tensor:
@@ -75,11 +75,12 @@ class BatchedDecoder(FastDecoder):
     def __init__(self, model, config: LookaheadConfig | None = None, batch_size: int = 4, team=None,
                  compile: bool = True):
         super().__init__(model, config, team, compile)
+        self.shape = replace(self.shape, plain=False)  # the lanes share one forward, so every step runs whole
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= 256:
             raise ValueError(f"batch_size must be an integer in [1, 256], got {batch_size!r}")
         self.batch_size = batch_size
         self._batched: dict[int, BatchedStep] = {}
-        self._host = torch.zeros(batch_size, self.shape.accept + 2, dtype=torch.long,
+        self._host = torch.zeros(batch_size, self.shape.out_size, dtype=torch.long,
                                  pin_memory=self.device.type == "cuda")
 
     # -- building -------------------------------------------------------------------------------------------

@@ -28,6 +28,9 @@ class LookaheadConfig:
         the fast path; the reference engine does not chain.
     budget: tokens the fast path's verification tree feeds per step (None = guess * (ngram - 1) on GPUs, half
         that on CPUs: `tree_budget`); candidates sharing a prefix share tokens, and the best ranked fill the budget.
+    plain_steps: a fast-path step whose tree would hold no candidate feeds only the last token, as greedy decoding
+        does, and the window waits (one rank, one sequence a forward). None = on CPUs and where G = 0:
+        `plain_steps_on`.
     sample, temperature, top_k, top_p, min_p: sampling (lp.sampling), exact and keyed by `seed`; None = the
         model's generation_config (do_sample as generate() reads it). sample=False or temperature 0 = greedy.
     seed: seeds the initial guesses of the window so runs are reproducible (and identical on every rank).
@@ -47,6 +50,7 @@ class LookaheadConfig:
     lookup_len: int = 10
     chain: int | None = None
     budget: int | None = None
+    plain_steps: bool | None = None
     sample: bool | None = None
     temperature: float | None = None
     top_k: int | None = None
@@ -67,6 +71,8 @@ class LookaheadConfig:
             check_int("chain", self.chain, 0, 16)
         if self.budget is not None:
             check_int("budget", self.budget, 0, 4096)
+        if self.plain_steps is not None:
+            check_bool("plain_steps", self.plain_steps)
         if self.sample is not None:
             check_bool("sample", self.sample)
         if self.top_k is not None:
@@ -108,6 +114,16 @@ class LookaheadConfig:
             return self.budget
         full = self.guess * (self.ngram - 1)
         return (full + 1) // 2 if device_type == "cpu" else full
+
+    def plain_steps_on(self, device_type: str) -> bool:
+        """Whether a fast-path step whose tree would hold no candidate feeds only the last token on a device of this
+        type: `plain_steps` when set. By default on CPUs, where a token fed costs about the same as any other and a
+        one-token step is several times cheaper (benchmarks/README.md (e4)), and wherever G = 0 (the window then
+        feeds no pool, so a full step with no candidate is wasted); off on accelerators otherwise, where a full step
+        costs about what a one-token one does and keeps the window moving."""
+        if self.plain_steps is not None:
+            return self.plain_steps
+        return device_type == "cpu" or self.guess == 0
 
     @property
     def tree_depth(self) -> int:

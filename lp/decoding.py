@@ -136,9 +136,11 @@ class Decoder:
         _refuse_unsupported_model(model)
         self.model = model
         self.config = config or LookaheadConfig()
-        if type(self) is Decoder and (self.config.lookup or self.config.chain or self.config.budget is not None):
-            raise ConfigError("lookup, chain and budget shape the fast path's verification tree; the reference "
-                              "engine verifies pool candidates only: turn compile on (--compile) or drop them")
+        if type(self) is Decoder and (self.config.lookup or self.config.chain or self.config.budget is not None
+                                      or self.config.plain_steps):
+            raise ConfigError("lookup, chain, budget and plain_steps shape the fast path's steps; the reference "
+                              "engine verifies pool candidates only, in steps of every shape: turn compile on "
+                              "(--compile) or drop them")
         self.team = team or SoloTeam()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype

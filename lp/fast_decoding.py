@@ -3,7 +3,8 @@
 Same contract as lp.decoding.Decoder (same GenerationResult, same generation rules, the same tokens as
 greedy decoding), but each step is a fixed-shape, device-resident graph: `torch.compile`d (CUDA graphs on
 GPUs), replayed with no Python work per token; the host reads one small tensor per step (the accepted
-tokens). Caches are sized in power-of-two capacity buckets, so a batch of prompts compiles once a bucket.
+tokens, and whether the next step has candidates: if not, and plain steps are on, it runs the one-token plain
+step instead). Caches are sized in power-of-two capacity buckets, so a batch of prompts compiles once a bucket.
 """
 from __future__ import annotations
 
@@ -62,7 +63,8 @@ class FastDecoder(Decoder):
         pending = depth + 1 if kv_sync == "recompute" else 1
         slices = tuple(split_step(cfg.window, cfg.levels, cfg.tree_budget(self.device.type), 1, [pending] * team.size))
         self.shape = FastShape(cfg.window, cfg.ngram, cfg.guess, cfg.lookup_count, cfg.lookup_len, depth, pending, slices,
-                               team.rank, kv_sync, cfg.chain_count, cfg.chain_room)
+                               team.rank, kv_sync, cfg.chain_count, cfg.chain_room,
+                               plain=team.size == 1 and cfg.plain_steps_on(self.device.type))
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self._pool: DevicePool | None = None  # made with the first step (a batch's lanes have pools of their own)
@@ -70,7 +72,7 @@ class FastDecoder(Decoder):
         self._steps: dict[int, FastStep] = {}
         self._steps_sampling = None
         self._compiled: dict[tuple[int, str], Callable] = {}
-        self._host = torch.zeros(self.shape.accept + 2, dtype=torch.long, pin_memory=self.device.type == "cuda")
+        self._host = torch.zeros(self.shape.out_size, dtype=torch.long, pin_memory=self.device.type == "cuda")
 
     @property
     def step_tokens(self) -> int:
@@ -112,12 +114,17 @@ class FastDecoder(Decoder):
             step = self._step(len(prompt) + limit, rules)
             step.start(prompt, host_pool, window, self.seed)
         run = self._runner(step)
+        plain = self._plain_runner(step) if self.shape.plain else None
+        if plain is not None and self._uncompiled(step, "plain"):
+            self._compile_plain(step, plain, prompt, host_pool, window)
         compiled_before = self.compile_time_s
 
         eos = set(rules.eos_ids)
+        ready = True  # the first step runs whole; then each step's output says whether the next tree has candidates
         while len(stats.token_ids) < limit:
+            full = ready or plain is None
             with torch.inference_mode():
-                count, accepted, diverged = self._read(run())
+                count, accepted, diverged, ready = self._read(run() if full else plain())
             if diverged:
                 raise DivergenceError("ranks disagree on the committed tokens/window/pool; the replicas are not "
                                       "identical (same model, dtype and config on every rank?)")
@@ -125,17 +132,18 @@ class FastDecoder(Decoder):
             if ended:
                 stats.stop_reason = "eos"
             stats.compile_time_s = self.compile_time_s - compiled_before
-            stats.add_step(emit, step.tokens, time.perf_counter() - start - stats.compile_time_s)
+            stats.add_step(emit, step.tokens if full else 1, time.perf_counter() - start - stats.compile_time_s)
             yield emit
             if ended:
                 break
         stats.compiled = self.compile and self.compile_error is None
 
-    def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool]:
-        """The step's one device-to-host copy: [count, accepted tokens, diverged]."""
+    def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool, bool]:
+        """The step's one device-to-host copy: count, accepted tokens, diverged, ready (the next tree has a
+        candidate, so the next step runs whole)."""
         values = self.fetch(out)
         a = self.shape.accept
-        return values[0], values[1 : 1 + a], bool(values[1 + a])
+        return values[0], values[1 : 1 + a], bool(values[1 + a]), bool(values[2 + a])
 
     # -- building and compiling the step --------------------------------------------------------------------
 
@@ -173,6 +181,33 @@ class FastDecoder(Decoder):
                 team.sum_kv(step.kv_buffer)
             return out
         return run
+
+    def _plain_runner(self, step: FastStep) -> Callable[[], torch.Tensor]:
+        """One call runs one plain (one-token) step: the cache writes at its one slot for the call's length."""
+        plain = self._compiled_fn(step, "plain", step.plain)
+
+        def run() -> torch.Tensor:
+            step.cache.slots = step.plain_slots
+            try:
+                return plain()
+            finally:
+                step.cache.slots = step.step_slots
+        return run
+
+    def _uncompiled(self, step: FastStep, name: str) -> bool:
+        """Whether the graph `name` of this step's bucket is still to be compiled."""
+        found = self._compiled.get((step.capacity, name))
+        return self.compile and self.compile_error is None and (found is None or found.compile_time_s is None)
+
+    def _compile_plain(self, step: FastStep, plain: Callable, prompt, host_pool, window) -> None:
+        """Compile the plain step before the first step, so that no later step of any generation compiles: run it
+        once on the fresh state, then start again. All of it counts as compile time (the full step compiles in the
+        generation's first step, which is always a full one)."""
+        began, before = time.perf_counter(), self.compile_time_s
+        with torch.inference_mode():
+            plain()
+            step.start(prompt, host_pool, window, self.seed)
+        self.compile_time_s = before + time.perf_counter() - began
 
     def _compiled_fn(self, step: FastStep, name: str, fn: Callable) -> Callable:
         if not self.compile or self.compile_error is not None:

@@ -7,8 +7,9 @@ the pending run is padded to its longest (the longest accepted run) at its front
 It runs in two halves so that a team can exchange between them: `local` (forward, verification, this rank's
 exchange row) and `commit` (winner, window, pool, KV cache compaction); `local` is `prepare` (what to feed),
 the forward and `finish` (verify), so the lanes of a batch (lp.batched_decoding) can share one forward. Alone,
-both halves run as one compiled graph. All state lives in tensors updated in place, so a compiled graph (or a
-CUDA graph) replays it with no host work.
+both halves run as one compiled graph, and `plain` is the one-token step run instead when the last step found
+the next tree empty (the flag ends the host-bound output). All state lives in tensors updated in place, so a
+compiled graph (or a CUDA graph) replays it with no host work.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ class FastShape:
     kv_sync: str  # "none" (one rank), "gather" or "recompute"
     chain: int = 0  # continuations chained onto each pool candidate (lp.device_pool.DevicePool.chained); 0: none
     chain_room: int = 0  # tokens each continuation adds (LookaheadConfig.chain_room)
+    plain: bool = False  # a step whose tree would hold no candidate runs as a one-token step (FastStep.plain)
 
     @property
     def pool_rows(self) -> int:
@@ -80,6 +82,11 @@ class FastShape:
     def step_shape(self) -> StepShape:
         """What this rank feeds, counted as the partition counts it (the tree as `budget` one-token candidates)."""
         return rank_shape(self.mine, self.ngram - 1, 1, self.pending)
+
+    @property
+    def out_size(self) -> int:
+        """What the host reads a step: [count, accepted tokens, diverged, ready (the next tree has a candidate)]."""
+        return self.accept + 3
 
     @property
     def max_columns(self) -> int:
@@ -155,11 +162,13 @@ class FastStep:
         self.seed = torch.zeros((), **to)  # keys the sampling draws
         self.fingerprint = torch.zeros((), **to)
         self.step_slots = torch.zeros(self.tokens, **to)
-        self.out = torch.zeros(a + 2, **to)  # [count, accepted tokens, diverged]: what the host reads
+        self.plain_slots = torch.zeros(1, **to)  # the one cache slot a plain step writes
+        self.out = torch.zeros(shape.out_size, **to)  # [count, accepted tokens, diverged, ready]: what the host reads
         self.kv_start = torch.zeros((), **to)
         self.kv_buffer: torch.Tensor | None = None  # [layers, b, h, accept, dk + dv] with kv_sync == "gather"
         for t in (self.window, self.pending, self.pending_count, self.tail, self.history, self.history_len,
-                  self.prompt_len, self.seed, self.fingerprint, self.step_slots, self.out, self.kv_start, self.length):
+                  self.prompt_len, self.seed, self.fingerprint, self.step_slots, self.plain_slots, self.out,
+                  self.kv_start, self.length):
             torch._dynamo.mark_static_address(t)
 
     # -- per generation (eager) ---------------------------------------------------------------------------
@@ -231,12 +240,7 @@ class FastStep:
     def finish(self, logits: torch.Tensor, fed: "Fed") -> tuple[torch.Tensor, torch.Tensor]:
         """Verify the forward's kept logits [rows, V]: this rank's exchange row and, if it wins, the slots to keep."""
         shape, depth, tree = self.shape, self.shape.depth, fed.tree
-        if self.rules.active:
-            logits = self.rules.apply(logits, fed.positions[self.keep_rows] + 1 - self.prompt_len)
-        if self.sampling is None:
-            preds = first_max(logits)  # greedy's token: ties to the lowest id, as eager argmax
-        else:  # the draw for the position each row predicts
-            preds = sample(logits, fed.positions[self.keep_rows] + 1, self.seed, self.sampling)
+        preds = self._choose(logits, fed.positions[self.keep_rows])
         cols = shape.mine.columns
         pred0, top = preds[0], preds[1 : 1 + cols]
         if tree is None:
@@ -257,8 +261,8 @@ class FastStep:
 
     def commit(self, table: torch.Tensor, keep_slots: torch.Tensor) -> torch.Tensor:
         """Apply the team's exchange table [ranks, row]: commit the winner's tokens, advance the window and pool,
-        compact the cache. Returns the host-bound [count, accepted tokens, diverged]."""
-        shape, n, a = self.shape, self.shape.ngram, self.shape.accept
+        compact the cache. Returns the host-bound [count, accepted tokens, diverged, ready]."""
+        shape, a = self.shape, self.shape.accept
         cache = self.cache
         cached = self.length.clone()
         counts = table[:, 0]
@@ -290,8 +294,33 @@ class FastStep:
                 self.kv_buffer[i].copy_(torch.where(won, entries, 0))
 
         top = table.flatten()[self.top_index]
-        grams = torch.cat([self.window, top[None]]).T  # [W, N]: one n-gram up each column
-        self.window.copy_(torch.cat([self.window[1:], top[None]]))
+        return self._record(accepted, count, top, diverged)
+
+    def plain(self) -> torch.Tensor:
+        """A one-token step, as greedy decoding runs it: the pending token alone, for a team of one rank when the
+        tree would hold no candidate (the ready flag of the last step's output). It accepts that token's successor
+        as a full step would (its bonus token); the window waits. The caller points the cache at `plain_slots`.
+        Returns what `commit` returns."""
+        cached = self.length.clone()
+        position = cached.clamp(max=self.context - 1).view(1)
+        self.plain_slots.copy_(cached.view(1))
+        visible = torch.arange(self.capacity, device=self.device) <= cached
+        mask = torch.zeros(1, self.capacity, dtype=self.dtype, device=self.device)
+        mask = mask.masked_fill(~visible[None], torch.finfo(self.dtype).min)[None, None]
+        out = self.model(input_ids=self.pending[-1:][None], position_ids=position[None], attention_mask=mask,
+                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
+        token = self._choose(out.logits[0, -1:], position)[0]
+        count = torch.ones_like(cached)
+        self.length.copy_(cached + 1)
+        self.pending.copy_(token.expand(self.shape.pending))
+        diverged = torch.zeros((), dtype=torch.bool, device=self.device)
+        return self._record(token.expand(self.shape.accept), count, None, diverged)
+
+    def _record(self, accepted: torch.Tensor, count: torch.Tensor, top: torch.Tensor | None,
+                diverged: torch.Tensor) -> torch.Tensor:
+        """Move the text, window (`top`: its new level; None: it waits) and pool on by the step's first `count`
+        accepted tokens; returns the host-bound [count, accepted tokens, diverged, ready]."""
+        shape, n, a = self.shape, self.shape.ngram, self.shape.accept
         steps = torch.arange(a, device=self.device)
         seq = torch.cat([self.tail, accepted])
         out_grams = seq[self.tail_index]  # [accept, N]
@@ -301,12 +330,19 @@ class FastStep:
         self.tail.copy_(seq[count + torch.arange(n - 1, device=self.device)])
         self.history.index_copy_(0, self.history_len + steps, accepted)  # entries past `count` are rewritten later
         self.history_len.copy_(self.history_len + count)
-        added = self.pool.insert(torch.cat([grams, out_grams]),
-                                 torch.cat([torch.ones(shape.window, dtype=torch.bool, device=self.device), out_valid]))
         live = torch.where(steps < count, accepted, 0)
-        self.fingerprint.copy_(self.fingerprint * 1000003 + (live * (steps + 1)).sum()
-                               + (top * torch.arange(7, 7 + shape.window, device=self.device)).sum() + added + count)
-        self.out.copy_(torch.cat([count[None], accepted, diverged.long()[None]]))
+        mixed = self.fingerprint * 1000003 + (live * (steps + 1)).sum() + count
+        if top is None:
+            added = self.pool.insert(out_grams, out_valid)
+        else:
+            grams = torch.cat([self.window, top[None]]).T  # [W, N]: one n-gram up each column
+            self.window.copy_(torch.cat([self.window[1:], top[None]]))
+            added = self.pool.insert(torch.cat([grams, out_grams]),
+                                     torch.cat([torch.ones(shape.window, dtype=torch.bool, device=self.device),
+                                                out_valid]))
+            mixed = mixed + (top * torch.arange(7, 7 + shape.window, device=self.device)).sum()
+        self.fingerprint.copy_(mixed + added)
+        self.out.copy_(torch.cat([count[None], accepted, diverged.long()[None], self._ready().long()[None]]))
         return self.out
 
     def solo(self) -> torch.Tensor:
@@ -315,6 +351,27 @@ class FastStep:
         return self.commit(row[None], keep)
 
     # -- helpers ------------------------------------------------------------------------------------------
+
+    def _choose(self, logits: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The token each row of `logits` [rows, V] gives, the rows sitting at `positions` [rows]: greedy's (ties to
+        the lowest id, as eager argmax) or the keyed draw for the position each row predicts."""
+        if self.rules.active:
+            logits = self.rules.apply(logits, positions + 1 - self.prompt_len)
+        if self.sampling is None:
+            return first_max(logits)
+        return sample(logits, positions + 1, self.seed, self.sampling)
+
+    def _ready(self) -> torch.Tensor:
+        """Whether the next step's tree would hold a candidate (0-d bool); always true without plain steps."""
+        shape = self.shape
+        ready = torch.tensor(not shape.plain, device=self.device)
+        if not shape.plain or not self.budget:
+            return ready
+        if shape.lookup:
+            ready = ready | prompt_lookup(self.history, self.history_len, shape.lookup, shape.lookup_len)[1][:, 0].any()
+        if shape.guess:
+            ready = ready | (self.pool.count.index_select(0, self.pending[-1:])[0] > 0)
+        return ready
 
     def _tree(self):
         """This rank's verification tree: its share of the prompt-lookup and pool candidates, merged."""

@@ -74,7 +74,7 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "HF greedy, static cache + compiled" in done.stdout
     # lookup and chain None: 2 each on the fast path; the budget None: G*(N-1) = 4 halved on a CPU
-    assert "(2,3,2) lookup 2x10 chain 2 budget 2 compiled fast path" in done.stdout
+    assert "(2,3,2) lookup 2x10 chain 2 budget 2 plain steps compiled fast path" in done.stdout  # plain: a CPU
 
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
@@ -84,9 +84,9 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
     fast = compiled["lookahead_compiled"]
     assert fast["graphs_compiled"] >= 1 and not fast["compile_error"] and fast["compile_s"] > 0
     assert data["settings"]["graphs_compiled_while_timing"] == 0 and data["settings"]["compile_s_while_timing"] == 0
-    assert all(r["warmup_s"] > 0 for r in rows[2:]) and rows[3]["fed_per_step_max"] == 7  # 1 + 2*2 + 2
-    assert [(r["lookup"], r["chain"], r["budget"]) for r in rows] == [(None, None, None), (0, 0, 4),
-                                                                       (None, None, None), (2, 2, 2)]
+    assert all(r["warmup_s"] > 0 for r in rows[2:])
+    assert [(r["lookup"], r["chain"], r["budget"], r["plain"]) for r in rows] == [
+        (None, None, None, None), (0, 0, 4, 0), (None, None, None, None), (2, 2, 2, 1)]
     assert rows[2]["speedup_vs_greedy_compiled"] == 1.0 and rows[2]["fed_per_step_max"] == 1
 
     # greedy by hand, independent of transformers' generate and of lp: a full forward per token, argmax of the last
@@ -98,6 +98,8 @@ def test_sweep_compile_adds_compiled_rows_that_equal_greedy(tmp_path):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     runs = json.loads((out / "runs.json").read_text())
     assert {r["method"] for r in runs} == {r["method"] for r in rows}
+    fed = {n for r in runs if r["method"] == "lookahead_compiled" for n in r["fed"]}
+    assert 7 in fed and fed <= {1, 7}  # the full step, 1 + 2*2 + 2, or a plain one-token step (no candidate)
     for run in runs:
         assert run["tokens"] == ids[len(prompt):], run["method"]
     for name in ("speedup_vs_ranks.png", "tokens_per_step.png", "step_latency.png"):
@@ -117,7 +119,7 @@ def test_sweep_candidate_configs_run_on_the_fast_path_only(tmp_path):
                    "--no-plots", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "lookahead (3,3,2) lookup 1x4 chain 2 budget 6 fast path, not compiled" in done.stdout
+    assert "lookahead (3,3,2) lookup 1x4 chain 2 budget 6 plain steps fast path, not compiled" in done.stdout
     rows = json.loads((out / "results.json").read_text())["rows"]
     got = [(r["method"], r["window"], r["lookup"], r["lookup_len"], r["chain"], r["budget"], r["ranks"]) for r in rows]
     hf = (None,) * 5
@@ -129,10 +131,14 @@ def test_sweep_candidate_configs_run_on_the_fast_path_only(tmp_path):
                    ("lookahead_fast_eager", 2, 2, 10, 0, 4, 1),  # 2:3:2:::4:0, the same tree unchained
                    ("lookahead", 2, 0, 0, 0, 4, 2)]
     assert all(r["matched_greedy"] for r in rows)
-    fast = {(r["window"], r["lookup"], r["chain"]): r["fed_per_step_max"] for r in rows
-            if r["method"] == "lookahead_fast_eager"}
-    assert fast == {(2, 2, 2): 7, (2, 0, 0): 7, (3, 1, 2): 13, (2, 2, 0): 9}  # 1 pending + W x (N-1) + the budget
     runs = json.loads((out / "runs.json").read_text())
+    fast = {}
+    for run in runs:
+        if run["method"] == "lookahead_fast_eager":
+            fast.setdefault((run["window"], run["lookup"], run["chain"]), set()).update(run["fed"])
+    # the full step feeds 1 pending + W x (N-1) + the budget; a plain step (no candidate, on by default on a CPU) 1
+    assert {k: max(v) for k, v in fast.items()} == {(2, 2, 2): 7, (2, 0, 0): 7, (3, 1, 2): 13, (2, 2, 0): 9}
+    assert all(v <= {1, max(v)} for v in fast.values())
     for row in rows:
         mine = [r for r in runs if r["method"] == row["method"] and r["window"] == row["window"]
                 and r["lookup"] == row["lookup"] and r["chain"] == row["chain"] and r["ranks"] == row["ranks"]]
@@ -180,6 +186,16 @@ def test_random_llama_spec_and_byte_prompts():
 def test_every_prompt_suite_parses():
     for suite in (REPO / "benchmarks" / "prompts").glob("*.jsonl"):
         assert loading.load_prompts(suite, None, 1000), suite
+
+
+def test_sweep_configs_spell_plain_steps_as_0_or_1():
+    from benchmarks.sweep import config_list
+
+    on, off, default = config_list("1:2:0:1:4:4::1,1:2:0:1:4:4::0,1:2:0")
+    assert (on.plain_steps, off.plain_steps, default.plain_steps) == (True, False, None)
+    assert (on.lookup, on.lookup_len, on.budget, on.chain) == (1, 4, 4, None)
+    with pytest.raises(Exception, match="plain_steps must be true or false, got 2"):
+        config_list("1:2:0::::0:2")
 
 
 def test_percentile():

@@ -37,7 +37,7 @@ def test_every_family_gives_greedy_tokens_with_the_default_tree(family):
 
 def test_a_step_feeds_the_window_and_exactly_the_budget():
     model = tiny_model("llama", seed=3)
-    config = lp.LookaheadConfig(5, 4, 5, lookup=2, lookup_len=10, budget=17)
+    config = lp.LookaheadConfig(5, 4, 5, lookup=2, lookup_len=10, budget=17, plain_steps=False)
     result = FastDecoder(model, config, compile=False).generate(repetitive_prompt(3, 30), 40)
     assert set(result.tokens_fed_per_step) == {1 + 5 + 2 * 5 + 17}  # pending + level 0 + 2 levels + the tree
 

@@ -239,7 +239,15 @@ def test_the_tree_flags_set_the_lookahead_settings():
                                                     "--chain", "3"]))
     assert (cfg.lookahead.lookup, cfg.lookahead.lookup_len, cfg.lookahead.budget, cfg.lookahead.chain) == (1, 6, 7, 3)
     cfg = resolve_config(build_parser().parse_args(["--set", "lookahead.budget=9"]))
-    assert cfg.lookahead.budget == 9 and cfg.lookahead.lookup is None
+    assert cfg.lookahead.budget == 9 and cfg.lookahead.lookup is None and cfg.lookahead.plain_steps is None
+
+
+def test_plain_steps_flags_set_the_lookahead_setting_both_ways():
+    from lp.cli.main import build_parser, resolve_config
+    for flag, value in (("--plain-steps", True), ("--no-plain-steps", False)):
+        assert resolve_config(build_parser().parse_args([flag])).lookahead.plain_steps is value
+    cfg = resolve_config(build_parser().parse_args(["--set", "lookahead.plain_steps=false"]))
+    assert cfg.lookahead.plain_steps is False
 
 
 @pytest.mark.slow

@@ -53,7 +53,8 @@ def test_the_context_limit_stops_decoding_exactly():
 
 def test_one_step_shape_feeds_the_same_number_of_tokens_every_step():
     model = tiny_model("llama", seed=3)
-    result = FastDecoder(model, lp.LookaheadConfig(15, 5, 15), compile=False).generate(repetitive_prompt(1, 30), 60)
+    config = lp.LookaheadConfig(15, 5, 15, plain_steps=False)  # plain steps (tests/test_plain_steps.py) feed one
+    result = FastDecoder(model, config, compile=False).generate(repetitive_prompt(1, 30), 60)
     # 1 pending + level 0 (15) + 3 levels x 15 columns + a tree of half of 15 candidates x 4 tokens (on a CPU)
     assert set(result.tokens_fed_per_step) == {1 + 15 + 3 * 15 + 15 * 4 // 2}
 
@@ -83,19 +84,26 @@ def test_compiled_step_matches_greedy_across_configs(window, ngram, guess):
     assert decoder.compile_error is None
 
 
+def with_biting_rules(model, prompt: list[int], new: int, eos_at: int, min_new: int) -> list[int]:
+    """Give `model` generation rules that change its greedy output on `prompt` (suppressed and begin-suppressed
+    tokens, min_new_tokens, EOS at its free run's token `eos_at`); returns greedy's output under them."""
+    free_run = hf_greedy(model, prompt, new)
+    gc = model.generation_config
+    gc.suppress_tokens = [free_run[0]]
+    gc.begin_suppress_tokens = [free_run[1]]
+    gc.eos_token_id = [free_run[eos_at], VOCAB + 5]
+    gc.min_new_tokens = min_new
+    expected = hf_greedy(model, prompt, new)
+    assert free_run[0] not in expected and len(expected) < new  # the rules bite and EOS ends the run
+    return expected
+
+
 @pytest.mark.slow
 def test_compiled_step_obeys_eos_inside_a_step_and_the_generation_rules():
     fresh_compiler()
     model = tiny_model("phi", seed=4)
     prompt = repetitive_prompt(11, 20)
-    free_run = hf_greedy(model, prompt, 100)
-    gc = model.generation_config
-    gc.suppress_tokens = [free_run[0]]
-    gc.begin_suppress_tokens = [free_run[1]]
-    gc.eos_token_id = [free_run[30], VOCAB + 5]
-    gc.min_new_tokens = 12
-    expected = hf_greedy(model, prompt, 100)
-    assert free_run[0] not in expected and len(expected) < 100  # the rules bite and EOS ends the run
+    expected = with_biting_rules(model, prompt, 100, eos_at=30, min_new=12)
     decoder = FastDecoder(model, lp.LookaheadConfig(8, 5, 8), compile=True)
     result = decoder.generate(prompt, 100)
     assert result.token_ids == expected and result.stop_reason == "eos"
@@ -106,7 +114,7 @@ def test_compiled_step_obeys_eos_inside_a_step_and_the_generation_rules():
 def test_after_warm_up_a_256_token_generation_compiles_nothing_and_reads_the_device_once_a_step():
     fresh_compiler()
     model = tiny_model("llama", seed=6)
-    decoder = FastDecoder(model, lp.LookaheadConfig(15, 5, 15), compile=True)
+    decoder = FastDecoder(model, lp.LookaheadConfig(15, 5, 15, plain_steps=False), compile=True)
     decoder.generate(repetitive_prompt(1, 30), 256)  # warm-up: compiles the step of this capacity bucket
     assert graphs() == 1
     frames = counters["stats"]["calls_captured"]
@@ -122,11 +130,10 @@ def test_after_warm_up_a_256_token_generation_compiles_nothing_and_reads_the_dev
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 def test_a_one_token_prompt_compiles_one_graph_too():
     fresh_compiler()
     model = tiny_model("llama", seed=1)
-    decoder = FastDecoder(model, lp.LookaheadConfig(4, 3, 4), compile=True)
+    decoder = FastDecoder(model, lp.LookaheadConfig(4, 3, 4, plain_steps=False), compile=True)
     for token in (7, 9):  # the first generation of a fresh bucket has no prefill to allocate the cache
         assert decoder.generate([token], 20).token_ids == hf_greedy(model, [token], 20)
     assert graphs() == 1
@@ -136,14 +143,14 @@ def test_a_one_token_prompt_compiles_one_graph_too():
 def test_a_batch_of_prompt_lengths_compiles_once_per_capacity_bucket():
     fresh_compiler()
     model = tiny_model("llama", seed=7)
-    decoder = FastDecoder(model, lp.LookaheadConfig(4, 3, 4), compile=True)
+    decoder = FastDecoder(model, lp.LookaheadConfig(4, 3, 4), compile=True)  # plain steps on: two graphs a bucket
     lengths = [3, 40, 90, 17, 250, 5, 120]
     for n in lengths:
         prompt = repetitive_prompt(n, n)
         assert decoder.generate(prompt, 24).token_ids == hf_greedy(model, prompt, 24)
     buckets = {capacity for capacity in decoder._steps}
     assert buckets == {256, 512}  # prompt + 24 new tokens + one step fit 256 entries, except the 250-token one
-    assert graphs() == len(buckets)
+    assert graphs() == 2 * len(buckets)  # the full step and the plain one, compiled before the first step
 
 
 def test_the_cache_is_allocated_once_and_never_reallocated():

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(fast path; default 2, 0: none)")
     p.add_argument("--budget", type=int, help="tokens the verification tree feeds per step (fast path; default "
                    "guess x (ngram - 1) on GPUs, half that on CPUs)")
+    p.add_argument("--plain-steps", action=argparse.BooleanOptionalAction, default=None,
+                   help="a step with no candidate to verify feeds only the last token, as greedy decoding does (fast "
+                   "path, one rank, one sequence a forward; default: on CPUs, and where --guess is 0)")
     p.add_argument("--temperature", type=float, help="sample at this temperature (> 0 turns sampling on; exact: "
                    "equal to a one-token-at-a-time sampler with the same --seed)")
     p.add_argument("--top-k", type=int, help="sample among the k likeliest tokens (0 = off)")
@@ -131,7 +134,7 @@ FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "k
              "trust_remote_code": "trust_remote_code", "chat": "chat", "window": "lookahead.window",
              "ngram": "lookahead.ngram", "guess": "lookahead.guess", "compile": "lookahead.compile",
              "lookup": "lookahead.lookup", "lookup_len": "lookahead.lookup_len", "chain": "lookahead.chain",
-             "budget": "lookahead.budget",
+             "budget": "lookahead.budget", "plain_steps": "lookahead.plain_steps",
              "temperature": "lookahead.temperature", "top_k": "lookahead.top_k", "top_p": "lookahead.top_p",
              "min_p": "lookahead.min_p"}
 
