@@ -21,7 +21,7 @@ from .decoding import GenerationResult, cut_at_eos
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .distributed.parallel import DivergenceError
-from .fast_decoding import FastDecoder, capacity_bucket
+from .fast_decoding import PLAIN_STEPS_IGNORED, FastDecoder, capacity_bucket, log
 from .fast_step import FastStep, kv_exchange_buffer
 from .greedy_rules import greedy_rules
 from .slot_cache import SlotCache
@@ -75,6 +75,8 @@ class BatchedDecoder(FastDecoder):
     def __init__(self, model, config: LookaheadConfig | None = None, batch_size: int = 4, team=None,
                  compile: bool = True):
         super().__init__(model, config, team, compile)
+        if self.shape.plain and self.config.plain_steps:
+            log.warning(PLAIN_STEPS_IGNORED, "a batch (its lanes share one forward)")
         self.shape = replace(self.shape, plain=False)  # the lanes share one forward, so every step runs whole
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= 256:
             raise ValueError(f"batch_size must be an integer in [1, 256], got {batch_size!r}")

@@ -29,8 +29,8 @@ class LookaheadConfig:
     budget: tokens the fast path's verification tree feeds per step (None = guess * (ngram - 1) on GPUs, half
         that on CPUs: `tree_budget`); candidates sharing a prefix share tokens, and the best ranked fill the budget.
     plain_steps: a fast-path step whose tree would hold no candidate feeds only the last token, as greedy decoding
-        does, and the window waits (one rank, one sequence a forward). None = on CPUs and where G = 0:
-        `plain_steps_on`.
+        does, and the window waits (one rank, one sequence a forward: teams and batches run every step whole).
+        None = on CPUs and where G = 0: `plain_steps_on`.
     sample, temperature, top_k, top_p, min_p: sampling (lp.sampling), exact and keyed by `seed`; None = the
         model's generation_config (do_sample as generate() reads it). sample=False or temperature 0 = greedy.
     seed: seeds the initial guesses of the window so runs are reproducible (and identical on every rank).

@@ -33,6 +33,9 @@ CUDA_COMPILE_WARNING = ("lp: the compiled fast path on CUDA gave tokens differen
                         "with prompt lookup in the last GPU test (an open bug); check this setting with "
                         "--compare-greedy, or leave compile off")
 
+# plain_steps asked for where every step must run whole (the ranks exchange every step; a batch shares a forward)
+PLAIN_STEPS_IGNORED = "lp: plain_steps applies to one rank decoding one sequence a forward; %s runs every step whole"
+
 MIN_CAPACITY = 256
 
 
@@ -65,6 +68,8 @@ class FastDecoder(Decoder):
         self.shape = FastShape(cfg.window, cfg.ngram, cfg.guess, cfg.lookup_count, cfg.lookup_len, depth, pending, slices,
                                team.rank, kv_sync, cfg.chain_count, cfg.chain_room,
                                plain=team.size == 1 and cfg.plain_steps_on(self.device.type))
+        if cfg.plain_steps and team.size > 1:
+            log.warning(PLAIN_STEPS_IGNORED, f"a team of {team.size} ranks")
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self._pool: DevicePool | None = None  # made with the first step (a batch's lanes have pools of their own)

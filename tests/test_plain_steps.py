@@ -1,11 +1,14 @@
 """Plain steps: on the fast path, a step whose verification tree would hold no candidate feeds only the last
 committed token, as greedy decoding does; the output is still greedy decoding's (or the same keyed draws)."""
+import logging
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
 
 import lp
 from lp.batched_decoding import BatchedDecoder
+from lp.distributed.team import SoloTeam
 from lp.fast_decoding import FastDecoder
 from lp.greedy_rules import hf_greedy
 from models import FAMILIES, tiny_model
@@ -90,14 +93,36 @@ def test_plain_steps_draw_the_same_samples_as_full_steps():
     assert draws[0][1] and not draws[1][1]
 
 
-def test_a_batch_runs_every_step_whole():
+def test_a_batch_runs_every_step_whole_and_says_so_when_plain_steps_were_asked_for(caplog):
     model = tiny_model("llama", seed=7)
     config = lp.LookaheadConfig(1, 2, 0, plain_steps=True, **LOOKUP_ONLY)
-    decoder = BatchedDecoder(model, config, batch_size=2, compile=False)
+    with caplog.at_level(logging.WARNING, logger="lp"):
+        BatchedDecoder(model, lp.LookaheadConfig(1, 2, 0, **LOOKUP_ONLY), batch_size=2, compile=False)
+        assert caplog.records == []  # the CPU default is not a request
+        decoder = BatchedDecoder(model, config, batch_size=2, compile=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "lp: plain_steps applies to one rank decoding one sequence a forward; a batch (its lanes share one forward) "
+        "runs every step whole"]
     prompts = [distinct_prompt(12), distinct_prompt(7)]
     results = decoder.generate_many(prompts, 40)
     assert [r.token_ids for r in results] == [hf_greedy(model, p, 40) for p in prompts]
     assert {n for r in results for n in r.tokens_fed_per_step} == {decoder.step_tokens}  # the lanes share a forward
+
+
+def test_a_team_runs_every_step_whole_and_says_so_when_plain_steps_were_asked_for(caplog):
+    class FirstOfTwo(SoloTeam):  # rank 0 of a team of 2, built only (no step runs, so nothing is exchanged)
+        size = 2
+        kv_sync = "recompute"
+
+    model = tiny_model("llama", seed=7)
+    with caplog.at_level(logging.WARNING, logger="lp"):
+        quiet = FastDecoder(model, lp.LookaheadConfig(1, 2, 0, **LOOKUP_ONLY), team=FirstOfTwo(), compile=False)
+        assert caplog.records == []  # the CPU default is not a request
+        asked = FastDecoder(model, lp.LookaheadConfig(1, 2, 0, plain_steps=True, **LOOKUP_ONLY), team=FirstOfTwo(),
+                            compile=False)
+    assert not quiet.shape.plain and not asked.shape.plain
+    assert [r.getMessage() for r in caplog.records] == [
+        "lp: plain_steps applies to one rank decoding one sequence a forward; a team of 2 ranks runs every step whole"]
 
 
 def test_plain_steps_default_on_cpus_and_wherever_the_pool_is_off():
