@@ -109,10 +109,8 @@ def lookahead_configs(args) -> list[LookaheadConfig]:
 
 
 def runs_eagerly(cfg: LookaheadConfig) -> bool:
-    """Whether lp's eager reference engine (Decoder, compile off) takes this config: it verifies pool candidates
-    only, so it refuses a lookup > 0, a chain > 0, a budget or plain steps; a lookup or chain left None means 0
-    there, and so do plain steps."""
-    return not cfg.lookup and not cfg.chain and cfg.budget is None and not cfg.plain_steps
+    """Whether lp's eager reference engine (Decoder, compile off) takes this config (`fast_path_only` says no)."""
+    return not cfg.fast_path_only
 
 
 def eager_keys(cfg: LookaheadConfig, ranks: int = 1, tp: int = 1, kv_sync: str = "none") -> dict:
@@ -324,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if fast_only and not (args.compile or args.fast_eager):
         c = fast_only[0]
         parser.error(f"config {c.window}:{c.ngram}:{c.guess}:{c.lookup}:{c.lookup_len}:{c.budget}:{c.chain}:"
-                     f"{c.plain_steps} sets a lookup, a chain, a budget or plain steps, which only lp's fast path runs (the eager engine refuses them): add "
-                     "--compile or --fast-eager")
+                     f"{c.plain_steps} sets a lookup, a chain, a budget or plain steps, which only lp's fast path "
+                     "runs (the eager engine refuses them): add --compile or --fast-eager")
     torch.set_num_threads(args.threads)
     try:
         model, tokenizer = loading.load_model(args.model, getattr(torch, args.dtype))

@@ -11,7 +11,7 @@ one device-to-host read of [B, count + accepted + diverged] per step. Each seque
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -21,7 +21,7 @@ from .decoding import GenerationResult, cut_at_eos
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .distributed.parallel import DivergenceError
-from .fast_decoding import PLAIN_STEPS_IGNORED, FastDecoder, capacity_bucket, log
+from .fast_decoding import FastDecoder, capacity_bucket
 from .fast_step import FastStep, kv_exchange_buffer
 from .greedy_rules import greedy_rules
 from .slot_cache import SlotCache
@@ -69,15 +69,14 @@ class BatchedDecoder(FastDecoder):
     `generate_many(prompts, max_new_tokens)` returns one GenerationResult per prompt, in order; `on_result`
     receives (index, result) as each one finishes, which for a batch job is the moment to write it."""
 
+    lanes_share_a_forward = True  # so every step runs whole (no plain steps)
+
     def __new__(cls, *args, **kwargs):  # always this class (Decoder.__new__ picks an engine by config)
         return object.__new__(cls)
 
     def __init__(self, model, config: LookaheadConfig | None = None, batch_size: int = 4, team=None,
                  compile: bool = True):
         super().__init__(model, config, team, compile)
-        if self.shape.plain and self.config.plain_steps:
-            log.warning(PLAIN_STEPS_IGNORED, "a batch (its lanes share one forward)")
-        self.shape = replace(self.shape, plain=False)  # the lanes share one forward, so every step runs whole
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= 256:
             raise ValueError(f"batch_size must be an integer in [1, 256], got {batch_size!r}")
         self.batch_size = batch_size

@@ -57,6 +57,14 @@ def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size:
     return history[follow.clamp(max=h - 1)], valid, torch.where(best >= 0, run[at], 0)
 
 
+def has_match(history: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """Whether `prompt_lookup` finds any match (0-d bool): a match of 1+ tokens exists exactly when the text's last
+    token occurred before it."""
+    i = torch.arange(history.numel(), device=history.device)
+    last = history.index_select(0, (length - 1).clamp(min=0).view(1))  # a gather: a 0-d index is read on the host
+    return ((history == last) & (i < length - 1)).any()
+
+
 def build_tree(candidates: torch.Tensor, valid: torch.Tensor, budget: int, strength: torch.Tensor | None = None
                ) -> Tree:
     """Merge candidates [R, L] (valid [R, L] is a prefix of each row) into a trie of `budget` slots.

@@ -115,6 +115,13 @@ class LookaheadConfig:
         full = self.guess * (self.ngram - 1)
         return (full + 1) // 2 if device_type == "cpu" else full
 
+    @property
+    def fast_path_only(self) -> bool:
+        """Whether a setting is given that only the fast path applies (a lookup, a chain, a budget, plain steps):
+        the eager reference engine refuses such a config. A lookup or chain of 0 and plain_steps=False are its
+        own policy, so they are not."""
+        return bool(self.lookup or self.chain or self.budget is not None or self.plain_steps)
+
     def plain_steps_on(self, device_type: str) -> bool:
         """Whether a fast-path step whose tree would hold no candidate feeds only the last token on a device of this
         type: `plain_steps` when set. By default on CPUs, where a token fed costs about the same as any other and a

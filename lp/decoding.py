@@ -136,8 +136,7 @@ class Decoder:
         _refuse_unsupported_model(model)
         self.model = model
         self.config = config or LookaheadConfig()
-        if type(self) is Decoder and (self.config.lookup or self.config.chain or self.config.budget is not None
-                                      or self.config.plain_steps):
+        if type(self) is Decoder and self.config.fast_path_only:
             raise ConfigError("lookup, chain, budget and plain_steps shape the fast path's steps; the reference "
                               "engine verifies pool candidates only, in steps of every shape: turn compile on "
                               "(--compile) or drop them")

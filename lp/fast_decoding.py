@@ -67,9 +67,10 @@ class FastDecoder(Decoder):
         slices = tuple(split_step(cfg.window, cfg.levels, cfg.tree_budget(self.device.type), 1, [pending] * team.size))
         self.shape = FastShape(cfg.window, cfg.ngram, cfg.guess, cfg.lookup_count, cfg.lookup_len, depth, pending, slices,
                                team.rank, kv_sync, cfg.chain_count, cfg.chain_room,
-                               plain=team.size == 1 and cfg.plain_steps_on(self.device.type))
-        if cfg.plain_steps and team.size > 1:
-            log.warning(PLAIN_STEPS_IGNORED, f"a team of {team.size} ranks")
+                               plain=self._alone() and cfg.plain_steps_on(self.device.type))
+        if cfg.plain_steps and not self._alone():
+            log.warning(PLAIN_STEPS_IGNORED, "a batch (its lanes share one forward)" if self.lanes_share_a_forward
+                        else f"a team of {team.size} ranks")
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self._pool: DevicePool | None = None  # made with the first step (a batch's lanes have pools of their own)
@@ -78,6 +79,12 @@ class FastDecoder(Decoder):
         self._steps_sampling = None
         self._compiled: dict[tuple[int, str], Callable] = {}
         self._host = torch.zeros(self.shape.out_size, dtype=torch.long, pin_memory=self.device.type == "cuda")
+
+    lanes_share_a_forward = False  # lp.batched_decoding.BatchedDecoder: every lane's step runs in one forward
+
+    def _alone(self) -> bool:
+        """One rank decoding one sequence a forward: the only case where a step may run as a plain step."""
+        return self.team.size == 1 and not self.lanes_share_a_forward
 
     @property
     def step_tokens(self) -> int:

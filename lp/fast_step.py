@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .candidate_tree import LOOKUP_STRENGTH, POOL_DECAY, POOL_STRENGTH, build_tree, prompt_lookup, verify
+from .candidate_tree import LOOKUP_STRENGTH, POOL_DECAY, POOL_STRENGTH, build_tree, has_match, prompt_lookup, verify
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .ngram_pool import NGramPool
@@ -364,12 +364,12 @@ class FastStep:
     def _ready(self) -> torch.Tensor:
         """Whether the next step's tree would hold a candidate (0-d bool); always true without plain steps."""
         shape = self.shape
-        ready = torch.tensor(not shape.plain, device=self.device)
-        if not shape.plain or not self.budget:
-            return ready
-        if shape.lookup:
-            ready = ready | prompt_lookup(self.history, self.history_len, shape.lookup, shape.lookup_len)[1][:, 0].any()
-        if shape.guess:
+        if not shape.plain:
+            return torch.ones((), dtype=torch.bool, device=self.device)
+        ready = torch.zeros((), dtype=torch.bool, device=self.device)
+        if self.budget and shape.lookup:
+            ready = ready | has_match(self.history, self.history_len)
+        if self.budget and shape.guess:
             ready = ready | (self.pool.count.index_select(0, self.pending[-1:])[0] > 0)
         return ready
 

@@ -2,7 +2,7 @@
 keeps the best ranked nodes, and verification accepts the longest path the model confirms."""
 import torch
 
-from lp.candidate_tree import build_tree, prompt_lookup, verify
+from lp.candidate_tree import build_tree, has_match, prompt_lookup, verify
 
 
 def t(values):
@@ -11,6 +11,15 @@ def t(values):
 
 def history(tokens, capacity=16):
     return torch.cat([t(tokens), torch.full((capacity - len(tokens),), -7)]), torch.tensor(len(tokens))
+
+
+def test_has_match_says_whether_the_last_token_occurred_before_it():
+    texts = [[5], [5, 6], [5, 6, 5], [7, 8, 9, 10], [1, 2, 3, 2, 4, 2], [9, 9]]
+    for text in texts:
+        history = torch.tensor(text + [text[-1]] * 4)  # entries past the text never count
+        found = bool(has_match(history, torch.tensor(len(text))))
+        assert found == (text[-1] in text[:-1]), text
+        assert found == bool(prompt_lookup(history, torch.tensor(len(text)), 2, 3)[1][:, 0].any()), text
 
 
 def test_prompt_lookup_ranks_longer_matches_first():
