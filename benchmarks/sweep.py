@@ -24,7 +24,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks import loading, plots, report  # noqa: E402
-from benchmarks.timing import time_hf, time_lookahead  # noqa: E402
+from benchmarks.timing import hf_compile_config, time_hf, time_lookahead  # noqa: E402
 from lp.config import ConfigError, LookaheadConfig  # noqa: E402
 from lp.decoding import Decoder  # noqa: E402
 from lp.distributed.bootstrap import free_port  # noqa: E402
@@ -164,19 +164,6 @@ def in_process_methods(args, model, configs) -> list[tuple]:
     if args.compile:
         methods += compiled_methods(args, model, configs)
     return methods
-
-
-def hf_compile_config(model):
-    """What generate() compiles its decoding forward with: one static-shape graph, CUDA graphs on a GPU."""
-    from transformers import CompileConfig
-
-    cuda = next(model.parameters()).device.type == "cuda"
-    config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else "default")
-    # generate() auto-compiles only on accelerators (GenerationMixin._valid_auto_compile_criteria); this flag, which
-    # transformers documents in CompileConfig as its switch "to compile on e.g. CPU ... for testing purposes", makes
-    # it compile on the CPU too. It is a class attribute, not a field: set it on the instance.
-    config._compile_all_devices = True
-    return config
 
 
 def compiled_methods(args, model, configs) -> list[tuple]:

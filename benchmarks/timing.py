@@ -66,6 +66,19 @@ def counting_lookup_candidates(counts: list[int]):
         Generator.get_candidates = original
 
 
+def hf_compile_config(model):
+    """What generate() compiles its decoding forward with: one static-shape graph, CUDA graphs on a GPU."""
+    from transformers import CompileConfig
+
+    cuda = next(model.parameters()).device.type == "cuda"
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="reduce-overhead" if cuda else "default")
+    # generate() auto-compiles only on accelerators (GenerationMixin._valid_auto_compile_criteria); this flag, which
+    # transformers documents in CompileConfig as its switch "to compile on e.g. CPU ... for testing purposes", makes
+    # it compile on the CPU too. It is a class attribute, not a field: set it on the instance.
+    config._compile_all_devices = True
+    return config
+
+
 def time_hf(model, prompt: list[int], max_new_tokens: int, prompt_lookup: int = 0, **generate_kwargs) -> Run:
     """transformers generate(do_sample=False), plain greedy or with prompt_lookup_num_tokens=prompt_lookup; other
     keyword arguments go to generate (cache_implementation, compile_config, ...). Tokens fed per step: 1 for

@@ -294,3 +294,39 @@ def test_throughput_benchmark_compares_teams_replicas_and_batches_with_hf(tmp_pa
     assert all(r["same_tokens_as_lp_one_process"] and r["same_tokens_as_hf_one_at_a_time"] == 5 for r in lp_rows)
     assert all(r["new_tokens"] == rows[0]["new_tokens"] for r in lp_rows)  # the same work in every setting
     assert "| lp, 2 replicas of 1 rank, batch B=2 | 2 | 2 |" in (out / "results.md").read_text()
+
+
+def test_throughput_compile_adds_compiled_one_process_jobs_after_the_eager_ones():
+    from benchmarks.throughput import lp_settings
+    eager = lp_settings([4], compile=False)
+    assert [label for _, _, label, _ in eager] == [
+        "lp, one process", "lp, one team of 2 ranks", "lp, 2 replicas of 1 rank", "lp, one process, batch B=4",
+        "lp, 2 replicas of 1 rank, batch B=4"]
+    both = lp_settings([4], compile=True)
+    assert both[:5] == eager
+    assert both[5:] == [(1, ["--compile"], "lp compiled, one process", 1),
+                        (1, ["--compile", "--batch-size", "4"], "lp compiled, one process, batch B=4", 4)]
+
+
+def test_throughput_ratios_compare_each_row_with_hf_at_its_batch_size_eager_and_compiled():
+    from benchmarks.throughput import add_ratios
+    rows = [dict(setting="HF generate, one at a time", compiled=False, batch=1, tokens_per_s=100.0),
+            dict(setting="HF generate, batched B=4", compiled=False, batch=4, tokens_per_s=250.0),
+            dict(setting="HF generate compiled (static cache), one at a time", compiled=True, batch=1, tokens_per_s=200.0),
+            dict(setting="lp compiled, one process, batch B=4", compiled=True, batch=4, tokens_per_s=500.0),
+            dict(setting="lp, one process", compiled=False, batch=1, tokens_per_s=300.0)]
+    add_ratios(rows)
+    lp_batch, lp_one = rows[3], rows[4]
+    assert (lp_batch["vs_hf_same_batch"], lp_batch["vs_hf_one_at_a_time"]) == (2.0, 5.0)
+    assert "vs_hf_compiled_same_batch" not in lp_batch  # no compiled HF row at B=4
+    assert (lp_one["vs_hf_same_batch"], lp_one["vs_hf_compiled_same_batch"]) == (3.0, 1.5)
+
+
+def test_throughput_warms_compiled_hf_up_on_the_longest_chunk_of_each_batch_size():
+    from benchmarks.throughput import warmup_chunks
+
+    def words(text):  # a stand-in tokenizer: one token a word
+        return {"input_ids": text.split()}
+
+    chunks = [["a b", "a b c d"], ["a", "a b c d e"], ["a b c"]]
+    assert warmup_chunks(chunks, words) == [["a b c"], ["a", "a b c d e"]]
