@@ -118,7 +118,7 @@ class FastDecoder(Decoder):
         return self._host.tolist()
 
     def _decode(self, prompt, rules, limit, stats) -> Iterator[list[int]]:
-        start = time.perf_counter()
+        start, compiled_before = time.perf_counter(), self.compile_time_s  # this generation's compiling starts here
         if limit == 0:
             return
         host_pool, window = self.initial_state(prompt, self.seed)
@@ -129,7 +129,6 @@ class FastDecoder(Decoder):
         plain = self._plain_runner(step) if self.shape.plain else None
         if plain is not None and self._uncompiled(step, "plain"):
             self._compile_plain(step, plain, prompt, host_pool, window)
-        compiled_before = self.compile_time_s
 
         eos = set(rules.eos_ids)
         ready = True  # the first step runs whole; then each step's output says whether the next tree has candidates

@@ -150,6 +150,7 @@ def test_compiled_plain_steps_compile_one_more_graph_once_and_read_the_device_on
     warm = decoder.generate(distinct_prompt(12), 60)  # warm-up: compiles the full step and the plain step
     assert warm.token_ids == hf_greedy(model, distinct_prompt(12), 60) and 1 in warm.tokens_fed_per_step
     assert graphs() == 2 and decoder.compile_error is None
+    assert warm.compile_time_s == pytest.approx(decoder.compile_time_s)  # both graphs charged, none in its wall time
     frames = counters["stats"]["calls_captured"]
     prompt = distinct_prompt(12, first=30)  # another prompt of the same bucket, whose run has plain steps too
     reads = decoder.host_reads
@@ -158,6 +159,6 @@ def test_compiled_plain_steps_compile_one_more_graph_once_and_read_the_device_on
     assert result.token_ids == hf_greedy(model, prompt, 80)
     assert {1, decoder.step_tokens} == set(result.tokens_fed_per_step)
     assert graphs() == 2 and counters["stats"]["calls_captured"] == frames  # no recompile, no retrace
-    assert decoder.host_reads - reads == result.steps
+    assert decoder.host_reads - reads == result.steps and result.compile_time_s == 0
     scalar_reads = [e for e in prof.key_averages() if e.key in ("aten::item", "aten::_local_scalar_dense")]
     assert sum(e.count for e in scalar_reads) == 0
