@@ -217,6 +217,8 @@ class BatchedDecoder(FastDecoder):
         while any(j is not None for j in running):
             with torch.inference_mode():
                 values = self.fetch(run())
+            # every lane took part in this step's exchange: each running record is charged all of it, as its latency is
+            comm_s, comm_bytes = (self.team.comm.seconds[-1], self.team.comm.bytes[-1]) if self.team.size > 1 else (0, 0)
             if any(v[1 + a] for v in values):
                 raise DivergenceError("ranks disagree on the committed tokens/window/pool; the replicas are not "
                                       "identical (same model, dtype and config on every rank?)")
@@ -238,6 +240,7 @@ class BatchedDecoder(FastDecoder):
                 if compile_s and not charged:
                     stats.compile_time_s, charged = stats.compile_time_s + compile_s, True
                 stats.add_step(emit, step.lanes[b].tokens, now - job.started)
+                stats.comm_time_s, stats.comm_bytes = stats.comm_time_s + comm_s, stats.comm_bytes + comm_bytes
                 if ended:
                     stats.stop_reason = "eos"
                 if ended or stats.new_tokens >= job.limit:

@@ -66,7 +66,8 @@ def main(spec_path: str, out_path: str) -> None:
             team.sum_kv = lambda buffer: (kv_sums.append(buffer.shape), sum_kv(buffer))
             done = decoder.generate_many(case["prompts"], case["max_new"])
             results.append({"batch_tokens": [r.token_ids for r in done], "kv_sums": len(kv_sums),
-                            "exchanges": len(team.comm.seconds)})
+                            "exchanges": len(team.comm.seconds),
+                            "comm": [(r.comm_time_s, r.comm_bytes, r.steps) for r in done]})
             team.close()
             continue
         try:

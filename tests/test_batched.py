@@ -117,6 +117,10 @@ def test_a_team_of_two_decodes_a_batch_exactly(kv_sync, tmp_path):
     assert [o[0]["batch_tokens"] for o in outs] == [expected, expected]
     # gather: one all-reduce of every lane's KV entries per batch step (one exchange of rows per step)
     assert [o[0]["kv_sums"] for o in outs] == [o[0]["exchanges"] if kv_sync == "gather" else 0 for o in outs]
+    # each record is charged the exchanges of the steps it took part in: a fixed number of bytes a step
+    for o in outs:
+        assert all(seconds > 0 for seconds, _, _ in o[0]["comm"])
+        assert len({sent / steps for _, sent, steps in o[0]["comm"]}) == 1 and o[0]["comm"][0][1] > 0
 
 
 def test_lp_generate_takes_a_list_of_prompts_and_returns_a_result_each():
