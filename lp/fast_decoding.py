@@ -226,9 +226,11 @@ class FastDecoder(Decoder):
         key = (step.capacity, name)
         found = self._compiled.get(key)
         if found is None:
+            began = time.perf_counter()  # the first torch.compile of a process imports the compiler: compile time too
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             compiled = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, mode=mode)
             found = self._compiled[key] = _FallBack(compiled, fn, self)
+            self.compile_time_s += time.perf_counter() - began
         return found
 
 
