@@ -108,11 +108,6 @@ def lookahead_configs(args) -> list[LookaheadConfig]:
     return [LookaheadConfig(w, n, g) for w, n, g in itertools.product(args.window, args.ngram, args.guess)]
 
 
-def runs_eagerly(cfg: LookaheadConfig) -> bool:
-    """Whether lp's eager reference engine (Decoder, compile off) takes this config (`fast_path_only` says no)."""
-    return not cfg.fast_path_only
-
-
 def eager_keys(cfg: LookaheadConfig, ranks: int = 1, tp: int = 1, kv_sync: str = "none") -> dict:
     """A row's config keys for the eager engine: pool candidates only, up to G of N-1 tokens each."""
     return dict(window=cfg.window, ngram=cfg.ngram, guess=cfg.guess, lookup=0, lookup_len=0, chain=0,
@@ -154,7 +149,7 @@ def in_process_methods(args, model, configs) -> list[tuple]:
         methods.append(("hf_prompt_lookup", dict(HF_KEYS, prompt_lookup=k),
                         lambda ids, k=k: time_hf(model, ids, args.max_new_tokens, k)))
     if 1 in args.nproc:
-        for keys, cfg in distinct([c for c in configs if runs_eagerly(c)], eager_keys):
+        for keys, cfg in distinct([c for c in configs if not c.fast_path_only], eager_keys):
             decoder = Decoder(model, replace(cfg, compile=False))
             methods.append(("lookahead", keys, lambda ids, d=decoder: time_lookahead(d, ids, args.max_new_tokens)))
     device_type = next(model.parameters()).device.type
@@ -299,13 +294,13 @@ def team(args, ranks: int, tp: int, prompts, configs, kv_syncs, repeat: int, bar
 
 def team_configs(configs: list[LookaheadConfig]) -> list[LookaheadConfig]:
     """The configs a team runs: its ranks run the eager engine (pool candidates only), once per distinct W:N:G."""
-    return [cfg for _, cfg in distinct([c for c in configs if runs_eagerly(c)], eager_keys)]
+    return [cfg for _, cfg in distinct([c for c in configs if not c.fast_path_only], eager_keys)]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    fast_only = [c for c in lookahead_configs(args) if not runs_eagerly(c)]
+    fast_only = [c for c in lookahead_configs(args) if c.fast_path_only]
     if fast_only and not (args.compile or args.fast_eager):
         c = fast_only[0]
         parser.error(f"config {c.window}:{c.ngram}:{c.guess}:{c.lookup}:{c.lookup_len}:{c.budget}:{c.chain}:"

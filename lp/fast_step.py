@@ -364,12 +364,12 @@ class FastStep:
     def _ready(self) -> torch.Tensor:
         """Whether the next step's tree would hold a candidate (0-d bool); always true without plain steps."""
         shape = self.shape
-        if not shape.plain:
-            return torch.ones((), dtype=torch.bool, device=self.device)
-        ready = torch.zeros((), dtype=torch.bool, device=self.device)
-        if self.budget and shape.lookup:
+        ready = torch.tensor(not shape.plain, device=self.device)
+        if not shape.plain or not self.budget:  # no plain steps: always ready; no tree: never a candidate
+            return ready
+        if shape.lookup:
             ready = ready | has_match(self.history, self.history_len)
-        if self.budget and shape.guess:
+        if shape.guess:
             ready = ready | (self.pool.count.index_select(0, self.pending[-1:])[0] > 0)
         return ready
 
