@@ -27,7 +27,8 @@ class LookaheadConfig:
         token, as deep as the tree goes (lookup_len when prompt lookup is on; no room, no chaining). None = 2 on
         the fast path; the reference engine does not chain.
     budget: tokens the fast path's verification tree feeds per step (None = guess * (ngram - 1) on GPUs, half
-        that on CPUs: `tree_budget`); candidates sharing a prefix share tokens, and the best ranked fill the budget.
+        that on CPUs; 0 with no candidate source: `tree_budget`); candidates sharing a prefix share tokens, and the
+        best ranked fill the budget.
     plain_steps: a fast-path step whose tree would hold no candidate feeds only the last token, as greedy decoding
         does, and the window waits (one rank, one sequence a forward: teams and batches run every step whole).
         None = on CPUs and where G = 0: `plain_steps_on`.
@@ -109,7 +110,10 @@ class LookaheadConfig:
         """Tokens the verification tree feeds per step on a device of this type ("cpu", "cuda", ...): `budget`
         when set. By default G*(N-1) on accelerators, where a step of a few hundred tokens costs about what a
         small one does, and half that (rounded up) on CPUs, where every fed token costs: there half the tree
-        keeps nearly all the accepted tokens for 25 % fewer fed (benchmarks/README.md (e3))."""
+        keeps nearly all the accepted tokens for 25 % fewer fed (benchmarks/README.md (e3)). 0 without a candidate
+        source (G = 0 and no prompt lookup), whatever `budget` says: there is nothing to feed."""
+        if not (self.guess or self.lookup_count):
+            return 0
         if self.budget is not None:
             return self.budget
         full = self.guess * (self.ngram - 1)

@@ -42,6 +42,15 @@ def test_a_step_feeds_the_window_and_exactly_the_budget():
     assert set(result.tokens_fed_per_step) == {1 + 5 + 2 * 5 + 17}  # pending + level 0 + 2 levels + the tree
 
 
+def test_a_budget_without_a_candidate_source_feeds_no_tree():
+    config = lp.LookaheadConfig(5, 4, 0, lookup=0, budget=17, plain_steps=False)
+    assert config.tree_budget("cpu") == config.tree_budget("cuda") == 0
+    model, prompt = tiny_model("llama", seed=3), repetitive_prompt(3, 30)
+    result = FastDecoder(model, config, compile=False).generate(prompt, 40)  # used to fail: torch.cat of no sources
+    assert result.token_ids == hf_greedy(model, prompt, 40)
+    assert set(result.tokens_fed_per_step) == {1 + 5 + 2 * 5}  # pending + level 0 + 2 levels, no tree
+
+
 def test_prompt_lookup_accepts_whole_continuations_when_the_output_repeats_itself():
     model = tiny_model("llama", seed=6)
     prompt = repetitive_prompt(11, 60)
