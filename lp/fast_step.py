@@ -13,7 +13,7 @@ compiled graph (or a CUDA graph) replays it with no host work.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -69,9 +69,15 @@ class FastShape:
         return self.slices[self.rank]
 
     @property
+    def tree_rows(self) -> range:
+        """The candidate rows this rank's tree merges (prompt lookup's, then the pool's): every P-th from its rank."""
+        return range(self.rank, self.lookup + self.pool_rows, len(self.slices))
+
+    @property
     def budget(self) -> int:
-        """This rank's tree slots."""
-        return self.mine.cand_end - self.mine.cand_start
+        """This rank's tree slots: its slice of the budget, none when it has no candidate row (fewer rows than
+        ranks), since a tree of no candidates has nothing to feed."""
+        return self.mine.cand_end - self.mine.cand_start if self.tree_rows else 0
 
     @property
     def accept(self) -> int:
@@ -81,7 +87,7 @@ class FastShape:
     @property
     def step_shape(self) -> StepShape:
         """What this rank feeds, counted as the partition counts it (the tree as `budget` one-token candidates)."""
-        return rank_shape(self.mine, self.ngram - 1, 1, self.pending)
+        return rank_shape(replace(self.mine, cand_end=self.mine.cand_start + self.budget), self.ngram - 1, 1, self.pending)
 
     @property
     def out_size(self) -> int:
@@ -137,8 +143,7 @@ class FastStep:
         keep = [fixed.pending - 1] + top_rows + list(range(self.fixed, self.tokens))
         self.keep_rows = torch.tensor(keep, **to)
         # the tree's candidate rows: prompt lookup's, then the pool's; this rank takes every size-th one
-        rows = shape.lookup + shape.pool_rows
-        self.tree_rows = torch.arange(shape.rank, rows, len(shape.slices), **to)
+        self.tree_rows = torch.tensor(shape.tree_rows, **to)
         self.lookup_strength = torch.tensor(LOOKUP_STRENGTH, dtype=torch.float64, device=device)
         # the pool's candidates, newest first; a chained row ranks as its candidate does
         newest_first = POOL_DECAY ** torch.arange(shape.guess, dtype=torch.float64, device=device)

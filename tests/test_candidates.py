@@ -3,7 +3,10 @@ never changes the output: greedy decoding's tokens on every family, budget, rank
 import pytest
 
 import lp
+from lp.distributed.partition import split_step
 from lp.fast_decoding import FastDecoder
+from lp.fast_step import FastShape
+from lp.step_layout import tokens_fed
 from lp.greedy_rules import hf_greedy
 from models import FAMILIES, tiny_model
 from test_exactness import repetitive_prompt
@@ -49,6 +52,16 @@ def test_a_budget_without_a_candidate_source_feeds_no_tree():
     result = FastDecoder(model, config, compile=False).generate(prompt, 40)  # used to fail: torch.cat of no sources
     assert result.token_ids == hf_greedy(model, prompt, 40)
     assert set(result.tokens_fed_per_step) == {1 + 5 + 2 * 5}  # pending + level 0 + 2 levels, no tree
+
+
+def test_a_rank_with_no_candidate_row_feeds_no_tree():
+    slices = tuple(split_step(4, 2, 9, 1, [1, 1, 1]))  # the budget of 9 is split over 3 ranks...
+    assert all(s.cand_end > s.cand_start for s in slices)
+    shapes = [FastShape(4, 3, 0, 1, 6, 6, 1, slices, rank, "gather") for rank in range(3)]  # ...but one row: lookup 1
+    assert [list(s.tree_rows) for s in shapes] == [[0], [], []]
+    assert shapes[0].budget == slices[0].cand_end - slices[0].cand_start
+    assert shapes[1].budget == shapes[2].budget == 0  # these used to build a tree of no rows and crash
+    assert tokens_fed(shapes[1].step_shape) == slices[1].col_start + 2 * slices[1].columns + 1
 
 
 def test_prompt_lookup_accepts_whole_continuations_when_the_output_repeats_itself():
@@ -150,7 +163,9 @@ def test_a_team_splits_the_tree_and_matches_greedy_with_both_kv_strategies(ranks
     from test_parallel import run_team
     cases, expected = [], []
     for i, (family, wng, tree) in enumerate([("llama", (5, 4, 5), dict(lookup=2, lookup_len=10)),
-                                              ("gpt2", (3, 3, 2), dict(lookup=3, lookup_len=5, budget=11))]):
+                                              ("gpt2", (3, 3, 2), dict(lookup=3, lookup_len=5, budget=11)),
+                                              # one candidate row for 2-3 ranks: the others have no tree at all
+                                              ("llama", (4, 3, 0), dict(lookup=1, lookup_len=6, budget=9))]):
         prompt = repetitive_prompt(400 + i, 30)
         reference = hf_greedy(tiny_model(family, seed=i), prompt, 40)
         for kv_sync in ("recompute", "gather"):
