@@ -42,6 +42,7 @@ def main(spec_path: str, out_path: str) -> None:
             prompt = tokenizer(case["prompt"]).input_ids
         else:
             model = tiny_model(case["model"], seed=case.get("seed", 0))
+            model.generation_config.eos_token_id = case.get("eos")
             prompt = case.get("prompt")
         if plan:  # replicas of tp ranks sharded with DeepSpeed AutoTP, lookahead between replicas
             model = shard_model(model, plan.tp_group, plan.tp)
