@@ -171,7 +171,7 @@ class BatchedDecoder(FastDecoder):
         cfg, team = self.config, self.team
         self._sampling = sampling_settings(self.model.generation_config, cfg)
         idle = _Job(Work(None, [0], 0, 0), 0, 0, greedy_rules(self.model.generation_config, 1, 1), None, 0.0)
-        capacity = capacity_bucket(longest + self.step_tokens)
+        capacity = capacity_bucket(longest + self.shape.widest_step)
         team.begin(cfg.ngram, cfg.window)
         try:
             with torch.inference_mode():
@@ -200,7 +200,7 @@ class BatchedDecoder(FastDecoder):
 
     def _run_batch(self, step: BatchedStep, capacity: int, next_job: Callable[[], "_Job | None"], idle: "_Job",
                    on_result) -> None:
-        a, room = self.shape.accept, capacity - self.step_tokens
+        a, room = self.shape.accept, capacity - self.shape.widest_step  # the same on every rank
         running: list[_Job | None] = [None] * self.batch_size
         length = [0] * self.batch_size  # committed tokens in each lane's cache, as the host tracks them
 

@@ -167,7 +167,7 @@ class FastDecoder(Decoder):
         self._rules.load(rules)
         if self._pool is None:
             self._pool = DevicePool(self.vocab, self.config.guess, self.config.ngram - 1, self.device)
-        capacity = capacity_bucket(tokens + self.step_tokens)
+        capacity = capacity_bucket(tokens + self.shape.widest_step)  # the same bucket on every rank
         found = self._steps.get(capacity)
         if found is None:
             found = self._steps[capacity] = FastStep(

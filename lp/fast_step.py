@@ -25,7 +25,7 @@ from .distributed.partition import Slice, rank_shape
 from .first_index import first_max
 from .sampling import Sampling, sample
 from .slot_cache import LaneCache, SlotCache
-from .step_layout import StepShape, build_layout
+from .step_layout import StepShape, build_layout, tokens_fed
 
 
 @dataclass
@@ -68,26 +68,43 @@ class FastShape:
     def mine(self) -> Slice:
         return self.slices[self.rank]
 
+    def rows_of(self, rank: int) -> range:
+        """The candidate rows rank `rank`'s tree merges (prompt lookup's, then the pool's): every P-th from its rank."""
+        return range(rank, self.lookup + self.pool_rows, len(self.slices))
+
+    def budget_of(self, rank: int) -> int:
+        """Rank `rank`'s tree slots: its slice of the budget, none when it has no candidate row (fewer rows than
+        ranks), since a tree of no candidates has nothing to feed."""
+        s = self.slices[rank]
+        return s.cand_end - s.cand_start if self.rows_of(rank) else 0
+
+    def shape_of(self, rank: int) -> StepShape:
+        """What rank `rank` feeds, counted as the partition counts it (the tree as `budget` one-token candidates)."""
+        s = self.slices[rank]
+        return rank_shape(replace(s, cand_end=s.cand_start + self.budget_of(rank)), self.ngram - 1, 1, self.pending)
+
     @property
     def tree_rows(self) -> range:
-        """The candidate rows this rank's tree merges (prompt lookup's, then the pool's): every P-th from its rank."""
-        return range(self.rank, self.lookup + self.pool_rows, len(self.slices))
+        return self.rows_of(self.rank)
 
     @property
     def budget(self) -> int:
-        """This rank's tree slots: its slice of the budget, none when it has no candidate row (fewer rows than
-        ranks), since a tree of no candidates has nothing to feed."""
-        return self.mine.cand_end - self.mine.cand_start if self.tree_rows else 0
+        return self.budget_of(self.rank)
+
+    @property
+    def step_shape(self) -> StepShape:
+        return self.shape_of(self.rank)
+
+    @property
+    def widest_step(self) -> int:
+        """The most tokens any rank of the team feeds a step. Caches are sized by it, so they are alike on every
+        rank (a batch restarts an idle lane at the same step on every rank)."""
+        return max(tokens_fed(self.shape_of(r)) for r in range(len(self.slices)))
 
     @property
     def accept(self) -> int:
         """The most tokens one step commits."""
         return self.depth + 1
-
-    @property
-    def step_shape(self) -> StepShape:
-        """What this rank feeds, counted as the partition counts it (the tree as `budget` one-token candidates)."""
-        return rank_shape(replace(self.mine, cand_end=self.mine.cand_start + self.budget), self.ngram - 1, 1, self.pending)
 
     @property
     def out_size(self) -> int:

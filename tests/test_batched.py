@@ -6,8 +6,11 @@ import torch
 
 import lp
 from lp.batched_decoding import BatchedDecoder
+from lp.distributed.partition import split_step
+from lp.fast_step import FastShape
 from lp.greedy_rules import greedy_rules, hf_greedy
 from lp.sampling import reference_sample, sampling_settings
+from lp.step_layout import tokens_fed
 from models import FAMILIES, tiny_model
 from test_exactness import repetitive_prompt
 from test_parallel import run_team
@@ -121,6 +124,29 @@ def test_a_team_of_two_decodes_a_batch_exactly(kv_sync, tmp_path):
     for o in outs:
         assert all(seconds > 0 for seconds, _, _ in o[0]["comm"])
         assert len({sent / steps for _, sent, steps in o[0]["comm"]}) == 1 and o[0]["comm"][0][1] > 0
+
+
+@pytest.mark.slow
+def test_an_idle_lane_restarts_at_the_same_step_on_ranks_that_feed_different_token_counts(tmp_path):
+    # (3,3,3) budget 3 over 2 ranks: rank 0 feeds 7 tokens a step, rank 1 feeds 4. The short prompt's lane idles,
+    # decoding junk while the long one runs, and restarts when its cache is nearly full. Ranks that sized their
+    # caches by their own step restarted it at different steps and stopped the job with a DivergenceError.
+    model, long, short = tiny_model("llama", seed=0), [5, 6, 7, 8, 9, 10, 11, 12], [7, 7, 7]
+    expected = [hf_greedy(model, long, 220), hf_greedy(model, short, 1)]
+    case = dict(model="llama", seed=0, prompts=[long, short], wng=(3, 3, 3), tree=dict(budget=3), max_new=[220, 1],
+                kv_sync="gather", batch=2, fast="eager")
+    outs, codes = run_team(2, {"cases": [case]}, tmp_path)
+    assert codes == [0, 0], [(tmp_path / f"err{r}.txt").read_text()[-1500:] for r in range(2)]
+    assert [o[0]["batch_tokens"] for o in outs] == [expected, expected]
+
+
+def test_every_rank_sizes_its_cache_by_the_widest_step_of_the_team():
+    config = lp.LookaheadConfig(3, 3, 3, budget=3)
+    slices = tuple(split_step(3, 2, 3, 1, [1, 1]))
+    shapes = [FastShape(3, 3, 3, config.lookup_count, config.lookup_len, config.tree_depth, 1, slices, r, "gather",
+                        config.chain_count, config.chain_room) for r in range(2)]
+    assert [tokens_fed(s.step_shape) for s in shapes] == [7, 4]  # pending + the window's share (+ prefix) + tree
+    assert [s.widest_step for s in shapes] == [7, 7]
 
 
 def test_lp_generate_takes_a_list_of_prompts_and_returns_a_result_each():
