@@ -388,7 +388,7 @@ class FastStep:
     def _ready(self) -> torch.Tensor:
         """Whether the next step's tree would hold a candidate (0-d bool); always true without plain steps."""
         shape = self.shape
-        ready = torch.tensor(not shape.plain, device=self.device)
+        ready = torch.full((), not shape.plain, dtype=torch.bool, device=self.device)  # a fill, not a host copy
         if not shape.plain or not self.budget:  # no plain steps: always ready; no tree: never a candidate
             return ready
         if shape.lookup:
