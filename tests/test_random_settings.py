@@ -86,6 +86,8 @@ def test_random_settings_give_greedy_or_sampled_tokens_on_every_rank_of_a_team(r
     cases, wanted = [], []
     for _ in range(60):
         case = random_case(rng, ranks)
+        if not case["batch"]:  # one prompt a case, as a team decodes it
+            case.update(prompts=case["prompts"][:1], max_new=case["max_new"][:1])
         tree = {k: v for k, v in case["settings"].items() if k not in ("window", "ngram", "guess")}
         spec = dict(model=case["model"], seed=case["seed"], eos=case["eos"], tree=tree, fast="eager" if case["fast"] else None,
                     wng=[case["settings"][k] for k in ("window", "ngram", "guess")],
@@ -94,7 +96,6 @@ def test_random_settings_give_greedy_or_sampled_tokens_on_every_rank_of_a_team(r
             spec.update(batch=case["batch"], prompts=case["prompts"], max_new=case["max_new"])
         else:
             spec.update(prompt=case["prompts"][0], max_new=case["max_new"][0])
-            case.update(prompts=case["prompts"][:1], max_new=case["max_new"][:1])
         cases.append(spec)
         wanted.append(expected(case, model_of(case)))
     outs, codes = run_team(ranks, {"cases": cases}, tmp_path)
