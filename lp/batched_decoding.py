@@ -45,13 +45,25 @@ class BatchedStep:
 
     def local(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward every lane at once: exchange rows [B, row] and slots to keep [B, K]."""
+        fed = self.prepare()
+        return self.finish(self.forward(fed.tokens, fed.positions, fed.mask), fed)
+
+    def prepare(self) -> "BatchFed":
+        """Every lane's fed tokens, positions and mask rows, stacked; each lane writes its step at its own slots."""
         fed = [lane.prepare() for lane in self.lanes]
         self.slots.copy_(torch.stack([lane.step_slots for lane in self.lanes]))
-        out = self.model(input_ids=torch.stack([f.tokens for f in fed]),
-                         position_ids=torch.stack([f.positions for f in fed]),
-                         attention_mask=torch.cat([f.mask for f in fed]), use_cache=True,
+        return BatchFed(torch.stack([f.tokens for f in fed]), torch.stack([f.positions for f in fed]),
+                        torch.cat([f.mask for f in fed]), fed)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The model alone over every lane's fed tokens [B, T]: the kept rows' logits [B, rows, V]."""
+        out = self.model(input_ids=tokens, position_ids=positions, attention_mask=mask, use_cache=True,
                          logits_to_keep=self.lanes[0].keep_rows, **{self.cache_arg: self.cache})
-        rows, keeps = zip(*(lane.finish(out.logits[b], f) for b, (lane, f) in enumerate(zip(self.lanes, fed))))
+        return out.logits
+
+    def finish(self, logits: torch.Tensor, fed: "BatchFed") -> tuple[torch.Tensor, torch.Tensor]:
+        """Verify every lane: exchange rows [B, row] and slots to keep [B, K]."""
+        rows, keeps = zip(*(lane.finish(logits[b], f) for b, (lane, f) in enumerate(zip(self.lanes, fed.lanes))))
         return torch.stack(rows), torch.stack(keeps)
 
     def commit(self, table: torch.Tensor, keeps: torch.Tensor) -> torch.Tensor:
@@ -61,6 +73,16 @@ class BatchedStep:
     def solo(self) -> torch.Tensor:
         rows, keeps = self.local()
         return self.commit(rows[None], keeps)
+
+
+@dataclass
+class BatchFed:
+    """A batch step's forward inputs, and each lane's own (lp.fast_step.Fed) for verifying its rows."""
+
+    tokens: torch.Tensor  # [B, T]
+    positions: torch.Tensor  # [B, T]
+    mask: torch.Tensor  # [B, 1, T, capacity]
+    lanes: list
 
 
 class BatchedDecoder(FastDecoder):
@@ -90,6 +112,7 @@ class BatchedDecoder(FastDecoder):
         if self._sampling != self._steps_sampling:
             self._batched.clear()
             self._compiled.clear()
+            self._graphs.clear()
             self._steps_sampling = self._sampling
         found = self._batched.get(capacity)
         if found is None:
@@ -112,22 +135,6 @@ class BatchedDecoder(FastDecoder):
             self.model(input_ids=torch.zeros(b, 1, dtype=torch.long, device=self.device),
                        position_ids=torch.zeros(b, 1, dtype=torch.long, device=self.device), attention_mask=mask,
                        use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
-
-    def _batch_runner(self, step: BatchedStep) -> Callable[[], torch.Tensor]:
-        team = self.team
-        if team.size == 1:
-            return self._compiled_fn(step, "batch-solo", step.solo)
-        local = self._compiled_fn(step, "batch-local", step.local)
-        commit = self._compiled_fn(step, "batch-commit", step.commit)
-
-        def run() -> torch.Tensor:
-            rows, keeps = local()
-            table = team.gather_rows(rows.flatten()).view(team.size, *rows.shape)
-            out = commit(table, keeps)
-            if step.kv_buffer is not None:
-                team.sum_kv(step.kv_buffer)
-            return out
-        return run
 
     # -- decoding -------------------------------------------------------------------------------------------
 
@@ -212,7 +219,7 @@ class BatchedDecoder(FastDecoder):
         for b in range(self.batch_size):
             fill(b)
         compiled_before = self.compile_time_s
-        run = self._batch_runner(step)
+        run = self._runner(step)
         eos = set(idle.rules.eos_ids)
         while any(j is not None for j in running):
             with torch.inference_mode():

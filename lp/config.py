@@ -38,6 +38,12 @@ class LookaheadConfig:
     compile: the fast path (static cache, one step shape, device-resident state, torch.compile; CUDA graphs
         on GPUs). None or False = the eager reference engine, on every device; True = the fast path (on CUDA
         not yet exact at every setting: an H200 run found (15,5,15) with prompt lookup wrong, an open bug).
+    step_graphs: how the fast path compiles a step: "split" = the model's forward as a graph of its own and the
+        bookkeeping around it (prepare, finish, commit) as small graphs, so no fusion crosses the forward's
+        boundary; "whole" = the entire step as one graph (fewer calls, more fusion). None = split on accelerators
+        (where CUDA graphs make the extra calls free), whole on CPUs (where each call costs): `split_step_on`.
+    cuda_graphs: on CUDA, replay each step from one captured CUDA graph (one launch, no host work a step). None = on
+        for the compiled fast path, off for the eager one.
     """
 
     window: int = 15
@@ -57,6 +63,8 @@ class LookaheadConfig:
     top_k: int | None = None
     top_p: float | None = None
     min_p: float | None = None
+    step_graphs: str | None = None
+    cuda_graphs: bool | None = None
 
     def __post_init__(self):
         check_int("window", self.window, 1, 1024)
@@ -83,6 +91,10 @@ class LookaheadConfig:
         check_number("min_p", self.min_p, 0, 1, high_open=True)
         if self.compile is not None:
             check_bool("compile", self.compile)
+        if self.step_graphs not in (None, "split", "whole"):
+            raise ConfigError(f"step_graphs must be 'split' or 'whole', got {self.step_graphs!r}")
+        if self.cuda_graphs is not None:
+            check_bool("cuda_graphs", self.cuda_graphs)
 
     @property
     def levels(self) -> int:
@@ -118,6 +130,18 @@ class LookaheadConfig:
             return self.budget
         full = self.guess * (self.ngram - 1)
         return (full + 1) // 2 if device_type == "cpu" else full
+
+    def split_step_on(self, device_type: str) -> bool:
+        """Whether the compiled fast path compiles its step as several graphs (the forward alone) or as one, on a
+        device of this type: `step_graphs` when set, else split everywhere but on CPUs."""
+        if self.step_graphs is not None:
+            return self.step_graphs == "split"
+        return device_type != "cpu"
+
+    def cuda_graphs_on(self, compiled: bool) -> bool:
+        """Whether a fast-path step on CUDA replays a captured CUDA graph: `cuda_graphs` when set, else when the
+        step is compiled."""
+        return compiled if self.cuda_graphs is None else self.cuda_graphs
 
     @property
     def fast_path_only(self) -> bool:

@@ -91,10 +91,12 @@ class DevicePool:
         kept = new & (rank < g)
         target_key = torch.where(kept, keys, self.vocab)
         slot = torch.where(kept, (self.next[target_key] + rank) % g, 0)
+        # each row's key gets all of this insert's new entries at once: every write to a key carries the same value,
+        # and no entry is read back after a write (in-place read-modify-write is what the CUDA issue suspects)
+        total = ((target_key[:, None] == target_key[None, :]) & kept[None, :]).sum(-1)
+        count = (self.count[target_key] + total).clamp(max=g)
+        after = (self.next[target_key] + total) % g
         self.tokens.index_put_((target_key, slot), conts)
-        added = kept.long()
-        self.count.index_add_(0, target_key, added)
-        self.next.index_add_(0, target_key, added)
-        self.count[target_key] = self.count[target_key].clamp(max=g)
-        self.next[target_key] = self.next[target_key] % g
-        return added.sum()
+        self.count.index_put_((target_key,), count)
+        self.next.index_put_((target_key,), after)
+        return kept.sum()

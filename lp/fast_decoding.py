@@ -17,12 +17,14 @@ from typing import Callable, Iterator
 import torch
 
 from .config import LookaheadConfig
+from .cuda_graph import CapturedStep
 from .decoding import Decoder, PromptError, cut_at_eos
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .distributed.parallel import DivergenceError
 from .distributed.partition import split_step
 from .fast_step import FastShape, FastStep
+from .graph_check import StaleReadCheck
 from .ngram_pool import NGramPool
 from .step_layout import tokens_fed
 
@@ -78,6 +80,9 @@ class FastDecoder(Decoder):
         self._steps: dict[int, FastStep] = {}
         self._steps_sampling = None
         self._compiled: dict[tuple[int, str], Callable] = {}
+        self._graphs: dict[tuple[int, str], CapturedStep] = {}  # captured CUDA graphs of whole steps
+        self.split = not compile or cfg.split_step_on(self.device.type)  # eager: the same pieces, called in turn
+        self._graph_pool = None
         self._host = torch.zeros(self.shape.out_size, dtype=torch.long, pin_memory=self.device.type == "cuda")
 
     lanes_share_a_forward = False  # lp.batched_decoding.BatchedDecoder: every lane's step runs in one forward
@@ -127,7 +132,7 @@ class FastDecoder(Decoder):
             step.start(prompt, host_pool, window, self.seed)
         run = self._runner(step)
         plain = self._plain_runner(step) if self.shape.plain else None
-        if plain is not None and self._uncompiled(step, "plain"):
+        if plain is not None and self._uncompiled(step, "plain-forward" if self.split else "plain"):
             self._compile_plain(step, plain, prompt, host_pool, window)
 
         eos = set(rules.eos_ids)
@@ -164,6 +169,7 @@ class FastDecoder(Decoder):
             self._steps_sampling = self._sampling  # the steps are built (and compiled) for one sampling setting
             self._steps.clear()
             self._compiled.clear()
+            self._graphs.clear()
         self._rules.load(rules)
         if self._pool is None:
             self._pool = DevicePool(self.vocab, self.config.guess, self.config.ngram - 1, self.device)
@@ -175,35 +181,79 @@ class FastDecoder(Decoder):
                 self.layers, self.config.seed_pool_from_output, self._sampling)
         return found
 
-    def _runner(self, step: FastStep) -> Callable[[], torch.Tensor]:
-        """One call runs one step and returns its host-bound tensor (compiled graphs, collectives between)."""
-        team = self.team
+    def _runner(self, step) -> Callable[[], torch.Tensor]:
+        """One call runs one full step of `step` (a FastStep, or a batch's BatchedStep) and returns its host-bound
+        tensor: its compiled graphs (split or whole), with the team's collectives between its halves, each half
+        replayed from one CUDA graph where that is on."""
+        team, prefix = self.team, "batch-" if self.lanes_share_a_forward else ""
+        local, commit = self.halves(step)
         if team.size == 1:
-            solo = self._compiled_fn(step, "solo", step.solo)
-            return solo
-        local = self._compiled_fn(step, "local", step.local)
-        commit = self._compiled_fn(step, "commit", step.commit)
+            if self.split:
+                def solo() -> torch.Tensor:
+                    row, keep = local()
+                    return commit(row[None], keep)
+            else:
+                solo = self._compiled_fn(step, prefix + "solo", step.solo)
+            return self._captured(step, prefix + "solo", solo)
+        local = self._captured(step, prefix + "local-step", local)
+        commit = self._captured(step, prefix + "commit-step", commit)
 
         def run() -> torch.Tensor:
             row, keep = local()
-            table = team.gather_rows(row)
+            table = team.gather_rows(row.flatten()).view(team.size, *row.shape)
             out = commit(table, keep)
             if step.kv_buffer is not None:
                 team.sum_kv(step.kv_buffer)
             return out
         return run
 
+    def halves(self, step) -> tuple[Callable[[], tuple[torch.Tensor, torch.Tensor]], Callable]:
+        """The step's two halves as this decoder runs them (compiled split or whole, or eager): `local()` gives
+        this rank's exchange row(s) and slots to keep, `commit(table, keep)` applies the team's table."""
+        prefix = "batch-" if self.lanes_share_a_forward else ""
+        if self.split:
+            prepare = self._compiled_fn(step, prefix + "prepare", step.prepare)
+            forward = self._compiled_fn(step, prefix + "forward", step.forward)
+            finish = self._compiled_fn(step, prefix + "finish", step.finish)
+
+            def local() -> tuple[torch.Tensor, torch.Tensor]:
+                fed = prepare()
+                return finish(forward(fed.tokens, fed.positions, fed.mask), fed)
+        else:
+            local = self._compiled_fn(step, prefix + "local", step.local)
+        return local, self._compiled_fn(step, prefix + "commit", step.commit)
+
     def _plain_runner(self, step: FastStep) -> Callable[[], torch.Tensor]:
         """One call runs one plain (one-token) step: the cache writes at its one slot for the call's length."""
-        plain = self._compiled_fn(step, "plain", step.plain)
+        if self.split:
+            prepare = self._compiled_fn(step, "plain-prepare", step.plain_prepare)
+            forward = self._compiled_fn(step, "plain-forward", step.forward)
+            finish = self._compiled_fn(step, "plain-finish", step.plain_finish)
 
-        def run() -> torch.Tensor:
+            def plain() -> torch.Tensor:
+                token, position, mask = prepare()
+                return finish(forward(token, position, mask, step.plain_keep), position)
+        else:
+            plain = self._compiled_fn(step, "plain", step.plain)
+
+        def swapped() -> torch.Tensor:
             step.cache.slots = step.plain_slots
             try:
                 return plain()
             finally:
                 step.cache.slots = step.step_slots
-        return run
+        return self._captured(step, "plain", swapped)
+
+    def _captured(self, step, name: str, fn: Callable) -> Callable:
+        """`fn` replayed from a CUDA graph (lp.cuda_graph) when the step runs on CUDA with CUDA graphs on."""
+        if self.device.type != "cuda" or not self.config.cuda_graphs_on(self.compile and self.compile_error is None):
+            return fn
+        key = (step.capacity, name)
+        if key not in self._graphs:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            self._graphs[key] = CapturedStep(fn, self._graph_pool)
+        return self._graphs[key]
 
     def _uncompiled(self, step: FastStep, name: str) -> bool:
         """Whether the graph `name` of this step's bucket is still to be compiled."""
@@ -220,15 +270,16 @@ class FastDecoder(Decoder):
             step.start(prompt, host_pool, window, self.seed)
         self.compile_time_s = before + time.perf_counter() - began
 
-    def _compiled_fn(self, step: FastStep, name: str, fn: Callable) -> Callable:
+    def _compiled_fn(self, step, name: str, fn: Callable) -> Callable:
         if not self.compile or self.compile_error is not None:
             return fn
         key = (step.capacity, name)
         found = self._compiled.get(key)
         if found is None:
             began = time.perf_counter()  # the first torch.compile of a process imports the compiler: compile time too
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            compiled = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, mode=mode)
+            # CUDA graphs, where on, are captured around the whole step (lp.cuda_graph), not per graph
+            options = {"post_grad_custom_post_pass": StaleReadCheck(), "triton.cudagraphs": False}
+            compiled = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, options=options)
             found = self._compiled[key] = _FallBack(compiled, fn, self)
             self.compile_time_s += time.perf_counter() - began
         return found

@@ -174,30 +174,31 @@ class FastStep:
         self.cache = cache if cache is not None else SlotCache(layers, capacity, device)
         self.length = self.cache.length if lane is None else torch.zeros((), **to)  # committed cache entries
         self.pool = pool
-        self.window = torch.zeros(n - 1, w, **to)
+        self.window = torch.zeros(n - 1, w, **to)  # a ring of levels: level j is row (head + j) % (N-1)
+        self.head = torch.zeros((), **to)
         self.pending = torch.zeros(shape.pending, **to)
         self.pending_count = torch.ones((), **to)
-        self.tail = torch.full((n - 1,), -1, **to)
-        self.history = torch.full((capacity + a,), -1, **to)  # the committed text, for prompt lookup
+        self.history = torch.full((capacity + a,), -1, **to)  # the committed text, for prompt lookup and n-grams
         self.history_len = torch.zeros((), **to)
         self.prompt_len = torch.zeros((), **to)
         self.seed = torch.zeros((), **to)  # keys the sampling draws
         self.fingerprint = torch.zeros((), **to)
         self.step_slots = torch.zeros(self.tokens, **to)
         self.plain_slots = torch.zeros(1, **to)  # the one cache slot a plain step writes
+        self.plain_keep = torch.zeros(1, **to)  # the plain step's one row (its logits, its slot offset)
         self.out = torch.zeros(shape.out_size, **to)  # [count, accepted tokens, diverged, ready]: what the host reads
-        self.kv_start = torch.zeros((), **to)
+        self.kept = torch.zeros((), **to)  # cache entries the last step committed (the winner's sit just below length)
         self.kv_buffer: torch.Tensor | None = None  # [layers, b, h, accept, dk + dv] with kv_sync == "gather"
-        for t in (self.window, self.pending, self.pending_count, self.tail, self.history, self.history_len,
+        for t in (self.window, self.head, self.pending, self.pending_count, self.history, self.history_len,
                   self.prompt_len, self.seed, self.fingerprint, self.step_slots, self.plain_slots, self.out,
-                  self.kv_start, self.length):
+                  self.kept, self.length):
             torch._dynamo.mark_static_address(t)
 
     # -- per generation (eager) ---------------------------------------------------------------------------
 
     def start(self, prompt: list[int], host_pool: NGramPool, window_rows: list[list[int]], seed: int = 0) -> None:
         """Prefill the prompt, load the pool and window, and point the cache at the step's slots."""
-        n, a = self.shape.ngram, self.shape.accept
+        a = self.shape.accept
         to = dict(device=self.device, dtype=torch.long)
         cache = self.cache if self.lane is None else LaneCache(self.cache, self.lane)
         self.length.zero_()
@@ -218,13 +219,12 @@ class FastStep:
             self.kv_buffer = kv_exchange_buffer(cache, a)
         if self.kv_buffer is not None:
             self.kv_buffer.zero_()
-        self.kv_start.fill_(len(body))
+        self.kept.zero_()
         self.pool.load(host_pool, prompt)
         self.window.copy_(torch.tensor(window_rows, **to))
+        self.head.zero_()
         self.pending.fill_(prompt[-1])
         self.pending_count.fill_(1)
-        tail = ([-1] * (n - 1) + list(prompt))[-(n - 1):] if n > 1 else []
-        self.tail.copy_(torch.tensor(tail, **to))
         self.history.fill_(-1)
         self.history[: len(prompt)] = torch.tensor(prompt, **to)
         self.history_len.fill_(len(prompt))
@@ -233,26 +233,37 @@ class FastStep:
         self.fingerprint.zero_()
 
     # -- the step -----------------------------------------------------------------------------------------
+    # `prepare`, `forward`, `finish` and `commit` (`plain_prepare`, `forward`, `plain_finish` for a plain step) are
+    # one compiled graph each when the step is split (lp.fast_decoding); `local`, `solo` and `plain` chain them into
+    # one graph when it is compiled whole. Each of them reads every state tensor before writing it, and writes it
+    # from a value computed apart (lp.graph_check): no copy of one state's old value goes into another.
 
     def local(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and verify this rank's slice: its exchange row and, if it wins, the cache slots to keep."""
         fed = self.prepare()
-        out = self.model(input_ids=fed.tokens[None], position_ids=fed.positions[None], attention_mask=fed.mask,
-                         use_cache=True, logits_to_keep=self.keep_rows, **{self.cache_arg: self.cache})
-        return self.finish(out.logits[0], fed)
+        return self.finish(self.forward(fed.tokens, fed.positions, fed.mask), fed)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The model alone over one step's fed tokens [T]: the logits of rows `keep` [rows, V] (default: the
+        step's kept rows). It writes the step's keys and values at `cache.slots`."""
+        out = self.model(input_ids=tokens[None], position_ids=positions[None], attention_mask=mask, use_cache=True,
+                         logits_to_keep=self.keep_rows if keep is None else keep, **{self.cache_arg: self.cache})
+        return out.logits[0]
 
     def prepare(self) -> "Fed":
         """What this step feeds (tokens, positions, mask) and writes where (step_slots); the forward comes next."""
         shape = self.shape
-        if self.kv_buffer is not None:  # entries received from last step's winner
+        cached = self.length
+        if self.kv_buffer is not None:  # entries received from last step's winner, at the slots it committed
+            start = cached - self.kept
             dk = self.cache.layers[0].keys.shape[-1]
             for i, layer in enumerate(self.cache.layers):
-                layer.write(self.kv_start, self.kv_buffer[i, ..., :dk], self.kv_buffer[i, ..., dk:], self.lane)
-        cached = self.length
+                layer.write(start, self.kv_buffer[i, ..., :dk], self.kv_buffer[i, ..., dk:], self.lane)
         p = self.pending_count
         shift = shape.pending - p
         tree = self._tree() if self.budget else None
-        fixed = torch.cat([self.pending, self.window.flatten()])[self.sources]
+        fixed = torch.cat([self.pending, self._levels().flatten()])[self.sources]
         depth_of = self.fixed_depth if tree is None else torch.cat([self.fixed_depth, shape.pending - 1 + tree.depth])
         tokens = fixed if tree is None else torch.cat([fixed, tree.tokens])
         positions = (cached + depth_of - shift).clamp(0, self.context - 1)
@@ -285,80 +296,91 @@ class FastStep:
         """Apply the team's exchange table [ranks, row]: commit the winner's tokens, advance the window and pool,
         compact the cache. Returns the host-bound [count, accepted tokens, diverged, ready]."""
         shape, a = self.shape, self.shape.accept
-        cache = self.cache
-        cached = self.length.clone()
+        cached = self.length  # written last
         counts = table[:, 0]
         winner = first_max(counts)  # ties go to the lowest rank
         count = _pick(counts, winner)
         accepted = _pick(table, winner)[1 : 1 + a]
         diverged = (table[:, -1] != table[0, -1]).any()
         won = winner == shape.rank
-        p = self.pending_count.clone()
-
-        for layer in cache.layers:
-            layer.keep(cached, keep_slots, self.lane)
         if shape.kv_sync == "recompute":
+            p = self.pending_count
             kept = torch.where(won, p + count - 1, p)
             next_count = torch.where(won, torch.ones_like(count), count)
         else:
             kept = count  # the single pending token plus the accepted tree tokens
             next_count = torch.ones_like(count)
-        self.length.copy_(cached + kept)
         j = torch.arange(shape.pending, device=self.device)
-        self.pending.copy_(accepted[(count - shape.pending + j).clamp(0, a - 1)])
-        self.pending_count.copy_(next_count)
+        pending = accepted[(count - shape.pending + j).clamp(0, a - 1)]
+
+        for layer in self.cache.layers:
+            layer.keep(cached, keep_slots, self.lane)
         if self.kv_buffer is not None:  # the winner's entries [cached, cached + accept) go to every rank (summed)
-            self.kv_start.copy_(cached)
             slots = cached + torch.arange(a, device=self.device)
-            for i, layer in enumerate(cache.layers):
+            for i, layer in enumerate(self.cache.layers):
                 keys, values = layer.row(self.lane)
                 entries = torch.cat([keys.index_select(2, slots), values.index_select(2, slots)], -1)
                 self.kv_buffer[i].copy_(torch.where(won, entries, 0))
-
+        self.pending.copy_(pending)
+        self.pending_count.copy_(next_count)
         top = table.flatten()[self.top_index]
-        return self._record(accepted, count, top, diverged)
+        out = self._record(accepted, count, top, diverged)
+        self.kept.copy_(kept)
+        self.length.copy_(cached + kept)
+        return out
 
     def plain(self) -> torch.Tensor:
         """A one-token step, as greedy decoding runs it: the pending token alone, for a team of one rank when the
         tree would hold no candidate (the ready flag of the last step's output). It accepts that token's successor
         as a full step would (its bonus token); the window waits. The caller points the cache at `plain_slots`.
         Returns what `commit` returns."""
-        cached = self.length.clone()
+        token, position, mask = self.plain_prepare()
+        return self.plain_finish(self.forward(token, position, mask, self.plain_keep), position)
+
+    def plain_prepare(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The plain step's token [1], position [1] and mask [1, 1, 1, capacity]; sets the slot it writes."""
+        cached = self.length
+        self.plain_slots.copy_(cached + self.plain_keep)
         position = cached.clamp(max=self.context - 1).view(1)
-        self.plain_slots.copy_(cached.view(1))
         visible = torch.arange(self.capacity, device=self.device) <= cached
         mask = torch.zeros(1, self.capacity, dtype=self.dtype, device=self.device)
         mask = mask.masked_fill(~visible[None], torch.finfo(self.dtype).min)[None, None]
-        out = self.model(input_ids=self.pending[-1:][None], position_ids=position[None], attention_mask=mask,
-                         use_cache=True, logits_to_keep=1, **{self.cache_arg: self.cache})
-        token = self._choose(out.logits[0, -1:], position)[0]
-        count = torch.ones_like(cached)
-        self.length.copy_(cached + 1)
+        return self.pending[-1:], position, mask
+
+    def plain_finish(self, logits: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """Commit the plain step's token from its logits [1, V]."""
+        token = self._choose(logits[-1:], position)[0]
+        count = torch.ones_like(self.length)
         self.pending.copy_(token.expand(self.shape.pending))
         diverged = torch.zeros((), dtype=torch.bool, device=self.device)
-        return self._record(token.expand(self.shape.accept), count, None, diverged)
+        out = self._record(token.expand(self.shape.accept), count, None, diverged)
+        self.kept.copy_(count)
+        self.length.copy_(self.length + count)
+        return out
 
     def _record(self, accepted: torch.Tensor, count: torch.Tensor, top: torch.Tensor | None,
                 diverged: torch.Tensor) -> torch.Tensor:
         """Move the text, window (`top`: its new level; None: it waits) and pool on by the step's first `count`
-        accepted tokens; returns the host-bound [count, accepted tokens, diverged, ready]."""
+        accepted tokens; returns the host-bound [count, accepted tokens, diverged, ready]. The caller has written
+        the new pending tokens (ready reads them)."""
         shape, n, a = self.shape, self.shape.ngram, self.shape.accept
         steps = torch.arange(a, device=self.device)
-        seq = torch.cat([self.tail, accepted])
+        seq = torch.cat([self._tail(), accepted])
         out_grams = seq[self.tail_index]  # [accept, N]
         out_valid = (steps < count) & (out_grams >= 0).all(-1)
         if not self.seed_from_output:
             out_valid = torch.zeros_like(out_valid)
-        self.tail.copy_(seq[count + torch.arange(n - 1, device=self.device)])
-        self.history.index_copy_(0, self.history_len + steps, accepted)  # entries past `count` are rewritten later
-        self.history_len.copy_(self.history_len + count)
+        written = self.history_len
+        self.history.index_copy_(0, written + steps, accepted)  # entries past `count` are rewritten later
+        self.history_len.copy_(written + count)
         live = torch.where(steps < count, accepted, 0)
         mixed = self.fingerprint * 1000003 + (live * (steps + 1)).sum() + count
         if top is None:
             added = self.pool.insert(out_grams, out_valid)
         else:
-            grams = torch.cat([self.window, top[None]]).T  # [W, N]: one n-gram up each column
-            self.window.copy_(torch.cat([self.window[1:], top[None]]))
+            grams = torch.cat([self._levels(), top[None]]).T  # [W, N]: one n-gram up each column
+            self.window.index_copy_(0, self.head.view(1), top[None])  # the new level replaces the oldest
+            self.head.copy_((self.head + 1) % self.window.shape[0])
             added = self.pool.insert(torch.cat([grams, out_grams]),
                                      torch.cat([torch.ones(shape.window, dtype=torch.bool, device=self.device),
                                                 out_valid]))
@@ -382,6 +404,17 @@ class FastStep:
         if self.sampling is None:
             return first_max(logits)
         return sample(logits, positions + 1, self.seed, self.sampling)
+
+    def _levels(self) -> torch.Tensor:
+        """The window's levels, oldest first [N-1, W]: a gather from the ring, never a shift in place."""
+        rows = self.window.shape[0]
+        return self.window.index_select(0, (self.head + torch.arange(rows, device=self.device)) % rows)
+
+    def _tail(self) -> torch.Tensor:
+        """The committed text's last N-1 tokens (-1 before its start): a gather from the history."""
+        n = self.shape.ngram
+        at = self.history_len - (n - 1) + torch.arange(n - 1, device=self.device)
+        return torch.where(at >= 0, self.history.index_select(0, at.clamp(min=0)), -1)
 
     def _ready(self) -> torch.Tensor:
         """Whether the next step's tree would hold a candidate (0-d bool); always true without plain steps."""

@@ -67,6 +67,7 @@ def main(spec_path: str, out_path: str) -> None:
             team.sum_kv = lambda buffer: (kv_sums.append(buffer.shape), sum_kv(buffer))
             done = decoder.generate_many(case["prompts"], case["max_new"])
             results.append({"batch_tokens": [r.token_ids for r in done], "kv_sums": len(kv_sums),
+                            "compile_error": decoder.compile_error,
                             "exchanges": len(team.comm.seconds),
                             "comm": [(r.comm_time_s, r.comm_bytes, r.steps) for r in done]})
             team.close()
@@ -81,7 +82,8 @@ def main(spec_path: str, out_path: str) -> None:
             results.append({"failure": f"{type(failure).__name__}: {failure}"})
             break
         results.append({"tokens": result.token_ids, "steps": result.steps,
-                        "fed": result.tokens_fed_per_step, "comm_bytes": result.comm_bytes})
+                        "fed": result.tokens_fed_per_step, "comm_bytes": result.comm_bytes,
+                        "compile_error": getattr(decoder, "compile_error", None)})
         team.close()
     layout = plan and dict(lp=plan.lp, tp=plan.tp, replica=plan.replica, tp_rank=plan.tp_rank,
                            tp_group=dist.get_process_group_ranks(plan.tp_group),

@@ -237,6 +237,7 @@ def test_a_compiled_fast_path_team_matches_greedy(tmp_path):
              for kv in ("gather", "recompute")]
     outs, codes = run_team(2, {"cases": cases}, tmp_path, timeout=400)
     assert codes == [0, 0]
+    assert all(r["compile_error"] is None for o in outs for r in o)  # compiled, not fallen back to eager
     assert all(r["tokens"] == expected for o in outs for r in o)
 
 
