@@ -21,7 +21,7 @@ from .candidate_tree import LOOKUP_STRENGTH, POOL_DECAY, POOL_STRENGTH, build_tr
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .ngram_pool import NGramPool
-from .distributed.partition import Slice, rank_shape
+from .distributed.partition import Slice, deal_rows, rank_shape
 from .first_index import first_max
 from .sampling import Sampling, sample
 from .slot_cache import LaneCache, SlotCache
@@ -68,9 +68,11 @@ class FastShape:
     def mine(self) -> Slice:
         return self.slices[self.rank]
 
-    def rows_of(self, rank: int) -> range:
-        """The candidate rows rank `rank`'s tree merges (prompt lookup's, then the pool's): every P-th from its rank."""
-        return range(rank, self.lookup + self.pool_rows, len(self.slices))
+    def rows_of(self, rank: int) -> tuple[int, ...]:
+        """The candidate rows rank `rank`'s tree merges (prompt lookup's, then the pool's, best first): dealt in
+        proportion to the ranks' tree slots (`deal_rows`), so no row goes to a rank with no slot."""
+        slots = tuple(s.cand_end - s.cand_start for s in self.slices)
+        return deal_rows(slots, self.lookup + self.pool_rows)[rank]
 
     def budget_of(self, rank: int) -> int:
         """Rank `rank`'s tree slots: its slice of the budget, none when it has no candidate row (fewer rows than
@@ -84,7 +86,7 @@ class FastShape:
         return rank_shape(replace(s, cand_end=s.cand_start + self.budget_of(rank)), self.ngram - 1, 1, self.pending)
 
     @property
-    def tree_rows(self) -> range:
+    def tree_rows(self) -> tuple[int, ...]:
         return self.rows_of(self.rank)
 
     @property
@@ -159,7 +161,7 @@ class FastStep:
         top_rows = layout.window_rows[-1].tolist() if levels else []
         keep = [fixed.pending - 1] + top_rows + list(range(self.fixed, self.tokens))
         self.keep_rows = torch.tensor(keep, **to)
-        # the tree's candidate rows: prompt lookup's, then the pool's; this rank takes every size-th one
+        # the tree's candidate rows: prompt lookup's, then the pool's; this rank's share (FastShape.rows_of)
         self.tree_rows = torch.tensor(shape.tree_rows, **to)
         self.lookup_strength = torch.tensor(LOOKUP_STRENGTH, dtype=torch.float64, device=device)
         # the pool's candidates, newest first; a chained row ranks as its candidate does

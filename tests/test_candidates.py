@@ -3,7 +3,7 @@ never changes the output: greedy decoding's tokens on every family, budget, rank
 import pytest
 
 import lp
-from lp.distributed.partition import split_step
+from lp.distributed.partition import deal_rows, split_step
 from lp.fast_decoding import FastDecoder
 from lp.fast_step import FastShape
 from lp.step_layout import tokens_fed
@@ -54,14 +54,21 @@ def test_a_budget_without_a_candidate_source_feeds_no_tree():
     assert set(result.tokens_fed_per_step) == {1 + 5 + 2 * 5}  # pending + level 0 + 2 levels, no tree
 
 
+def test_candidate_rows_go_to_the_ranks_with_tree_slots_in_proportion_best_first():
+    assert deal_rows((5, 5), 4) == ((0, 2), (1, 3))  # equal shares: round-robin from rank 0
+    assert deal_rows((0, 0, 14), 5) == ((), (), (0, 1, 2, 3, 4))  # a rank with no slot gets no row
+    assert deal_rows((2, 6), 8) == ((1, 5), (0, 2, 3, 4, 6, 7))  # 1 in 4 to the rank with a quarter of the slots
+    assert deal_rows((1, 2, 6), 1) == ((), (), (0,))  # the best row to the largest share
+    assert deal_rows((0, 0), 3) == ((), ())
+
+
 def test_a_rank_with_no_candidate_row_feeds_no_tree():
-    slices = tuple(split_step(4, 2, 9, 1, [1, 1, 1]))  # the budget of 9 is split over 3 ranks...
-    assert all(s.cand_end > s.cand_start for s in slices)
+    slices = tuple(split_step(4, 2, 9, 1, [1, 1, 1]))  # the budget of 9 is split 1 / 2 / 6 over 3 ranks...
+    assert [s.cand_end - s.cand_start for s in slices] == [1, 2, 6] and [s.columns for s in slices] == [3, 1, 0]
     shapes = [FastShape(4, 3, 0, 1, 6, 6, 1, slices, rank, "gather") for rank in range(3)]  # ...but one row: lookup 1
-    assert [list(s.tree_rows) for s in shapes] == [[0], [], []]
-    assert shapes[0].budget == slices[0].cand_end - slices[0].cand_start
-    assert shapes[1].budget == shapes[2].budget == 0  # these used to build a tree of no rows and crash
-    assert tokens_fed(shapes[1].step_shape) == slices[1].col_start + 2 * slices[1].columns + 1
+    assert [s.tree_rows for s in shapes] == [(), (), (0,)]
+    assert [s.budget for s in shapes] == [0, 0, 6]  # ranks 1 and 2 used to build a tree of no rows and crash
+    assert [tokens_fed(s.step_shape) for s in shapes] == [1 + 2 * 3, 1 + 3 + 2 * 1, 1 + 6]  # pending, window, tree
 
 
 def test_prompt_lookup_accepts_whole_continuations_when_the_output_repeats_itself():

@@ -83,3 +83,20 @@ def _split(width: int, levels: int, candidates: int, candidate_len: int, pending
             high, best = mid, found
     assert best is not None
     return tuple(best)
+
+
+@lru_cache(maxsize=1024)
+def deal_rows(slots: tuple[int, ...], rows: int) -> tuple[tuple[int, ...], ...]:
+    """Deal candidate rows 0..rows-1 (best first) to ranks in proportion to their tree slots `slots`, interleaved
+    (smooth weighted round-robin, ties to the lower rank): a rank with no slot gets no row, and the best rows go
+    to the ranks with the most slots. The same answer on every rank."""
+    total = sum(slots)
+    dealt: list[list[int]] = [[] for _ in slots]
+    credit = [0] * len(slots)
+    for row in range(rows if total else 0):
+        credit = [c + s for c, s in zip(credit, slots)]
+        best = max(range(len(slots)), key=lambda r: (credit[r], -r))
+        credit[best] -= total
+        dealt[best].append(row)
+    return tuple(tuple(d) for d in dealt)
+
