@@ -14,7 +14,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS_DIR = Path(__file__).resolve().parent / "prompts"
-STORIES = REPO.parent / "shared" / "models" / "stories260k"
+STORIES = REPO / "tests" / "assets" / "stories260k"  # shipped with the tests (1 MB, MIT)
 DEFAULT_SUITES = {"default": "code.jsonl", "stories260k": "stories.jsonl", "smollm2-135m": "chat.jsonl"}
 
 

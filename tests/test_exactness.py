@@ -127,7 +127,7 @@ def test_the_bonus_token_makes_a_full_match_yield_n_tokens():
     assert max(result.accepted_per_step) == 4  # N, not N - 1
 
 
-needs_stories = pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260k is absent")
+needs_stories = pytest.mark.skipif(not STORIES.exists(), reason="tests/assets/stories260k is absent")
 
 
 @needs_stories

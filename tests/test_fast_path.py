@@ -192,7 +192,7 @@ def test_a_model_that_cannot_compile_falls_back_to_eager_with_one_log_line(caplo
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260k is absent")
+@pytest.mark.skipif(not STORIES.exists(), reason="tests/assets/stories260k is absent")
 def test_stories260k_compiled_matches_greedy_in_float32():
     fresh_compiler()
     model, tokenizer = stories()

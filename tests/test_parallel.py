@@ -77,7 +77,7 @@ def test_every_rank_matches_single_process_greedy(ranks, tmp_path):
             assert outs[0][c]["comm_bytes"] > 0
 
 
-@pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260k is absent")
+@pytest.mark.skipif(not STORIES.exists(), reason="tests/assets/stories260k is absent")
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_stories260k_on_a_team(ranks, tmp_path):
     model, tokenizer = stories()

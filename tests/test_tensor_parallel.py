@@ -65,7 +65,7 @@ def test_every_rank_of_every_replica_matches_single_process_greedy(grid_run):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not STORIES.exists(), reason="../shared/models/stories260k is absent: LP x TP ran on tiny models only")
+@pytest.mark.skipif(not STORIES.exists(), reason="tests/assets/stories260k is absent: LP x TP ran on tiny models only")
 def test_stories260k_is_among_the_cases_every_replica_decodes_exactly(grid_run):
     stories_cases = [i for i, case in enumerate(grid_run["cases"]) if case["model"] == "stories"]
     assert len(stories_cases) == 2
