@@ -10,6 +10,9 @@ import torch
 from .greedy_rules import GreedyRules
 
 
+NEVER = 1 << 62  # an index no generation reaches (and an int64 holds)
+
+
 class DeviceRules:
     """Applies the position-only rules of `GreedyRules` to logits rows with no host values."""
 
@@ -45,7 +48,7 @@ class DeviceRules:
     def load(self, rules: GreedyRules) -> None:
         """Set this generation's numbers (in place: compiled graphs keep reading the same tensors)."""
         self.min_new.fill_(rules.min_new_tokens if rules.eos_ids else 0)
-        self.max_new.fill_(rules.max_new_tokens)
+        self.max_new.fill_(min(rules.max_new_tokens, NEVER))  # a budget past any context (10**30) never binds
         self.bos_on.fill_(rules.forced_bos is not None and rules.prompt_len == 1)
 
     def apply(self, logits: torch.Tensor, next_index: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,8 @@ def test_bad_lines_become_error_records_naming_the_line(tmp_path):
         'id:"c"': "give exactly one of prompt or messages",
         'id:"d"': 'messages must be a non-empty list of {"role": str, "content": str}',
         'id:"e"': "max_new_tokens must be a positive integer, got -3",
-        'id:"f"': "unknown field 'temperature'; records have id, prompt or messages, max_new_tokens, seed",
+        'id:"f"': "'temperature' is a setting of the whole job, not of a record: give it on the command line "
+                  "(--temperature) or in --config; records have id, prompt or messages, max_new_tokens, seed",
         'id:"g"': "seed must be an integer in [0, 9223372036854775807], got -1",
         "id:7": None,
     }
@@ -113,7 +114,7 @@ def test_a_batch_job_writes_results_and_error_records_and_goes_on(tiny_dir, tmp_
                          '{"id": "long", "prompt": "' + "x" * 600 + '"}')
     output = tmp_path / "out.jsonl"
     assert main(base_args(tiny_dir, "--input", source, "--output", str(output), "--compare-greedy",
-                          "--batch-size", batch_size)) == 0
+                          "--batch-size", batch_size)) == 0  # ran to its end; the failed records are in it
     records = {r.get("id") if r.get("id") is not None else r["line"]: r for r in json_lines(output.read_text())}
     assert set(records) == {"p", 2, "m", "long"}
     assert RESULT_FIELDS | {"greedy_match"} <= set(records["p"]) and records["p"]["greedy_match"] is True
@@ -125,7 +126,7 @@ def test_a_batch_job_writes_results_and_error_records_and_goes_on(tiny_dir, tmp_
     assert (summary["records"], summary["ok"], summary["errors"]) == (4, 2, 2)
     assert captured.out.splitlines()[-1].startswith("lp: 2 of 4 prompts")
 
-    # Rerunning with the same output skips every id already there.
+    # Rerunning with the same output skips every id already there (and fails none).
     assert main(base_args(tiny_dir, "--input", source, "--output", str(output))) == 0
     assert len(output.read_text().splitlines()) == 4
     assert json.loads(capsys.readouterr().err.strip().splitlines()[-1])["summary"]["skipped"] == 4
@@ -231,6 +232,86 @@ def test_failed_records_are_retried_on_request_only(tiny_dir, tmp_path):
     assert {r["id"] for r in first} == {"ok", "bad"} and "error" in next(r for r in first if r["id"] == "bad")
     assert main(base_args(tiny_dir, "--input", source, "--output", str(out))) == 0
     assert json_lines(out.read_text()) == first  # a plain rerun: everything counts as done
-    assert main(base_args(tiny_dir, "--input", source, "--output", str(out), "--retry-errors")) == 0
+    assert main(base_args(tiny_dir, "--input", source, "--output", str(out), "--retry-errors")) == 3  # all failed
     again = json_lines(out.read_text())
     assert again[:2] == first and [r["id"] for r in again[2:]] == ["bad"]  # only the failed id ran again
+
+
+# -- nothing lost, nothing twice, nothing that stops every rerun ----------------------------------------------
+
+def test_the_lock_is_on_the_file_so_no_other_name_for_it_gets_in(tmp_path):
+    out = tmp_path / "out.jsonl"
+    first = JsonlWriter(out)
+    (tmp_path / "link.jsonl").symlink_to(out)
+    os.link(out, tmp_path / "hard.jsonl")
+    (tmp_path / "sub").mkdir()
+    for name in ("link.jsonl", "hard.jsonl", "sub/../out.jsonl"):
+        with pytest.raises(InputError, match="another lp job"):
+            JsonlWriter(tmp_path / name)
+    assert (tmp_path / "out.jsonl.lock").read_text() == str(os.getpid())  # the note that names the holder
+    first.close()
+    assert not (tmp_path / "out.jsonl.lock").exists()  # a job leaves no lock file behind
+    JsonlWriter(tmp_path / "link.jsonl").close()
+
+
+def test_an_id_that_is_not_text_is_written_escaped_and_resumes_as_the_same_id(tmp_path):
+    out = tmp_path / "out.jsonl"
+    writer = JsonlWriter(out)
+    writer.write({"id": "sur\udc80id", "text": "x"})
+    writer.write({"id": "é", "text": "y"})
+    writer.close()
+    assert [r["id"] for r in json_lines(out.read_text(encoding="utf-8"))] == ["sur\udc80id", "é"]
+    assert done_keys(out) == {'id:"sur\\udc80id"', 'id:"\\u00e9"'}
+
+
+def test_a_prompt_holding_a_lone_surrogate_is_an_error_record_saying_so(tmp_path):
+    path = write_lines(tmp_path / "in.jsonl", '{"id": "s", "prompt": "ab\\udc80c"}',
+                       '{"id": "m", "messages": [{"role": "user", "content": "\\ud800"}]}')
+    assert [r.error for r in read_records(path)] == [
+        "the prompt hold a lone surrogate ('\\udc80' at character 2), which is not text; fix the input's encoding",
+        "the messages hold a lone surrogate ('\\ud800' at character 0), which is not text; fix the input's encoding"]
+
+
+def test_a_suites_extra_fields_are_ignored_and_a_misspelt_field_is_refused(tmp_path):
+    path = write_lines(tmp_path / "in.jsonl", '{"id": 1, "prompt": "a", "source": "x", "tags": []}',
+                       '{"id": 2, "prompt": "a", "max_new_token": 5}',
+                       '{"id": 3, "prompt": ' + "[" * 100000 + "]" * 100000 + "}")
+    records = read_records(path)
+    assert records[0].error is None and records[0].ignored == ("source", "tags")
+    assert records[1].error.startswith("unknown field 'max_new_token'; did you mean 'max_new_tokens'?")
+    assert records[2].error == "line 3: nested too deeply to read"  # one line, not the whole job
+    for suite in (ROOT / "benchmarks" / "prompts").glob("*.jsonl"):  # the shipped prompt files are inputs too
+        assert all(r.error is None for r in read_records(suite)), suite
+
+
+def test_a_budget_past_any_context_is_clamped_on_every_path(tiny_dir, tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", '{"id": 1, "prompt": "ab", "max_new_tokens": ' + str(10**30) + "}",
+                         '{"id": 2, "prompt": "b", "max_new_tokens": 3}')
+    for flags in ([], ["--batch-size", "2"]):
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        assert main(base_args(tiny_dir, "--input", source, "--output", str(out), *flags)) == 0
+        records = {r["id"]: r for r in json_lines(out.read_text())}
+        assert records[1]["stop_reason"] == "context" and records[2]["new_tokens"] == 3
+
+
+def test_records_on_stdout_go_there_once_and_everything_else_to_stderr(tiny_dir, tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", *[f'{{"id": {i}, "prompt": "p{i}"}}' for i in range(3)])
+    results = tmp_path / "res.jsonl"
+    for extra in ([], ["--json"]):  # `--output /dev/stdout > res.jsonl`, with and without --json
+        with open(results, "w") as stdout:
+            job = subprocess.run([sys.executable, str(RUN), *base_args(tiny_dir, "--input", source, "--output",
+                                                                        "/dev/stdout", *extra)],
+                                 cwd=ROOT, env=clean_env(), stdout=stdout, stderr=subprocess.PIPE, text=True,
+                                 timeout=300)
+        assert job.returncode == 0, job.stderr[-2000:]
+        assert [r["id"] for r in json_lines(results.read_text())] == [0, 1, 2]  # nothing overwritten, nothing twice
+        assert "lp: 3 of 3 prompts" in job.stderr or '"summary"' in job.stderr
+    assert not (tmp_path / "res.jsonl.lock").exists()
+
+
+def test_a_batch_job_whose_every_record_failed_exits_3_for_the_scheduler(tiny_dir, tmp_path, capsys):
+    source = write_lines(tmp_path / "in.jsonl", '{"id": 1, "prompt": "' + "x" * 600 + '"}', '{"id": 2}')
+    out = tmp_path / "out.jsonl"
+    assert main(base_args(tiny_dir, "--input", source, "--output", str(out))) == 3
+    assert [("error" in r) for r in json_lines(out.read_text())] == [True, True]
+    assert main(base_args(tiny_dir, "--input", source, "--output", str(out))) == 0  # nothing left to run

@@ -117,9 +117,10 @@ def test_merge_is_deep():
     ("tp=0", "tp must be an integer >= 1"),
     ("kv_sync=broadcast", "kv_sync must be one of recompute, gather"),
     ("max_new_tokens=0", "max_new_tokens must be an integer >= 1"),
-    ("fault_timeout=-1", "fault_timeout must be a positive number"),
-    ("fault_timeout=inf", "fault_timeout must be a positive number of seconds, at most 604800"),
-    ("fault_timeout=1e300", "fault_timeout must be a positive number of seconds, at most 604800"),
+    ("fault_timeout=-1", "fault_timeout must be a number of seconds from 1"),
+    ("fault_timeout=0.001", r"fault_timeout must be a number of seconds from 1 \(a peer needs that long"),
+    ("fault_timeout=inf", r"fault_timeout must be a number of seconds from 1 .* to 604800 \(a week\), got inf"),
+    ("fault_timeout=1e300", "fault_timeout must be a number of seconds from 1 .* to 604800"),
     ("trust_remote_code=yes please", "trust_remote_code must be true or false"),
     ("lookahead.window=0", r"window must be an integer in \[1, 1024\], got 0"),
 ])

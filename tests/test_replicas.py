@@ -175,3 +175,77 @@ def test_a_replica_killed_mid_job_stops_the_job_and_the_rerun_loses_and_repeats_
     ids = [r["id"] for r in json_lines(output.read_text())]
     assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))  # nothing lost, nothing twice
     assert _by_id(output) == expected
+
+
+def _lines(path: Path) -> int:
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def _stop_replica_1_mid_job(tiny_dir: str, tmp_path: Path, records: int, *flags: str):
+    """Start 2 replicas of 1 rank on `records` records and SIGSTOP replica 1 once its shard holds 2 lines: the job,
+    its command, the output, the shard and the stopped pid."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"{i}: ab"}) + "\n" for i in range(records)))
+    output = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RUN),
+           *base_args(tiny_dir, "--input", str(source), "--output", str(output), "--lp", "1", *flags)]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    replica = _rank_pid(job, 1)
+    shard = batch.shard_path(output, 1)
+    deadline = time.time() + 240
+    while time.time() < deadline and _lines(shard) < 2:
+        time.sleep(0.01)
+    os.kill(replica, signal.SIGSTOP)
+    return job, cmd, output, shard, replica
+
+
+@pytest.mark.slow
+def test_a_replica_job_holds_its_outputs_lock_until_every_replica_is_merged(tiny_dir, tmp_path):  # noqa: F811
+    job, _, output, shard, replica = _stop_replica_1_mid_job(tiny_dir, tmp_path, 30)
+    deadline = time.time() + 240  # replica 1 holds its claimed record; rank 0 decodes all the others
+    try:
+        while time.time() < deadline and _lines(output) + _lines(shard) < 29:
+            time.sleep(0.05)
+        assert _lines(output) + _lines(shard) >= 29, "rank 0 must have run out of records"
+        for _ in range(50):  # rank 0 now waits for replica 1: a second job must still be refused
+            with pytest.raises(batch.InputError, match="another lp job"):
+                batch.JsonlWriter(output)
+            time.sleep(0.1)
+    finally:
+        os.kill(replica, signal.SIGCONT)
+    _, err = job.communicate(timeout=240)
+    assert job.returncode == 0, err[-2000:]
+    ids = [r["id"] for r in json_lines(output.read_text())]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(30))  # each once
+    assert not shard.exists() and not (tmp_path / "out.jsonl.lock").exists()
+
+
+@pytest.mark.slow
+def test_replicas_writing_to_a_pipe_deliver_every_record_through_rank_0(tiny_dir, tmp_path):  # noqa: F811
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": f"{i}: ab"}) + "\n" for i in range(8)))
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", RUN,
+               *base_args(tiny_dir, "--input", source, "--output", "/dev/stdout", "--lp", "1")], timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert sorted(r["id"] for r in json_lines(out.stdout)) == list(range(8))  # the pipe got all 8, once each
+    assert not os.path.exists("/dev/stdout.replica-1.part")  # no shard beside a pipe
+    assert "lp: 8 of 8 prompts" in out.stderr
+
+
+@pytest.mark.slow
+def test_a_stopped_replica_is_named_within_the_fault_timeout_and_the_rerun_finishes_the_job(tiny_dir, tmp_path):  # noqa: F811
+    # alive but silent: it used to keep rank 0 waiting for ever
+    job, cmd, output, _, replica = _stop_replica_1_mid_job(tiny_dir, tmp_path, 20, "--fault-timeout", "6")
+    try:
+        _, err = job.communicate(timeout=180)
+    finally:
+        try:
+            os.kill(replica, signal.SIGCONT)
+        except ProcessLookupError:
+            pass  # torchrun has killed it
+    assert job.returncode != 0
+    assert "rank 1 stopped responding (dead or hung)" in err
+    rerun = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    ids = [r["id"] for r in json_lines(output.read_text())]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(20))  # nothing lost, nothing twice

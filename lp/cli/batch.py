@@ -1,6 +1,8 @@
 """Batch jobs: JSONL records in, JSONL results out, one fsynced line per record, resumable after a kill."""
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import fcntl
 import json
 import os
@@ -8,7 +10,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import ConfigError, check_int
+from ..config import ConfigError, LookaheadConfig, check_int
 
 
 class InputError(ValueError):
@@ -27,6 +29,7 @@ class Record:
     max_new_tokens: int | None = None
     seed: int | None = None
     error: str | None = None
+    ignored: tuple[str, ...] = ()  # fields the record has that lp does not read (a prompt suite's "source", ...)
 
     def error_result(self, message: str) -> dict:
         out = {"id": self.id, "error": message}
@@ -68,6 +71,9 @@ def read_records(path: str | Path) -> list[Record]:
         except json.JSONDecodeError as exc:
             records.append(Record(f"line:{number}", line=number, error=f"line {number}: not valid JSON ({exc.msg})"))
             continue
+        except RecursionError:
+            records.append(Record(f"line:{number}", line=number, error=f"line {number}: nested too deeply to read"))
+            continue
         if not isinstance(value, dict):
             records.append(Record(f"line:{number}", line=number, error=f"line {number}: expected a JSON object"))
             continue
@@ -93,21 +99,60 @@ def _record(value: dict, number: int) -> Record:
     record = Record(id_key(record_id), record_id, number)
     prompt, messages, budget = value.get("prompt"), value.get("messages"), value.get("max_new_tokens")
     seed = value.get("seed")
-    unknown = sorted(set(value) - {"id", "prompt", "messages", "max_new_tokens", "seed"})
-    if unknown:
-        record.error = f"unknown field {unknown[0]!r}; records have id, prompt or messages, max_new_tokens, seed"
+    unknown = sorted(set(value) - set(FIELDS))
+    misspelt = [(name, close[0]) for name in unknown if (close := difflib.get_close_matches(name, FIELDS, 1, 0.75))]
+    record.ignored = tuple(name for name in unknown if name not in dict(misspelt))
+    settings = [name for name in unknown if name in JOB_SETTINGS]
+    if misspelt:
+        name, meant = misspelt[0]
+        record.error = f"unknown field {name!r}; did you mean {meant!r}? Records have id, prompt or messages, " \
+                       "max_new_tokens, seed"
+    elif settings:
+        record.error = f"{settings[0]!r} is a setting of the whole job, not of a record: give it on the command " \
+                       f"line (--{settings[0].replace('_', '-')}) or in --config; records have id, prompt or " \
+                       "messages, max_new_tokens, seed"
     elif (prompt is None) == (messages is None):
         record.error = "give exactly one of prompt or messages"
     elif prompt is not None and (not isinstance(prompt, str) or not prompt):
         record.error = "prompt must be a non-empty string"
     elif messages is not None and not _valid_messages(messages):
         record.error = 'messages must be a non-empty list of {"role": str, "content": str}'
+    elif (where := _lone_surrogate(prompt if prompt is not None else [m["content"] for m in messages])) is not None:
+        record.error = f"the {'prompt' if prompt is not None else 'messages'} hold a lone surrogate ({where}), which " \
+                       "is not text; fix the input's encoding"
     elif budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         record.error = f"max_new_tokens must be a positive integer, got {budget!r}"
     elif seed is not None and (seed_error := _seed_error(seed)):
         record.error = seed_error
     record.prompt, record.messages, record.max_new_tokens, record.seed = prompt, messages, budget, seed
     return record
+
+
+FIELDS = ("id", "prompt", "messages", "max_new_tokens", "seed")
+# fields a record might carry hoping to set them for itself: refused (ignoring them would change what the user gets),
+# while any other unknown field (a prompt suite's "source", "tags", ...) is ignored
+JOB_SETTINGS = frozenset({f.name for f in dataclasses.fields(LookaheadConfig)} | {
+    "do_sample", "max_length", "min_new_tokens", "min_length", "repetition_penalty", "stop", "eos_token_id",
+    "num_beams", "model", "dtype", "chat"})
+
+
+def _lone_surrogate(text) -> str | None:
+    """Where `text` (a string, or a list of them) holds a code point that UTF-8 cannot encode, or None."""
+    for part in [text] if isinstance(text, str) else text:
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return f"{part[exc.start]!a} at character {exc.start}"
+    return None
+
+
+def json_line(record: dict) -> bytes:
+    """One JSON line, UTF-8; text that UTF-8 cannot hold (a lone surrogate in an id) is written escaped, which
+    reads back as the same string."""
+    try:
+        return (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record) + "\n").encode("ascii")
 
 
 def _seed_error(seed) -> str | None:
@@ -176,23 +221,34 @@ def done_keys(path: str | Path, retry_errors: bool = False) -> set[str]:
 class JsonlWriter:
     """Appends whole lines: one os.write per record, then fsync, so a kill never leaves half a record.
 
-    A regular file is locked for the job (a second job on the same --output is refused, naming the holder's
-    pid); a pipe or device (/dev/stdout, >(cmd), /dev/null) is streamed to, with no lock, fsync or resume."""
+    A regular file is locked for the whole job through the file itself (flock on its inode: a second job on the
+    same file is refused, whatever path, symbolic link or hard link names it, naming the holder's pid from the note
+    `<file>.lock`, which the job removes at its end); a pipe or device (/dev/stdout, >(cmd), /dev/null) is streamed
+    to, with no lock, fsync or resume. When the output is this process's own standard output, records go through
+    that very descriptor (the shell's redirection keeps its offset), and `to_stdout` tells the caller to print
+    nothing else there."""
 
     def __init__(self, path: str | Path, lock: bool = True):
         path = Path(path)
         if not path.parent.is_dir():
             raise InputError(f"the folder of --output {str(path)!r} does not exist; create it first")
+        self.to_stdout = is_stdout(path)
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            self.fd = os.dup(1) if self.to_stdout else os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         except OSError as exc:
             raise InputError(f"cannot write --output {str(path)!r}: {exc.strerror or exc}") from None
         self.path = path
         self.regular = stat.S_ISREG(os.fstat(self.fd).st_mode)
-        self.lock_fd = _lock(path) if self.regular and lock else None
+        self.note: Path | None = None
+        if self.regular and lock:
+            try:
+                self.note = _lock(self.fd, path)
+            except InputError:
+                os.close(self.fd)
+                raise
 
     def write(self, record: dict) -> None:
-        data = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        data = memoryview(json_line(record))
         try:
             while data:
                 data = data[os.write(self.fd, data):]
@@ -203,9 +259,26 @@ class JsonlWriter:
                               "so far are kept, rerun the same command to resume") from None
 
     def close(self) -> None:
+        """Remove the lock's note (while still holding the lock), then close, which releases it."""
+        if self.fd < 0:
+            return
+        if self.note is not None:
+            try:
+                if self.note.read_text().strip() == str(os.getpid()):
+                    self.note.unlink()
+            except OSError:
+                pass
         os.close(self.fd)
-        if self.lock_fd is not None:
-            os.close(self.lock_fd)  # releases the lock; the .lock file stays (removing it would race a new holder)
+        self.fd = -1
+
+
+def is_stdout(path: str | Path) -> bool:
+    """Whether `path` is this process's standard output (/dev/stdout, /proc/self/fd/1, or the file it goes to)."""
+    try:
+        mine, there = os.fstat(1), os.stat(path)
+    except OSError:
+        return False
+    return (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino)
 
 
 def shard_path(output: str | Path, replica: int) -> Path:
@@ -249,20 +322,25 @@ class OutputError(OSError):
     """The results file cannot take more records (disk full, unwritable); the message says so in one line."""
 
 
-def _lock(path: Path) -> int:
-    """Hold an exclusive lock on `<output>.lock` for the whole job, or refuse naming the pid that holds it."""
-    lock_path = path.with_name(path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+def _lock(fd: int, path: Path) -> Path | None:
+    """Hold an exclusive flock on the output file's own inode for the whole job, or refuse naming the pid that
+    holds it (from the note `<real path>.lock`, which this job then writes: best effort, the lock is the flock)."""
+    real = Path(os.path.realpath(path))
+    note = real.with_name(real.name + ".lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
+        try:
+            holder = note.read_text().strip() or "unknown"
+        except OSError:
+            holder = "unknown"
         raise InputError(f"another lp job (pid {holder}) is writing {str(path)!r}; wait for it to end or choose "
                          "another --output") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
+    try:
+        note.write_text(str(os.getpid()))
+    except OSError:
+        return None
+    return note
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 stdout carries results only: streamed completions and a one-line summary, or with --json exactly one JSON
 record per prompt. Logs, errors, the progress bar and (with --json or --input) the JSON summary go to stderr.
-Exit status: 2 for a usage mistake (nothing decoded), 1 when a --prompt failed or a peer rank died, 0 otherwise;
-a batch job (--input) that runs to its end exits 0 and reports failed records in the output and the summary.
+Exit status: 0 done (a batch job's failed records are error records in the output and counted in its summary); 1 a
+--prompt failed or a peer rank died; 2 a usage mistake (nothing decoded); 3 a batch job (--input) ran to its end
+but every one of its records ended in an error; 130 interrupted (rerun the same command to resume). torchrun turns
+any non-zero status of its workers into 1.
 """
 from __future__ import annotations
 
@@ -24,7 +26,8 @@ from ..batched_decoding import BatchedDecoder, Work
 from ..decoding import Decoder, GenerationResult, PromptError
 from ..distributed import bootstrap
 from ..distributed.bootstrap import BootstrapError, Launch
-from ..distributed.parallel import KV_SYNC, DivergenceError, ProcessGroupTeam, RankFailure, default_store
+from ..distributed.parallel import (KV_SYNC, DivergenceError, ProcessGroupTeam, RankFailure, default_store,
+                                    job_heartbeat)
 from ..distributed.replicas import Layout, LayoutError, WorkQueue, replica_groups, split_world
 from ..distributed.tensor_parallel import TensorParallelError, empty_model, make_team, plan_groups, shard_model
 from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules, hf_greedy
@@ -34,7 +37,7 @@ from . import batch, run_config
 from .batch import InputError, Record
 from .run_config import RunConfig
 
-EXIT_USAGE, EXIT_FAILED = 2, 1
+EXIT_USAGE, EXIT_FAILED, EXIT_RECORDS = 2, 1, 3
 
 
 class UsageError(ValueError):
@@ -51,8 +54,9 @@ RECORD_ERRORS = (PromptError, UnsupportedGenerationSetting)  # deterministic: ev
 EPILOG = """settings: built-in defaults < --config FILE.yaml < --set key=value < the flags above.
 output:   stdout gets the streamed completions and a one-line summary, or with --json one JSON record per
           prompt; logs, errors, the progress bar and (with --json or --input) a JSON summary go to stderr.
-exit:     0 done (a batch job that ran to its end, failed records included), 1 a --prompt failed or a peer
-          rank died, 2 a usage mistake (nothing was decoded)."""
+exit:     0 done (a batch job's failed records are error records in --output, counted in the summary), 1 a
+          --prompt failed or a peer rank died, 2 a usage mistake (nothing was decoded), 3 a batch job ran to its
+          end but every record ended in an error, 130 interrupted (rerun the same command to resume)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "per rank, else gloo)")
     p.add_argument("--fault-timeout", type=float, metavar="SECONDS", help="give up on a silent peer after this long")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks per replica (DeepSpeed AutoTP, pip install 'lp[deepspeed]'); "
-                   "world = replicas x tp")
+                   "the world holds replicas x lp x tp ranks")
     p.add_argument("--lp", type=int, help="ranks per lookahead team, each a model copy splitting one step (default: "
                    "world size / (tp x replicas), one team); the world holds replicas x lp x tp ranks")
     p.add_argument("--replicas", type=int, help="independent lookahead teams draining one queue of prompts "
@@ -241,6 +245,10 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
                 raise batch.InputError(f"--input and --output are the same file ({args.output}); write the results "
                                        "to another file")
             records = _records(args)
+            ignored = sorted({name for r in records for name in r.ignored})
+            if ignored:
+                log(f"ignoring field{'s' * (len(ignored) > 1)} {', '.join(map(repr, ignored))} of the input's records "
+                    "(lp reads id, prompt or messages, max_new_tokens, seed)")
             writer = batch.JsonlWriter(args.output) if args.output else None  # locked before it is read
             if writer:
                 batch.merge_shards(args.output)  # results a killed multi-replica run left in its shards
@@ -260,8 +268,14 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
         if writer:
             writer.close()
         raise UsageError(message)
-    items = bootstrap.broadcast_json(items, launch)
-    decoder = _decoder(model, cfg, launch, layout)
+    args.stdout_taken = bool(writer and writer.to_stdout)  # records go to stdout: everything else to stderr
+    # where the other replicas' results go: shard files beside a regular --output, else (a pipe, a device, this
+    # process's stdout) to rank 0 at the end, which writes them itself
+    shards = str(Path(os.path.realpath(args.output))) if writer and writer.regular and not writer.to_stdout else None
+    items, args.shards = bootstrap.broadcast_json([items, shards], launch)
+    decoder = _decoder(model, cfg, launch, layout, sum(item["error"] is None for item in items))
+    if hasattr(decoder, "notify"):
+        decoder.notify = log
     try:
         if layout.replicas > 1 or cfg.batch_size > 1:
             return _drain_queue(args, cfg, launch, layout, items, decoder, model, tokenizer, writer, skipped)
@@ -282,7 +296,7 @@ def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Deco
         for n, item in enumerate(items, start=1):
             printer = _Printer(tokenizer, item["ids"]) if stream and item["ids"] else None
             if printer:
-                print(f"--- prompt {n} of {len(items)} (id {item['id']}) ---", flush=True)
+                print(f"--- prompt {n} of {len(items)} (id {_shown(item['id'])}) ---", flush=True)
                 printer.start()
             result = _decode(item, decoder, tokenizer, printer, launch.world_size)
             if args.compare_greedy and "error" not in result:
@@ -317,14 +331,18 @@ def _report(summary: dict, args, cfg: RunConfig) -> None:
     if args.json or args.input:
         print(json.dumps({"summary": summary}), file=sys.stderr, flush=True)
     if not args.json:
-        print(_summary_line(summary, cfg), flush=True)
+        print(_summary_line(summary, cfg), flush=True, file=sys.stderr if getattr(args, "stdout_taken", False)
+              else sys.stdout)
 
 
 def _exit_code(args, totals: batch.Totals, launch: Launch) -> int:
-    if args.input:
-        return 0  # a batch job that ran to the end succeeded; its failed records are in the output and summary
-    failed = bootstrap.broadcast_json(totals.errors, launch)
-    return EXIT_FAILED if failed else 0
+    """Rank 0 counts the records (every rank exits alike): a --prompt that failed is 1; a batch job is 3 when it ran
+    to its end and every record of this run ended in an error (wrong input, a model that takes none of it: nothing
+    useful came out), else 0, its failed records being error records in the output and counted in the summary."""
+    failed, ran = bootstrap.broadcast_json([totals.errors, totals.records] if launch.rank == 0 else None, launch)
+    if not args.input:
+        return EXIT_FAILED if failed else 0
+    return EXIT_RECORDS if ran and failed == ran else 0
 
 
 def _records(args) -> list[Record]:
@@ -451,7 +469,10 @@ def load_model(cfg: RunConfig, device: torch.device):
         if "custom code" in str(exc) or "trust_remote_code" in str(exc):
             raise UsageError(f"model {cfg.model!r} ships its own Python code, which lp does not run unless asked; "
                              "pass --trust-remote-code if you trust it") from None
-        hint = "" if isinstance(source, Path) else " (offline: is it in the Hugging Face cache?)"
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "")
+        hint = "" if isinstance(source, Path) else (
+            f" (not in the local Hugging Face cache, and lp runs offline: fetch it first with `huggingface-cli "
+            f"download {cfg.model}`, or set HF_HUB_OFFLINE=0)" if offline else " (is the hub reachable?)")
         raise UsageError(f"cannot load model {cfg.model!r}{hint}: {_one_line(exc)}") from None
     return _adjust((model.to(device).eval(), tokenizer), cfg)
 
@@ -494,8 +515,9 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout) -> Decoder:
-    """This rank's decoder in its replica's team (every rank makes every process group, in the same order)."""
+def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, records: int) -> Decoder:
+    """This rank's decoder in its replica's team (every rank makes every process group, in the same order). A batch
+    has no more lanes than there are records to decode (an idle lane would still compute every step)."""
     team = None
     replica = layout.replica_of(launch.rank)
     if cfg.tp > 1:  # DeepSpeed AutoTP inside each model copy, lookahead exchange between a team's copies
@@ -512,7 +534,8 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout) -> Decoder:
                                 store=store)
     try:
         if cfg.batch_size > 1:
-            return BatchedDecoder(model, cfg.lookahead, cfg.batch_size, team, compile=cfg.lookahead.compiled)
+            lanes = max(1, min(cfg.batch_size, -(-records // layout.replicas)))
+            return BatchedDecoder(model, cfg.lookahead, lanes, team, compile=cfg.lookahead.compiled)
         return Decoder(model, cfg.lookahead, team=team)
     except ValueError as exc:  # encoder-decoder or sliding-window models: the same answer on every rank
         raise UsageError(_one_line(exc)) from None
@@ -530,10 +553,11 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
     queue = WorkQueue(len(items), layout, launch.rank, replica_groups(layout)[replica], store,
                       key=bootstrap.next_tag("queue"))
     if leader and not rank0 and args.output:
-        writer = batch.JsonlWriter(batch.shard_path(args.output, replica), lock=False)
+        writer = batch.JsonlWriter(batch.shard_path(args.shards, replica), lock=False) if args.shards else _Lines()
     progress = _progress(len(items), enabled=rank0 and bool(args.json or args.output))
     totals = batch.Totals(skipped=skipped if rank0 else 0)
     done_key = bootstrap.next_tag("done")
+    alive = job_heartbeat(launch.rank, launch.world_size, cfg.fault_timeout)  # rank 0 waits for them at the end
     start = time.perf_counter()
     for item in items:  # a prompt the decoder cannot take (too long, ...) is that record's error, as one at a time
         item["error"] = item["error"] or _prompt_error(decoder, item)
@@ -577,17 +601,35 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
         else:
             while (index := next_item()) is not None:
                 handle(items[index], _decode(items[index], decoder, tokenizer, None, layout.team_size))
-    finally:
+    except BaseException:
         progress.close()
         if writer:
             writer.close()
-    reports = bootstrap.gather_json(totals.as_dict() if leader else None, launch)  # waits for every replica
+        if alive:
+            alive.stop()
+        raise
+    if writer and not rank0:
+        writer.close()
+    lines = writer.lines if isinstance(writer, _Lines) else []
+    try:  # rank 0 holds --output (and its lock) until every replica's results are in it
+        reports = bootstrap.gather_json(dict(totals=totals.as_dict(), lines=lines) if leader else None, launch,
+                                        alive=alive)
+        if rank0:
+            if args.shards:
+                batch.merge_shards(args.shards)
+            for report in reports[1:]:
+                if report is not None:
+                    totals.merge(report["totals"])
+                    for line in report["lines"]:
+                        writer.write(line)
+            progress.update(totals.records - progress.n)
+    finally:
+        progress.close()
+        if writer and rank0:
+            writer.close()
+        if alive:
+            alive.stop()
     if rank0:
-        if args.output:
-            batch.merge_shards(args.output)
-        for report in reports[1:]:
-            if report is not None:
-                totals.merge(report)
         summary = totals.summary(launch.world_size, time.perf_counter() - start)
         wall = summary["wall_s"]
         summary.update(replicas=layout.replicas, batch_size=cfg.batch_size,
@@ -595,6 +637,20 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
                        prompts_per_second=round(summary["ok"] / wall, 3) if wall > 0 else 0.0)
         _report(summary, args, cfg)
     return _exit_code(args, totals, launch)
+
+
+class _Lines:
+    """A replica's results when --output is not a regular file (a pipe, a device, stdout): kept for rank 0, which
+    writes them there at the end (no shard file beside a pipe; across nodes no file is shared)."""
+
+    def __init__(self):
+        self.lines: list[dict] = []
+
+    def write(self, record: dict) -> None:
+        self.lines.append(record)
+
+    def close(self) -> None:
+        return None
 
 
 def _prompt_error(decoder, item: dict) -> str | None:
@@ -611,8 +667,9 @@ def _record_result(result: dict, totals: batch.Totals, writer, args) -> None:
     totals.add(result)
     if writer:
         writer.write(result)
-    if args.json:
-        print(json.dumps(result, ensure_ascii=False), file=args.results, flush=True)
+    if args.json and not getattr(args, "stdout_taken", False):  # with --output /dev/stdout the writer prints it
+        args.results.write(batch.json_line(result).decode("utf-8", "surrogateescape"))
+        args.results.flush()
 
 
 def _print_block(item: dict, result: dict, tokenizer, replica: int | None) -> None:
@@ -620,7 +677,17 @@ def _print_block(item: dict, result: dict, tokenizer, replica: int | None) -> No
     where = f", replica {replica}" if replica is not None else ""
     text = tokenizer.decode(item["ids"], skip_special_tokens=True) + result.get("text", "") if item["ids"] else ""
     body = f"lp: error: {result['error']}" if "error" in result else f"{text}\n({_stats_line(result)})"
-    print(f"--- id {item['id']}{where} ---\n{body}", flush=True)
+    print(f"--- id {_shown(item['id'])}{where} ---\n{body}", flush=True)
+
+
+def _shown(value) -> str:
+    """An id as text for the terminal: as is, or JSON-escaped when it holds what UTF-8 cannot encode."""
+    text = str(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
 
 
 class _Printer:

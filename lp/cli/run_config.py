@@ -11,6 +11,7 @@ from ..distributed.parallel import KV_SYNC
 
 DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 BACKENDS = ("auto", "gloo", "nccl")
+MIN_FAULT_TIMEOUT = 1.0
 MAX_FAULT_TIMEOUT = 7 * 24 * 3600  # inf or 1e300 would overflow the process group's timedelta on every rank
 
 
@@ -158,9 +159,10 @@ def _validate(cfg: RunConfig) -> None:
     check_bool("trust_remote_code", cfg.trust_remote_code)
     check_bool("chat", cfg.chat)
     timeout = cfg.fault_timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_FAULT_TIMEOUT:
-        raise ConfigError(f"fault_timeout must be a positive number of seconds, at most {MAX_FAULT_TIMEOUT} "
-                          f"(a week), got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
+            not MIN_FAULT_TIMEOUT <= timeout <= MAX_FAULT_TIMEOUT:
+        raise ConfigError(f"fault_timeout must be a number of seconds from {MIN_FAULT_TIMEOUT:g} (a peer needs that "
+                          f"long to answer) to {MAX_FAULT_TIMEOUT} (a week), got {timeout!r}")
 
 
 def _choice(name: str, value, allowed: tuple) -> None:

@@ -162,6 +162,8 @@ def choose_device(requested: str, backend: str, launch: Launch) -> torch.device:
         device = torch.device(requested)
     except RuntimeError:
         raise BootstrapError(f"unknown device {requested!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise BootstrapError(f"lp decodes on cpu or cuda, not {requested!r}; use --device cpu, cuda or cuda:N")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= count:
@@ -299,9 +301,10 @@ def _has(store, key: str) -> bool:
 _TAGS: dict[str, int] = {}
 
 
-def gather_json(obj, launch: Launch, timeout_s: float = 7 * 24 * 3600.0) -> list | None:
+def gather_json(obj, launch: Launch, timeout_s: float = 7 * 24 * 3600.0, alive=None) -> list | None:
     """Every rank's JSON-able `obj`, in rank order, on rank 0 (None elsewhere). Waits for the slowest rank (an
-    independent replica may finish hours later; a dead rank stops the job through its launcher meanwhile)."""
+    independent replica may finish hours later); with `alive` (the job's heartbeats, lp.distributed.parallel) it
+    stops with RankFailure naming a rank that has not sent its part and stopped beating (dead or hung)."""
     if launch.world_size <= 1:
         return [obj]
     store = default_store()
@@ -312,7 +315,11 @@ def gather_json(obj, launch: Launch, timeout_s: float = 7 * 24 * 3600.0) -> list
     store.set(f"{tag}/{launch.rank}", json.dumps(obj))
     if launch.rank != 0:
         return None
-    _wait(store, [f"{tag}/{r}" for r in range(launch.world_size)], timeout_s, launch, "finish its work")
+    keys = [f"{tag}/{r}" for r in range(launch.world_size)]
+    if alive is None:
+        _wait(store, keys, timeout_s, launch, "finish its work")
+    else:
+        alive.wait_for(store, keys, "finishing its share of the job")
     return [json.loads(store.get(f"{tag}/{r}")) for r in range(launch.world_size)]
 
 

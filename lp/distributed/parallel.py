@@ -185,6 +185,15 @@ class ProcessGroupTeam:
             raise RankFailure(message) from error
 
 
+def job_heartbeat(rank: int, size: int, timeout_s: float):
+    """Every rank of the job stamps the store (replicas have no team to watch them), so a wait for all of them can
+    name one that stopped (lp.distributed.bootstrap.gather_json); None for one rank or without a store."""
+    store = default_store()
+    if store is None or size <= 1:
+        return None
+    return _Heartbeat(dist.PrefixStore("lp-job", store), rank, size, timeout_s)
+
+
 def default_store():
     """The default process group's rendezvous store, or None when it has none."""
     try:
@@ -252,11 +261,32 @@ class _Heartbeat:
             return f"rank {self.rank}: {what} failed ({detail}); no peer was seen failing"
         return f"rank {self.rank}: {what} failed because " + "; ".join(culprits)
 
-    def _culprits(self) -> list[str]:
+    def wait_for(self, store, keys: list[str], what: str) -> None:
+        """Wait until every rank r has set keys[r] in `store`; a rank that has not, and whose heartbeat has stopped
+        (or that reported a failure), ends the wait with RankFailure naming it."""
+        self._seen = {}
+        while True:
+            try:
+                store.wait(keys, datetime.timedelta(seconds=self.period))
+                return
+            except Exception:  # not yet: who is missing, and are they still alive?
+                pass
+            missing = [r for r, key in enumerate(keys) if not _bounded(lambda k=key: store.check([k]), 5, True)]
+            culprits = self._culprits(among=missing)
+            if culprits:
+                raise RankFailure(f"rank {self.rank}: waiting for every rank {what}, but " + "; ".join(culprits))
+
+    def _culprits(self, among: list[int] | None = None) -> list[str]:
+        """Peers that reported a failure, never started or stopped beating; each store call bounded, so a store host
+        that is itself stopped cannot hang the diagnosis."""
+        return _bounded(lambda: self._find_culprits(among), 10,
+                        ["rank 0 (which hosts the rendezvous store) is unreachable: it died or hung"])
+
+    def _find_culprits(self, among: list[int] | None) -> list[str]:
         found = []
         try:
             self.store.set_timeout(datetime.timedelta(seconds=2))
-            for r in range(self.size):
+            for r in range(self.size) if among is None else among:
                 if r == self.rank:
                     continue
                 if self.store.check([f"failed/{r}"]):
@@ -273,3 +303,20 @@ class _Heartbeat:
         except Exception:
             found.append("rank 0 (which hosts the rendezvous store) is unreachable: it died or hung")
         return found
+
+
+def _bounded(fn, seconds: float, otherwise):
+    """fn() on a helper thread, or `otherwise` if it has not returned within `seconds` (a store call to a stopped
+    host blocks whatever the store's timeout says)."""
+    result = [otherwise]
+
+    def call() -> None:
+        try:
+            result[0] = fn()
+        except Exception:  # noqa: BLE001 - an unreachable store is what `otherwise` stands for
+            pass
+
+    helper = threading.Thread(target=call, name="lp-bounded", daemon=True)
+    helper.start()
+    helper.join(seconds)
+    return result[0]
