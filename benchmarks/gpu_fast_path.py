@@ -8,7 +8,8 @@ On one CUDA GPU it builds a random-initialised 7B-shaped Llama (hidden 4096, 32 
 torch.cuda.synchronize() after every step:
   (a) a compiled 1-token greedy decode step: lp's SlotCache, one token, argmax, torch.compile(fullgraph=True,
       dynamic=False, mode="reduce-overhead") (CUDA graphs), the host reading the token each step as a decode loop does;
-  (b) lp's FastDecoder step (compile=True: one fixed-shape graph, CUDA graphs) for every --configs W:N:G, timed step
+  (b) lp's FastDecoder step (compile=True, --step-graphs split or whole, the step replayed from one CUDA graph) for
+      every --configs W:N:G, timed step
       by step through FastDecoder.stream (step 1, with the prefill, left out). (1,2,0) is the smallest lookahead
       step (2 tokens fed: the pending token and one window token), i.e. the fast path's own overhead on a greedy step;
   (c) ms per token: greedy = its step; lookahead = its step / tokens per step, ASSUMED from --tokens-per-step
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the default model on CPU, benchmarks/results_published/fast_path_cpu.md)")
     p.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the floor (default: by device name, "
                    "H100 SXM 3350, H100 PCIe 2000, H100 NVL 3900, H200 4800; otherwise the measured copy bandwidth)")
+    p.add_argument("--step-graphs", default="split", help="how each lookahead step compiles, comma-separated: "
+                   "split (the forward a graph of its own; CUDA's default) and/or whole (one graph)")
     p.add_argument("--prompt-tokens", type=int, default=128, help="random prompt length")
     p.add_argument("--steps", type=int, default=48, help="timed steps per method (after step 1)")
     p.add_argument("--warmup-steps", type=int, default=6, help="untimed steps after compiling (CUDA graph recording)")
@@ -184,7 +187,8 @@ def time_lookahead(model, cfg: LookaheadConfig, prompt, max_new: int, args, devi
 
     steps(args.warmup_steps)  # compiles the step of this cache bucket, records the CUDA graph
     times, accepted, tokens = steps(args.steps)
-    return dict(method="lp FastDecoder step", config=f"{cfg.window}:{cfg.ngram}:{cfg.guess}",
+    return dict(method=f"lp FastDecoder step ({cfg.step_graphs}, one CUDA graph a step)",
+                config=f"{cfg.window}:{cfg.ngram}:{cfg.guess}", step_graphs=cfg.step_graphs,
                 tokens_fed=decoder.step_tokens, capacity=capacity_bucket(len(prompt) + max_new + decoder.step_tokens),
                 compile_s=round(decoder.compile_time_s, 2), compile_error=decoder.compile_error,
                 **_stats(times[1:]), random_model_tokens_per_step=round(statistics.fmean(accepted[1:]), 3),
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     shape = SMOKE_SHAPE if args.smoke else dict(hidden=4096, layers=32, heads=32, ffn=11008, vocab=32000)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (--smoke: not a measurement)"
     # the full step's time: plain steps (one token, when a step has no candidate) would mix in greedy steps
-    configs = [LookaheadConfig(*map(int, c.split(":")), plain_steps=False) for c in args.configs.split(",") if c]
+    configs = [LookaheadConfig(*map(int, c.split(":")), plain_steps=False, step_graphs=graphs)
+               for graphs in args.step_graphs.split(",") for c in args.configs.split(",") if c]
     assumed = parse_tokens_per_step(args.tokens_per_step)
     began = time.time()
     model = build_model(shape, device, dtype)

@@ -29,6 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from lp.cuda_graph import CapturedStep  # noqa: E402
 from lp.distributed.partition import rank_load, split_step  # noqa: E402
 
 
@@ -50,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nccl-alpha-us", type=float, default=10.0, help="NCCL per-hop latency, microseconds")
     p.add_argument("--nccl-bw-gbs", type=float, default=150.0, help="NCCL bus bandwidth, GB/s")
     p.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a smoke test of the script)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each forward from a captured CUDA graph "
+                   "(lp.cuda_graph): the GPU's time for T tokens, without the host's Python overhead")
     p.add_argument("--out", help="output folder (default benchmarks/results/gpu-<time>)")
     return p
 
@@ -119,7 +122,9 @@ def forward_latencies(model, args, device, dtype) -> dict[int, float]:
                       logits_to_keep=t)
                 cache.crop_to(args.prefix)
 
-            out[t] = timed(step, device, args.iters, args.warmup)
+            if args.cuda_graphs and device.type == "cuda":  # warm-up, capture, then replays (the cache writes the
+                step = CapturedStep(step)  # same slots each time: it is cropped back to the prefix after each)
+            out[t] = timed(step, device, args.iters, max(args.warmup, 2))
             t *= 2
     return out
 
@@ -211,7 +216,7 @@ def main(argv=None) -> int:
     lat = forward_latencies(model, args, device, dtype)
     rows = project(lat, args, kv_bytes_per_token)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (smoke test, not a GPU figure)"
-    env = dict(device=name, torch=torch.__version__, date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    env = dict(device=name, torch=torch.__version__, cuda_graphs=bool(args.cuda_graphs and device.type == "cuda"), date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                command=" ".join(sys.argv), seconds=round(time.time() - began, 1))
     result = dict(environment=env, settings=vars(args), weight_bytes=weight_bytes,
                   copy_bandwidth_gbs=round(bandwidth / 1e9, 2), floor_ms=round(1e3 * floor, 3),

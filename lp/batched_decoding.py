@@ -116,6 +116,7 @@ class BatchedDecoder(FastDecoder):
             self._steps_sampling = self._sampling
         found = self._batched.get(capacity)
         if found is None:
+            self._announce(capacity)
             cfg, b = self.config, self.batch_size
             cache = SlotCache(self.layers, capacity, self.device)
             self._allocate(cache, capacity)

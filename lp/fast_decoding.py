@@ -60,6 +60,8 @@ class FastDecoder(Decoder):
         if compile and self.device.type == "cuda":
             log.warning(CUDA_COMPILE_WARNING)
         self.compile_error: str | None = None
+        self.compile_backend = "inductor"  # torch.compile's backend (benchmarks/cuda_exactness.py tries "aot_eager")
+        self.notify: Callable[[str], None] | None = None  # told before a cache size's step compiles (the command line)
         self.host_reads = 0  # device-to-host copies made by the step loop (one per step)
         self.compile_time_s = 0.0  # spent compiling steps, all buckets together
         cfg, team = self.config, self.team
@@ -176,10 +178,17 @@ class FastDecoder(Decoder):
         capacity = capacity_bucket(tokens + self.shape.widest_step)  # the same bucket on every rank
         found = self._steps.get(capacity)
         if found is None:
+            self._announce(capacity)
             found = self._steps[capacity] = FastStep(
                 self.model, self.shape, capacity, self._rules, self._pool, self.context, self._cache_arg,
                 self.layers, self.config.seed_pool_from_output, self._sampling)
         return found
+
+    def _announce(self, capacity: int) -> None:
+        """Say that a step is about to compile (it takes a while, and nothing else is printed meanwhile)."""
+        if self.compile and self.compile_error is None and self.notify is not None:
+            self.notify(f"compiling the fast path's step for a {capacity}-slot cache (once per cache size: later "
+                        f"prompts of this size reuse it; a minute or two on a CPU)")
 
     def _runner(self, step) -> Callable[[], torch.Tensor]:
         """One call runs one full step of `step` (a FastStep, or a batch's BatchedStep) and returns its host-bound
@@ -279,7 +288,10 @@ class FastDecoder(Decoder):
             began = time.perf_counter()  # the first torch.compile of a process imports the compiler: compile time too
             # CUDA graphs, where on, are captured around the whole step (lp.cuda_graph), not per graph
             options = {"post_grad_custom_post_pass": StaleReadCheck(), "triton.cudagraphs": False}
-            compiled = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, options=options)
+            if self.compile_backend != "inductor":  # a diagnosis: another backend takes no inductor options
+                compiled = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, backend=self.compile_backend)
+            else:
+                compiled = torch.compile(_own_code(fn), fullgraph=True, dynamic=False, options=options)
             found = self._compiled[key] = _FallBack(compiled, fn, self)
             self.compile_time_s += time.perf_counter() - began
         return found

@@ -365,7 +365,7 @@ class FastStep:
         """Move the text, window (`top`: its new level; None: it waits) and pool on by the step's first `count`
         accepted tokens; returns the host-bound [count, accepted tokens, diverged, ready]. The caller has written
         the new pending tokens (ready reads them)."""
-        shape, n, a = self.shape, self.shape.ngram, self.shape.accept
+        shape, a = self.shape, self.shape.accept
         steps = torch.arange(a, device=self.device)
         seq = torch.cat([self._tail(), accepted])
         out_grams = seq[self.tail_index]  # [accept, N]
