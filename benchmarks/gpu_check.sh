@@ -68,8 +68,8 @@ EOF
 )
 echo "   variants with a wrong token: $broken" >>"$WORK/stages.txt"
 
-# 2. Where it breaks, if it does.
-if [ "$broken" != "none" ]; then
+# 2. Where it breaks, if it does (GPU_CHECK_DIAGNOSE=1 runs this part anyway, e.g. to try it with --smoke).
+if [ "$broken" != "none" ] || [ -n "${GPU_CHECK_DIAGNOSE:-}" ]; then
   stage pieces 100 python benchmarks/cuda_exactness.py --part pieces --out "$WORK" $SMOKE
   if command -v compute-sanitizer >/dev/null && [ -z "$SMOKE" ]; then
     stage initcheck 75 compute-sanitizer --tool initcheck --print-limit 30 \
@@ -80,7 +80,7 @@ if [ "$broken" != "none" ]; then
     echo "== compute-sanitizer: not run ($([ -n "$SMOKE" ] && echo smoke || echo 'not on PATH'))" >>"$WORK/stages.txt"
   fi
   stage bisect 150 python benchmarks/cuda_exactness.py --part bisect --budget-s 120 --out "$WORK" $SMOKE
-  stage output_code 60 env TORCH_LOGS=output_code python benchmarks/cuda_exactness.py --part one --variant whole \
+  stage output_code 90 env TORCH_LOGS=output_code TORCHINDUCTOR_FX_GRAPH_CACHE=0 python benchmarks/cuda_exactness.py --part one --variant whole \
     --tokens 16 $SMOKE
   gzip -f "$WORK/output_code.txt" 2>/dev/null
   pack
