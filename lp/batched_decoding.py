@@ -120,9 +120,12 @@ class BatchedDecoder(FastDecoder):
             cfg, b = self.config, self.batch_size
             cache = SlotCache(self.layers, capacity, self.device)
             self._allocate(cache, capacity)
+            # a job's memory is one pool the lanes share, updated in lane order each step; else a pool a lane
             lanes = [FastStep(self.model, self.shape, capacity, DeviceRules(template, self.vocab, self.dtype, self.device),
+                              self.job_pool() if cfg.job_memory else
                               DevicePool(self.vocab, cfg.guess, cfg.ngram - 1, self.device), self.context,
-                              self._cache_arg, self.layers, cfg.seed_pool_from_output, self._sampling, cache, lane)
+                              self._cache_arg, self.layers, cfg.seed_pool_from_output, self._sampling, cache, lane,
+                              job_memory=cfg.job_memory)
                      for lane in range(b)]
             found = self._batched[capacity] = BatchedStep(self.model, lanes, cache, self._cache_arg)
         return found
@@ -203,7 +206,7 @@ class BatchedDecoder(FastDecoder):
         host_pool, window = self.initial_state(prompt, job.work.seed)
         with torch.inference_mode():
             lane.rules.load(job.rules)
-            lane.start(prompt, host_pool, window, job.work.seed)
+            lane.start(prompt, host_pool, window, job.work.seed, remember=job.result is not None)  # idle: junk
         job.started = time.perf_counter()
 
     def _run_batch(self, step: BatchedStep, capacity: int, next_job: Callable[[], "_Job | None"], idle: "_Job",

@@ -44,6 +44,9 @@ class LookaheadConfig:
         (where CUDA graphs make the extra calls free), whole on CPUs (where each call costs): `split_step_on`.
     cuda_graphs: on CUDA, replay each step from one captured CUDA graph (one launch, no host work a step). None = on
         for the compiled fast path, off for the eager one.
+    memory: "job" (None) = a decoder keeps its n-gram pool from one generation to the next, so what earlier
+        records generated becomes candidates for the later ones of a job (steps depend on the order of the
+        records, tokens never do); "record" = every generation starts from its own prompt's n-grams alone.
     """
 
     window: int = 15
@@ -65,6 +68,7 @@ class LookaheadConfig:
     min_p: float | None = None
     step_graphs: str | None = None
     cuda_graphs: bool | None = None
+    memory: str | None = None
 
     def __post_init__(self):
         check_int("window", self.window, 1, 1024)
@@ -95,6 +99,8 @@ class LookaheadConfig:
             raise ConfigError(f"step_graphs must be 'split' or 'whole', got {self.step_graphs!r}")
         if self.cuda_graphs is not None:
             check_bool("cuda_graphs", self.cuda_graphs)
+        if self.memory not in (None, "job", "record"):
+            raise ConfigError(f"memory must be 'job' or 'record', got {self.memory!r}")
 
     @property
     def levels(self) -> int:
@@ -130,6 +136,11 @@ class LookaheadConfig:
             return self.budget
         full = self.guess * (self.ngram - 1)
         return (full + 1) // 2 if device_type == "cpu" else full
+
+    @property
+    def job_memory(self) -> bool:
+        """Whether the n-gram pool lives on from one generation of a decoder to the next (`memory`)."""
+        return self.memory != "record"
 
     def split_step_on(self, device_type: str) -> bool:
         """Whether the compiled fast path compiles its step as several graphs (the forward alone) or as one, on a

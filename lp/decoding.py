@@ -148,6 +148,12 @@ class Decoder:
         self._layouts: dict[StepShape, _DeviceLayout] = {}
         self._sampling: Sampling | None = None  # this generation's sampling (None: greedy), set by stream
         self.seed = self.config.seed  # this generation's seed (keys the sampling draws), set by stream
+        self.memory = NGramPool(self.config.guess, self.config.ngram - 1)  # the job's pool (config.memory == "job")
+
+    def remember(self, token_ids: Sequence[int]) -> None:
+        """Add the n-grams of a text (token ids) to the job's memory, as if a generation had produced it: a job can
+        start warm from texts of its kind. Changes steps, never tokens."""
+        self.memory.add_sequence([int(t) for t in token_ids])
 
     def stream(self, input_ids, max_new_tokens: int | None = None, result: GenerationResult | None = None,
                seed: int | None = None) -> Iterator[list[int]]:
@@ -193,7 +199,7 @@ class Decoder:
         cfg, team = self.config, self.team
         start = time.perf_counter()
 
-        pool = NGramPool(cfg.guess, cfg.ngram - 1)
+        pool = self.memory if cfg.job_memory else NGramPool(cfg.guess, cfg.ngram - 1)
         if cfg.seed_pool_from_prompt:
             pool.add_sequence(prompt)
         window = LookaheadWindow(cfg.levels, cfg.window, prompt, self.seed)

@@ -24,8 +24,13 @@ class DevicePool:
         for t in (self.tokens, self.count, self.next):
             torch._dynamo.mark_static_address(t)
 
-    def load(self, pool: NGramPool, keys) -> None:
-        """Start a generation from a host pool whose keys are among `keys` (the prompt's n-grams, in its order)."""
+    def load(self, pool: NGramPool, keys, keep: bool = False) -> None:
+        """Start a generation from a host pool whose keys are among `keys` (the prompt's n-grams, in its order);
+        with `keep` (a job's memory) they join what the table already holds, as its newest entries."""
+        if keep:
+            grams = [(key, *entry) for key in dict.fromkeys(keys) for entry in reversed(pool.candidates(key, self.guess))]
+            self.insert_all(grams)
+            return
         self.count.zero_()
         self.next.zero_()
         rows, slots, values, counts = [], [], [], []
@@ -48,6 +53,21 @@ class DevicePool:
         cv = torch.tensor([c for _, c in counts], device=device)
         self.count[ck] = cv
         self.next[ck] = cv % max(self.guess, 1)
+
+    def insert_all(self, grams: list, chunk: int = 256) -> None:
+        """Insert n-grams (sequences of N tokens), oldest first, in chunks (insert compares a chunk with itself)."""
+        if self.guess == 0 or not grams:
+            return
+        device = self.tokens.device
+        for start in range(0, len(grams), chunk):
+            part = torch.tensor(grams[start : start + chunk], dtype=torch.long, device=device)
+            self.insert(part, torch.ones(part.shape[0], dtype=torch.bool, device=device))
+
+    def remember(self, tokens) -> None:
+        """Insert every n-gram of a text (token ids), in its order."""
+        n = self.length + 1
+        tokens = [int(t) for t in tokens]
+        self.insert_all([tokens[i : i + n] for i in range(len(tokens) - n + 1)])
 
     def lookup(self, key: torch.Tensor, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Entries first..first+size-1 (newest first) under `key` (0-d): tokens [size, N-1] and valid [size]."""

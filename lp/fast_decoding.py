@@ -173,16 +173,26 @@ class FastDecoder(Decoder):
             self._compiled.clear()
             self._graphs.clear()
         self._rules.load(rules)
-        if self._pool is None:
-            self._pool = DevicePool(self.vocab, self.config.guess, self.config.ngram - 1, self.device)
+        self.job_pool()
         capacity = capacity_bucket(tokens + self.shape.widest_step)  # the same bucket on every rank
         found = self._steps.get(capacity)
         if found is None:
             self._announce(capacity)
             found = self._steps[capacity] = FastStep(
                 self.model, self.shape, capacity, self._rules, self._pool, self.context, self._cache_arg,
-                self.layers, self.config.seed_pool_from_output, self._sampling)
+                self.layers, self.config.seed_pool_from_output, self._sampling, job_memory=self.config.job_memory)
         return found
+
+    def job_pool(self) -> DevicePool:
+        """The pool every step of this decoder shares: the job's memory (LookaheadConfig.memory), made once."""
+        if self._pool is None:
+            self._pool = DevicePool(self.vocab, self.config.guess, self.config.ngram - 1, self.device)
+        return self._pool
+
+    def remember(self, token_ids) -> None:
+        """Add the n-grams of a text (token ids) to the job's memory (see lp.decoding.Decoder.remember)."""
+        with torch.inference_mode():
+            self.job_pool().remember(token_ids)
 
     def _announce(self, capacity: int) -> None:
         """Say that a step is about to compile (it takes a while, and nothing else is printed meanwhile)."""

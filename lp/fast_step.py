@@ -128,11 +128,13 @@ class FastStep:
 
     def __init__(self, model, shape: FastShape, capacity: int, rules: DeviceRules, pool: DevicePool,
                  context: int | None, cache_arg: str, layers: int, seed_from_output: bool,
-                 sampling: Sampling | None = None, cache: SlotCache | None = None, lane: int | None = None):
+                 sampling: Sampling | None = None, cache: SlotCache | None = None, lane: int | None = None,
+                 job_memory: bool = False):
         """`cache` and `lane`: this step is row `lane` of a batch sharing `cache` (lp.batched_step); by default it
-        owns a cache of one sequence."""
+        owns a cache of one sequence. `job_memory`: `pool` outlives a generation (LookaheadConfig.memory)."""
         self.model, self.shape, self.capacity, self.rules = model, shape, capacity, rules
         self.lane = lane
+        self.job_memory = job_memory
         self.sampling = sampling  # None: greedy
         self.cache_arg, self.seed_from_output = cache_arg, seed_from_output
         param = next(model.parameters())
@@ -190,16 +192,20 @@ class FastStep:
         self.plain_keep = torch.zeros(1, **to)  # the plain step's one row (its logits, its slot offset)
         self.out = torch.zeros(shape.out_size, **to)  # [count, accepted tokens, diverged, ready]: what the host reads
         self.kept = torch.zeros((), **to)  # cache entries the last step committed (the winner's sit just below length)
+        self.remembering = torch.ones((), dtype=torch.bool, device=device)  # this generation's n-grams go to the pool
         self.kv_buffer: torch.Tensor | None = None  # [layers, b, h, accept, dk + dv] with kv_sync == "gather"
         for t in (self.window, self.head, self.pending, self.pending_count, self.history, self.history_len,
                   self.prompt_len, self.seed, self.fingerprint, self.step_slots, self.plain_slots, self.out,
-                  self.kept, self.length):
+                  self.kept, self.length, self.remembering):
             torch._dynamo.mark_static_address(t)
 
     # -- per generation (eager) ---------------------------------------------------------------------------
 
-    def start(self, prompt: list[int], host_pool: NGramPool, window_rows: list[list[int]], seed: int = 0) -> None:
-        """Prefill the prompt, load the pool and window, and point the cache at the step's slots."""
+    def start(self, prompt: list[int], host_pool: NGramPool, window_rows: list[list[int]], seed: int = 0,
+              remember: bool = True) -> None:
+        """Prefill the prompt, load the pool (into the job's memory, when the pool is one) and window, and point the
+        cache at the step's slots. `remember=False`: this generation adds nothing to the pool (a batch's idle lane
+        decoding junk must not fill a pool the other lanes share)."""
         a = self.shape.accept
         to = dict(device=self.device, dtype=torch.long)
         cache = self.cache if self.lane is None else LaneCache(self.cache, self.lane)
@@ -222,7 +228,8 @@ class FastStep:
         if self.kv_buffer is not None:
             self.kv_buffer.zero_()
         self.kept.zero_()
-        self.pool.load(host_pool, prompt)
+        self.pool.load(host_pool, prompt, keep=self.job_memory)
+        self.remembering.fill_(remember)
         self.window.copy_(torch.tensor(window_rows, **to))
         self.head.zero_()
         self.pending.fill_(prompt[-1])
@@ -369,7 +376,7 @@ class FastStep:
         steps = torch.arange(a, device=self.device)
         seq = torch.cat([self._tail(), accepted])
         out_grams = seq[self.tail_index]  # [accept, N]
-        out_valid = (steps < count) & (out_grams >= 0).all(-1)
+        out_valid = (steps < count) & (out_grams >= 0).all(-1) & self.remembering
         if not self.seed_from_output:
             out_valid = torch.zeros_like(out_valid)
         written = self.history_len
@@ -384,8 +391,7 @@ class FastStep:
             self.window.index_copy_(0, self.head.view(1), top[None])  # the new level replaces the oldest
             self.head.copy_((self.head + 1) % self.window.shape[0])
             added = self.pool.insert(torch.cat([grams, out_grams]),
-                                     torch.cat([torch.ones(shape.window, dtype=torch.bool, device=self.device),
-                                                out_valid]))
+                                     torch.cat([self.remembering.expand(shape.window), out_valid]))
             mixed = mixed + (top * torch.arange(7, 7 + shape.window, device=self.device)).sum()
         self.fingerprint.copy_(mixed + added)
         self.out.copy_(torch.cat([count[None], accepted, diverged.long()[None], self._ready().long()[None]]))

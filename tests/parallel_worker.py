@@ -77,6 +77,11 @@ def main(spec_path: str, out_path: str) -> None:
                 decoder = FastDecoder(model, config, team, compile=case["fast"] == "compiled")
             else:
                 decoder = lp.Decoder(model, config, team)
+            if case.get("prompts"):  # one decoder, the prompts in turn (a job: its memory carries over)
+                done = [decoder.generate(p, case["max_new"]) for p in case["prompts"]]
+                results.append({"sequence_tokens": [r.token_ids for r in done], "steps": [r.steps for r in done]})
+                team.close()
+                continue
             result = decoder.generate(prompt, case["max_new"], on_tokens=maybe_die)
         except (RankFailure, DivergenceError) as failure:
             results.append({"failure": f"{type(failure).__name__}: {failure}"})

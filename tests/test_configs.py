@@ -119,7 +119,7 @@ def test_merge_is_deep():
     ("max_new_tokens=0", "max_new_tokens must be an integer >= 1"),
     ("fault_timeout=-1", "fault_timeout must be a number of seconds from 1"),
     ("fault_timeout=0.001", r"fault_timeout must be a number of seconds from 1 \(a peer needs that long"),
-    ("fault_timeout=inf", r"fault_timeout must be a number of seconds from 1 .* to 604800 \(a week\), got inf"),
+    ("fault_timeout=inf", r"fault_timeout must be a number of seconds from 1 .* to 604800 \(a week\), got 'inf'"),
     ("fault_timeout=1e300", "fault_timeout must be a number of seconds from 1 .* to 604800"),
     ("trust_remote_code=yes please", "trust_remote_code must be true or false"),
     ("lookahead.window=0", r"window must be an integer in \[1, 1024\], got 0"),
@@ -128,3 +128,11 @@ def test_bad_values_get_one_line_errors(override, message):
     with pytest.raises(ConfigError, match=message) as info:
         config_for("--set", override)
     assert "\n" not in str(info.value)
+
+
+def test_the_memory_of_a_job_is_on_unless_records_are_asked_to_start_afresh():
+    assert config_for().lookahead.job_memory
+    assert config_for("--memory", "record").lookahead.memory == "record"
+    assert not config_for("--set", "lookahead.memory=record").lookahead.job_memory
+    with pytest.raises(ConfigError, match="memory must be 'job' or 'record', got 'all'"):
+        LookaheadConfig(memory="all")

@@ -31,6 +31,8 @@ def random_case(rng: random.Random, ranks: int = 1) -> dict:
     if rng.random() < 0.3:
         settings.update(sample=True, seed=rng.randrange(50), temperature=rng.choice([0.5, 1.0, 1.5]),
                         top_k=rng.choice([None, 5]))
+    if rng.random() < 0.3:  # the default keeps the pool from one prompt of a case to the next
+        settings.update(memory="record")
     prompts = []
     for _ in range(rng.choice([1, 1, 2, 3])):
         size = rng.choice([1, 2, rng.randrange(1, 40)])

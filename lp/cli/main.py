@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", default=None, help="decode greedily even if the model's "
                    "generation_config samples")
     p.add_argument("--kv-sync", choices=KV_SYNC, help="how ranks keep their KV caches equal")
+    p.add_argument("--memory", choices=["job", "record"], help="job (default): what earlier records generated "
+                   "becomes candidates for the later ones (fewer steps on jobs of one kind, the same tokens); "
+                   "record: each record starts from its own prompt's n-grams alone")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="the compiled fast path (static cache, fixed step shape, CUDA graphs on GPUs); default: off. "
                    "On CUDA it is not yet exact at every setting (add --compare-greedy); compiling takes seconds "
@@ -140,7 +143,7 @@ FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "k
              "lookup": "lookahead.lookup", "lookup_len": "lookahead.lookup_len", "chain": "lookahead.chain",
              "budget": "lookahead.budget", "plain_steps": "lookahead.plain_steps",
              "temperature": "lookahead.temperature", "top_k": "lookahead.top_k", "top_p": "lookahead.top_p",
-             "min_p": "lookahead.min_p"}
+             "min_p": "lookahead.min_p", "memory": "lookahead.memory"}
 
 
 def resolve_config(args) -> RunConfig:

@@ -1,0 +1,95 @@
+"""A job's memory: a decoder's n-gram pool lives on from one record to the next (LookaheadConfig.memory="job", the
+default), so the later records of a job take fewer steps. Whatever it holds (another model's text, random tokens,
+full rings), no token changes, on either engine, in batches of lanes sharing it and on every rank of a team."""
+import random
+
+import pytest
+
+import lp
+from lp.batched_decoding import BatchedDecoder
+from lp.fast_decoding import FastDecoder
+from lp.greedy_rules import hf_greedy
+from models import VOCAB, tiny_model
+from test_exactness import repetitive_prompt
+
+
+def decoder_of(engine: str, model, **settings):
+    config = lp.LookaheadConfig(7, 4, 7, **settings)
+    return FastDecoder(model, config, compile=False) if engine == "fast" else lp.Decoder(model, config)
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_a_record_like_an_earlier_one_takes_fewer_steps_with_the_jobs_memory(engine):
+    model = tiny_model("llama", seed=3)
+    prompt = repetitive_prompt(4, 24)
+    want = hf_greedy(model, prompt, 80)
+    steps = {}
+    for memory in ("job", "record"):
+        decoder = decoder_of(engine, model, memory=memory)
+        runs = [decoder.generate(prompt, 80) for _ in range(2)]
+        assert all(r.token_ids == want for r in runs)
+        steps[memory] = [r.steps for r in runs]
+    assert steps["record"][1] == steps["record"][0]  # each record on its own: the same steps again
+    assert steps["job"][0] == steps["record"][0] and steps["job"][1] < steps["job"][0]  # the job remembers
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+@pytest.mark.parametrize("fill", ["another model's text", "random tokens", "every ring full"])
+def test_whatever_the_memory_holds_the_tokens_are_greedys(engine, fill):
+    model = tiny_model("qwen2", seed=1)
+    rng = random.Random(len(fill))
+    decoder = decoder_of(engine, model)
+    if fill == "another model's text":
+        other = tiny_model("llama", seed=9)
+        decoder.remember(hf_greedy(other, repetitive_prompt(5, 12), 200))
+    elif fill == "random tokens":
+        decoder.remember([rng.randrange(VOCAB) for _ in range(500)])
+    else:  # far more n-grams than G a key: every ring wraps many times
+        for _ in range(20):
+            decoder.remember([rng.randrange(VOCAB) for _ in range(1000)])
+    for seed in range(3):
+        prompt = repetitive_prompt(seed, 30)
+        assert decoder.generate(prompt, 48).token_ids == hf_greedy(model, prompt, 48)
+    if engine == "reference":
+        assert len(decoder.memory) <= VOCAB * decoder.config.guess  # bounded, however long the job
+    else:
+        assert int(decoder.job_pool().count.max()) <= decoder.config.guess
+
+
+def test_the_lanes_of_a_batch_share_the_memory_and_an_idle_lane_adds_nothing_to_it():
+    model = tiny_model("llama", seed=2)
+    prompt = repetitive_prompt(6, 20)
+    pools = []
+    for lanes in (1, 3):  # with 3 lanes and one record, two lanes idle: they decode junk that must stay out
+        decoder = BatchedDecoder(model, lp.LookaheadConfig(5, 4, 5), lanes, compile=False)
+        [result] = decoder.generate_many([prompt], 40)
+        assert result.token_ids == hf_greedy(model, prompt, 40)
+        assert all(lane.pool is decoder.job_pool() for lane in decoder._batched[256].lanes)
+        pool = decoder.job_pool()
+        pools.append([t[:VOCAB].clone() for t in (pool.tokens, pool.count, pool.next)])  # row VOCAB takes discards
+    assert all((a == b).all() for a, b in zip(*pools))  # the same memory as one lane alone
+
+
+def test_a_batch_job_of_many_records_stays_exact_as_its_memory_grows():
+    model = tiny_model("gemma", seed=0)
+    prompts = [repetitive_prompt(seed % 3, 10 + seed) for seed in range(8)]
+    decoder = BatchedDecoder(model, lp.LookaheadConfig(5, 3, 5), 3, compile=False)
+    results = decoder.generate_many(prompts, 30)
+    assert [r.token_ids for r in results] == [hf_greedy(model, p, 30) for p in prompts]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kv_sync", ["recompute", "gather"])
+def test_every_rank_of_a_team_keeps_the_same_memory_across_records(kv_sync, tmp_path):
+    from test_parallel import run_team
+    model = tiny_model("llama", seed=4)
+    prompts = [repetitive_prompt(seed % 2, 25) for seed in range(4)]
+    cases = [dict(model="llama", seed=4, prompts=prompts, max_new=40, wng=(6, 4, 6), kv_sync=kv_sync, fast=fast)
+             for fast in (None, "eager")]  # one decoder decodes the prompts in turn: the fingerprint covers the pool
+    outs, codes = run_team(2, {"cases": cases}, tmp_path)
+    assert codes == [0, 0]
+    want = [hf_greedy(model, p, 40) for p in prompts]
+    for results in outs:
+        for result in results:
+            assert result.get("sequence_tokens") == want, result.get("failure")
+            assert result["steps"][2] < result["steps"][0]  # record 3 repeats record 1: it remembered
