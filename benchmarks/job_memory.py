@@ -1,0 +1,113 @@
+"""A job's memory against each record on its own: the same records decoded in order by two decoders, one keeping its
+n-gram pool from record to record (memory="job", the default) and one starting each from its prompt alone
+("record"), interleaved record by record in one process.
+
+python benchmarks/job_memory.py --model stories260k --configs 15:5:15,7:5:7 --max-new-tokens 200 \
+    --out benchmarks/results_published/job_memory_stories260k
+
+For each W:N:G it reports, per memory, the job's tokens per step (all new tokens over all steps), ms per token
+(decoding wall time over new tokens, compiling left out) and the curve of tokens per step over the records decoded
+so far; then job / record ratios. Every output is checked against the other decoder's (the same tokens: memory
+changes steps only) and, with --check-greedy, against transformers' greedy. The fast path (compiled with
+--compile, the CPU's default settings otherwise), one torch thread by default.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import loading  # noqa: E402
+from lp.config import LookaheadConfig  # noqa: E402
+from lp.fast_decoding import FastDecoder  # noqa: E402
+from lp.greedy_rules import hf_greedy  # noqa: E402
+
+MEMORIES = ("record", "job")
+
+
+def run_job(model, prompts, wng, args) -> dict:
+    """Both memories over the records in order, interleaved; per memory its per-record figures."""
+    decoders = {m: FastDecoder(model, LookaheadConfig(*wng, memory=m), compile=args.compile) for m in MEMORIES}
+    rows = {m: [] for m in MEMORIES}
+    same = True
+    greedy = True
+    for prompt in prompts:
+        got = {}
+        for memory, decoder in decoders.items():
+            result = decoder.generate(prompt.ids, args.max_new_tokens)
+            got[memory] = result.token_ids
+            rows[memory].append(dict(id=prompt.id, new_tokens=result.new_tokens, steps=result.steps,
+                                     seconds=round(result.wall_time_s, 4)))
+        same &= got["job"] == got["record"]
+        if args.check_greedy:
+            greedy &= got["job"] == hf_greedy(model, prompt.ids, args.max_new_tokens)
+    out = dict(config=":".join(map(str, wng)), same_tokens=same, greedy=greedy if args.check_greedy else None)
+    for memory in MEMORIES:
+        records = rows[memory]
+        tokens, steps = sum(r["new_tokens"] for r in records), sum(r["steps"] for r in records)
+        seconds = sum(r["seconds"] for r in records)
+        curve, t, s = [], 0, 0
+        for r in records:
+            t, s = t + r["new_tokens"], s + r["steps"]
+            curve.append(round(t / s, 3))
+        out[memory] = dict(tokens_per_step=round(tokens / steps, 3), ms_per_token=round(1e3 * seconds / tokens, 3),
+                           curve=curve, records=records, compile_s=round(decoders[memory].compile_time_s, 1))
+    out["tokens_per_step_ratio"] = round(out["job"]["tokens_per_step"] / out["record"]["tokens_per_step"], 3)
+    out["ms_per_token_ratio"] = round(out["job"]["ms_per_token"] / out["record"]["ms_per_token"], 3)
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="stories260k", help="default, stories260k, smollm2-135m, a path, ...")
+    p.add_argument("--prompts", help="JSONL suite (default: the model's own, as benchmarks/loading.py picks)")
+    p.add_argument("--configs", default="15:5:15,7:5:7")
+    p.add_argument("--limit", type=int, help="first LIMIT records")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--compile", action="store_true", help="the compiled fast path (else the same step eagerly)")
+    p.add_argument("--check-greedy", action="store_true", help="also compare every output with HF greedy")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "job_memory"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    began = time.time()
+    model, tokenizer = loading.load_model(args.model, torch.float32)
+    suite = Path(args.prompts) if args.prompts else loading.default_suite(args.model)
+    prompts = loading.load_prompts(suite, tokenizer, model.config.vocab_size, args.limit)
+    rows = []
+    for text in args.configs.split(","):
+        row = run_job(model, prompts, tuple(map(int, text.split(":"))), args)
+        rows.append(row)
+        print(f"{args.model} {row['config']}: tokens/step record {row['record']['tokens_per_step']} job "
+              f"{row['job']['tokens_per_step']} ({row['tokens_per_step_ratio']}x); ms/token record "
+              f"{row['record']['ms_per_token']} job {row['job']['ms_per_token']} ({row['ms_per_token_ratio']}x); "
+              f"same tokens {row['same_tokens']}", flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(torch=torch.__version__, threads=args.threads, seconds=round(time.time() - began, 1),
+               command=" ".join(sys.argv), date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    settings = dict(vars(args), prompts=str(suite.relative_to(loading.REPO) if suite.is_relative_to(loading.REPO)
+                                             else suite), records=len(prompts))
+    out.with_suffix(".json").write_text(json.dumps(dict(environment=env, settings=settings, rows=rows), indent=1))
+    lines = [f"{args.model}, {len(prompts)} records of `{settings['prompts']}`, {args.max_new_tokens} new tokens each, "
+             f"{'compiled' if args.compile else 'eager'} fast path", "",
+             "| W:N:G | tokens/step record | tokens/step job | job / record | ms/token record | ms/token job | "
+             "job / record | same tokens |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['config']} | {r['record']['tokens_per_step']} | {r['job']['tokens_per_step']} | "
+              f"{r['tokens_per_step_ratio']} | {r['record']['ms_per_token']} | {r['job']['ms_per_token']} | "
+              f"{r['ms_per_token_ratio']} | {r['same_tokens']} |" for r in rows]
+    lines += ["", "tokens/step of the job so far, record by record:"]
+    lines += [f"- {r['config']} job: {r['job']['curve']}; record: {r['record']['curve']}" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if all(r["same_tokens"] and r["greedy"] is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
