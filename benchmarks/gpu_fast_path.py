@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the default model on CPU, benchmarks/results_published/fast_path_cpu.md)")
     p.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the floor (default: by device name, "
                    "H100 SXM 3350, H100 PCIe 2000, H100 NVL 3900, H200 4800; otherwise the measured copy bandwidth)")
-    p.add_argument("--step-graphs", default="split", help="how each lookahead step compiles, comma-separated: "
-                   "split (the forward a graph of its own; CUDA's default) and/or whole (one graph)")
+    p.add_argument("--step-graphs", default="", help="how each lookahead step compiles, comma-separated: "
+                   "split (the forward a graph of its own) and/or whole (one graph); default: the device's default")
     p.add_argument("--prompt-tokens", type=int, default=128, help="random prompt length")
     p.add_argument("--steps", type=int, default=48, help="timed steps per method (after step 1)")
     p.add_argument("--warmup-steps", type=int, default=6, help="untimed steps after compiling (CUDA graph recording)")
@@ -187,7 +187,7 @@ def time_lookahead(model, cfg: LookaheadConfig, prompt, max_new: int, args, devi
 
     steps(args.warmup_steps)  # compiles the step of this cache bucket, records the CUDA graph
     times, accepted, tokens = steps(args.steps)
-    return dict(method=f"lp FastDecoder step ({cfg.step_graphs}, one CUDA graph a step)",
+    return dict(method="lp FastDecoder step" + (f" ({cfg.step_graphs})" if cfg.step_graphs else ""),
                 config=f"{cfg.window}:{cfg.ngram}:{cfg.guess}", step_graphs=cfg.step_graphs,
                 tokens_fed=decoder.step_tokens, capacity=capacity_bucket(len(prompt) + max_new + decoder.step_tokens),
                 compile_s=round(decoder.compile_time_s, 2), compile_error=decoder.compile_error,
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = SMOKE_SHAPE if args.smoke else dict(hidden=4096, layers=32, heads=32, ffn=11008, vocab=32000)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (--smoke: not a measurement)"
     # the full step's time: plain steps (one token, when a step has no candidate) would mix in greedy steps
-    configs = [LookaheadConfig(*map(int, c.split(":")), plain_steps=False, step_graphs=graphs)
+    configs = [LookaheadConfig(*map(int, c.split(":")), plain_steps=False, step_graphs=graphs or None)
                for graphs in args.step_graphs.split(",") for c in args.configs.split(",") if c]
     assumed = parse_tokens_per_step(args.tokens_per_step)
     began = time.time()
