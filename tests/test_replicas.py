@@ -236,13 +236,15 @@ def test_replicas_writing_to_a_pipe_deliver_every_record_through_rank_0(tiny_dir
 def test_a_stopped_replica_is_named_within_the_fault_timeout_and_the_rerun_finishes_the_job(tiny_dir, tmp_path):  # noqa: F811
     # alive but silent: it used to keep rank 0 waiting for ever
     job, cmd, output, _, replica = _stop_replica_1_mid_job(tiny_dir, tmp_path, 20, "--fault-timeout", "6")
+    rank0 = Path(f"/proc/{_rank_pid(job, 0)}")
+    deadline = time.time() + 120
+    while rank0.exists() and time.time() < deadline:  # rank 0 gives up on rank 1 and leaves
+        time.sleep(0.1)
     try:
-        _, err = job.communicate(timeout=180)
-    finally:
-        try:
-            os.kill(replica, signal.SIGCONT)
-        except ProcessLookupError:
-            pass  # torchrun has killed it
+        os.kill(replica, signal.SIGCONT)  # so torchrun's SIGTERM ends it now, not its SIGKILL 30 s later
+    except ProcessLookupError:
+        pass
+    _, err = job.communicate(timeout=120)
     assert job.returncode != 0
     assert "rank 1 stopped responding (dead or hung)" in err
     rerun = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
