@@ -206,7 +206,8 @@ class BatchedDecoder(FastDecoder):
         host_pool, window = self.initial_state(prompt, job.work.seed)
         with torch.inference_mode():
             lane.rules.load(job.rules)
-            lane.start(prompt, host_pool, window, job.work.seed, remember=job.result is not None)  # idle: junk
+            lane.start(prompt, host_pool, window, job.work.seed, remember=job.result is not None,  # idle: junk
+                       generation=self._next_generation())
         job.started = time.perf_counter()
 
     def _run_batch(self, step: BatchedStep, capacity: int, next_job: Callable[[], "_Job | None"], idle: "_Job",

@@ -10,6 +10,8 @@ import torch
 
 from .ngram_pool import NGramPool
 
+HITS_MAX, HITS_TRUST = 8, 4  # a key's running average of paying full steps: its top, and the least still tried
+
 
 class DevicePool:
     """Rings of continuations per key token, with fixed-shape `lookup` and `insert`."""
@@ -21,18 +23,24 @@ class DevicePool:
         self.tokens = torch.zeros(vocab + 1, rings, length, dtype=torch.long, device=device)
         self.count = torch.zeros(vocab + 1, dtype=torch.long, device=device)
         self.next = torch.zeros(vocab + 1, dtype=torch.long, device=device)
-        for t in (self.tokens, self.count, self.next):
+        # a job's memory: which generation last stored under a key, and whether full steps from the key have paid
+        # (an integer running average, HITS_MAX = every recent one accepted a candidate; it starts trusting)
+        self.stamp = torch.full((vocab + 1,), -1, dtype=torch.long, device=device)
+        self.hits = torch.full((vocab + 1,), HITS_MAX, dtype=torch.long, device=device)
+        for t in (self.tokens, self.count, self.next, self.stamp, self.hits):
             torch._dynamo.mark_static_address(t)
 
-    def load(self, pool: NGramPool, keys, keep: bool = False) -> None:
-        """Start a generation from a host pool whose keys are among `keys` (the prompt's n-grams, in its order);
-        with `keep` (a job's memory) they join what the table already holds, as its newest entries."""
+    def load(self, pool: NGramPool, keys, keep: bool = False, generation: int = 0) -> None:
+        """Start generation `generation` from a host pool whose keys are among `keys` (the prompt's n-grams, in its
+        order); with `keep` (a job's memory) they join what the table already holds, as its newest entries."""
         if keep:
             grams = [(key, *entry) for key in dict.fromkeys(keys) for entry in reversed(pool.candidates(key, self.guess))]
-            self.insert_all(grams)
+            self.insert_all(grams, generation)
             return
         self.count.zero_()
         self.next.zero_()
+        self.stamp.fill_(-1)
+        self.hits.fill_(HITS_MAX)
         rows, slots, values, counts = [], [], [], []
         for key in dict.fromkeys(keys):
             entries = pool.candidates(key, self.guess)  # newest first
@@ -53,21 +61,38 @@ class DevicePool:
         cv = torch.tensor([c for _, c in counts], device=device)
         self.count[ck] = cv
         self.next[ck] = cv % max(self.guess, 1)
+        self.stamp[ck] = generation
 
-    def insert_all(self, grams: list, chunk: int = 256) -> None:
-        """Insert n-grams (sequences of N tokens), oldest first, in chunks (insert compares a chunk with itself)."""
+    def insert_all(self, grams: list, generation: int = -1, chunk: int = 256) -> None:
+        """Insert n-grams (sequences of N tokens), oldest first, in chunks (insert compares a chunk with itself), as
+        generation `generation`'s (-1: none's, a text remembered from outside)."""
         if self.guess == 0 or not grams:
             return
         device = self.tokens.device
+        stamp = torch.tensor(generation, device=device)
         for start in range(0, len(grams), chunk):
             part = torch.tensor(grams[start : start + chunk], dtype=torch.long, device=device)
-            self.insert(part, torch.ones(part.shape[0], dtype=torch.bool, device=device))
+            self.insert(part, torch.ones(part.shape[0], dtype=torch.bool, device=device), stamp)
 
     def remember(self, tokens) -> None:
         """Insert every n-gram of a text (token ids), in its order."""
         n = self.length + 1
         tokens = [int(t) for t in tokens]
         self.insert_all([tokens[i : i + n] for i in range(len(tokens) - n + 1)])
+
+    def worth_a_step(self, key: torch.Tensor, generation: torch.Tensor) -> torch.Tensor:
+        """Whether the entries under `key` ([1]) deserve a full step (0-d bool): there are some, and either this
+        generation stored some of them or full steps from this key have paid lately (a job's memory is tried, and
+        given up on where it keeps failing)."""
+        stored = self.count.index_select(0, key)[0] > 0
+        mine = self.stamp.index_select(0, key)[0] == generation
+        trusted = self.hits.index_select(0, key)[0] >= HITS_TRUST
+        return stored & (mine | trusted)
+
+    def record_hit(self, key: torch.Tensor, hit: torch.Tensor) -> None:
+        """A full step from `key` ([1]) accepted a candidate (`hit`, 0-d bool) or not: update its running average."""
+        before = self.hits.index_select(0, key)
+        self.hits.index_put_((key,), (3 * before + HITS_MAX * hit.long()) // 4)
 
     def lookup(self, key: torch.Tensor, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Entries first..first+size-1 (newest first) under `key` (0-d): tokens [size, N-1] and valid [size]."""
@@ -92,8 +117,9 @@ class DevicePool:
         oks = torch.cat([valid[:, None].expand(k, chain, n), stored[..., None].expand(k, chain, more.shape[-1])], -1)
         return rows.flatten(0, 1), oks.flatten(0, 1)
 
-    def insert(self, grams: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Insert n-grams [M, N] where `valid` [M], in order; returns how many were new (a 0-d tensor)."""
+    def insert(self, grams: torch.Tensor, valid: torch.Tensor, generation: torch.Tensor) -> torch.Tensor:
+        """Insert n-grams [M, N] where `valid` [M], in order, for generation `generation` (0-d); returns how many
+        were new (a 0-d tensor)."""
         if self.guess == 0:
             return torch.zeros((), dtype=torch.long, device=grams.device)
         g = self.guess
@@ -119,4 +145,5 @@ class DevicePool:
         self.tokens.index_put_((target_key, slot), conts)
         self.count.index_put_((target_key,), count)
         self.next.index_put_((target_key,), after)
+        self.stamp.index_put_((target_key,), generation.expand_as(target_key))
         return kept.sum()

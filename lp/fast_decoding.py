@@ -85,6 +85,7 @@ class FastDecoder(Decoder):
         self._graphs: dict[tuple[int, str], CapturedStep] = {}  # captured CUDA graphs of whole steps
         self.split = not compile or cfg.split_step_on(self.device.type)  # eager: the same pieces, called in turn
         self._graph_pool = None
+        self._generations = 0
         self._host = torch.zeros(self.shape.out_size, dtype=torch.long, pin_memory=self.device.type == "cuda")
 
     lanes_share_a_forward = False  # lp.batched_decoding.BatchedDecoder: every lane's step runs in one forward
@@ -131,7 +132,7 @@ class FastDecoder(Decoder):
         host_pool, window = self.initial_state(prompt, self.seed)
         with torch.inference_mode():  # entered per step, never across a yield: the caller's code runs as usual
             step = self._step(len(prompt) + limit, rules)
-            step.start(prompt, host_pool, window, self.seed)
+            step.start(prompt, host_pool, window, self.seed, generation=self._next_generation())
         run = self._runner(step)
         plain = self._plain_runner(step) if self.shape.plain else None
         if plain is not None and self._uncompiled(step, "plain-forward" if self.split else "plain"):
@@ -182,6 +183,11 @@ class FastDecoder(Decoder):
                 self.model, self.shape, capacity, self._rules, self._pool, self.context, self._cache_arg,
                 self.layers, self.config.seed_pool_from_output, self._sampling, job_memory=self.config.job_memory)
         return found
+
+    def _next_generation(self) -> int:
+        """A number for each generation of this decoder (every rank of a team counts alike)."""
+        self._generations += 1
+        return self._generations
 
     def job_pool(self) -> DevicePool:
         """The pool every step of this decoder shares: the job's memory (LookaheadConfig.memory), made once."""
@@ -286,7 +292,7 @@ class FastDecoder(Decoder):
         began, before = time.perf_counter(), self.compile_time_s
         with torch.inference_mode():
             plain()
-            step.start(prompt, host_pool, window, self.seed)
+            step.start(prompt, host_pool, window, self.seed, generation=self._generations)
         self.compile_time_s = before + time.perf_counter() - began
 
     def _compiled_fn(self, step, name: str, fn: Callable) -> Callable:

@@ -193,19 +193,21 @@ class FastStep:
         self.out = torch.zeros(shape.out_size, **to)  # [count, accepted tokens, diverged, ready]: what the host reads
         self.kept = torch.zeros((), **to)  # cache entries the last step committed (the winner's sit just below length)
         self.remembering = torch.ones((), dtype=torch.bool, device=device)  # this generation's n-grams go to the pool
+        self.generation = torch.zeros((), **to)  # this generation's number in the job
         self.kv_buffer: torch.Tensor | None = None  # [layers, b, h, accept, dk + dv] with kv_sync == "gather"
         for t in (self.window, self.head, self.pending, self.pending_count, self.history, self.history_len,
                   self.prompt_len, self.seed, self.fingerprint, self.step_slots, self.plain_slots, self.out,
-                  self.kept, self.length, self.remembering):
+                  self.kept, self.length, self.remembering, self.generation):
             torch._dynamo.mark_static_address(t)
 
     # -- per generation (eager) ---------------------------------------------------------------------------
 
     def start(self, prompt: list[int], host_pool: NGramPool, window_rows: list[list[int]], seed: int = 0,
-              remember: bool = True) -> None:
+              remember: bool = True, generation: int = 0) -> None:
         """Prefill the prompt, load the pool (into the job's memory, when the pool is one) and window, and point the
         cache at the step's slots. `remember=False`: this generation adds nothing to the pool (a batch's idle lane
-        decoding junk must not fill a pool the other lanes share)."""
+        decoding junk must not fill a pool the other lanes share). `generation`: this generation's number in the
+        job (what it stores in the pool is its own)."""
         a = self.shape.accept
         to = dict(device=self.device, dtype=torch.long)
         cache = self.cache if self.lane is None else LaneCache(self.cache, self.lane)
@@ -228,7 +230,8 @@ class FastStep:
         if self.kv_buffer is not None:
             self.kv_buffer.zero_()
         self.kept.zero_()
-        self.pool.load(host_pool, prompt, keep=self.job_memory)
+        self.generation.fill_(generation)
+        self.pool.load(host_pool, prompt, keep=self.job_memory, generation=generation)
         self.remembering.fill_(remember)
         self.window.copy_(torch.tensor(window_rows, **to))
         self.head.zero_()
@@ -306,6 +309,7 @@ class FastStep:
         compact the cache. Returns the host-bound [count, accepted tokens, diverged, ready]."""
         shape, a = self.shape, self.shape.accept
         cached = self.length  # written last
+        root = self.pending[-1:]  # the key this step's pool candidates hang under (written below)
         counts = table[:, 0]
         winner = first_max(counts)  # ties go to the lowest rank
         count = _pick(counts, winner)
@@ -330,6 +334,8 @@ class FastStep:
                 keys, values = layer.row(self.lane)
                 entries = torch.cat([keys.index_select(2, slots), values.index_select(2, slots)], -1)
                 self.kv_buffer[i].copy_(torch.where(won, entries, 0))
+        if shape.plain:  # the plain-or-full choice learns whether full steps from this key pay
+            self.pool.record_hit(root, count > 1)
         self.pending.copy_(pending)
         self.pending_count.copy_(next_count)
         top = table.flatten()[self.top_index]
@@ -385,13 +391,13 @@ class FastStep:
         live = torch.where(steps < count, accepted, 0)
         mixed = self.fingerprint * 1000003 + (live * (steps + 1)).sum() + count
         if top is None:
-            added = self.pool.insert(out_grams, out_valid)
+            added = self.pool.insert(out_grams, out_valid, self.generation)
         else:
             grams = torch.cat([self._levels(), top[None]]).T  # [W, N]: one n-gram up each column
             self.window.index_copy_(0, self.head.view(1), top[None])  # the new level replaces the oldest
             self.head.copy_((self.head + 1) % self.window.shape[0])
             added = self.pool.insert(torch.cat([grams, out_grams]),
-                                     torch.cat([self.remembering.expand(shape.window), out_valid]))
+                                     torch.cat([self.remembering.expand(shape.window), out_valid]), self.generation)
             mixed = mixed + (top * torch.arange(7, 7 + shape.window, device=self.device)).sum()
         self.fingerprint.copy_(mixed + added)
         self.out.copy_(torch.cat([count[None], accepted, diverged.long()[None], self._ready().long()[None]]))
@@ -432,8 +438,8 @@ class FastStep:
             return ready
         if shape.lookup:
             ready = ready | has_match(self.history, self.history_len)
-        if shape.guess:
-            ready = ready | (self.pool.count.index_select(0, self.pending[-1:])[0] > 0)
+        if shape.guess:  # entries this generation stored, or a job's memory that has paid under this key
+            ready = ready | self.pool.worth_a_step(self.pending[-1:], self.generation)
         return ready
 
     def _tree(self):

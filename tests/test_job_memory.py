@@ -93,3 +93,21 @@ def test_every_rank_of_a_team_keeps_the_same_memory_across_records(kv_sync, tmp_
         for result in results:
             assert result.get("sequence_tokens") == want, result.get("failure")
             assert result["steps"][2] < result["steps"][0]  # record 3 repeats record 1: it remembered
+
+
+def test_a_jobs_memory_earns_full_steps_under_a_key_until_it_keeps_failing_there():
+    import torch
+    from lp.device_pool import DevicePool
+    pool = DevicePool(vocab=10, guess=2, length=2, device=torch.device("cpu"))
+    key, earlier, now = torch.tensor([1]), torch.tensor(1), torch.tensor(2)
+    assert not pool.worth_a_step(key, now)  # nothing stored under it
+    pool.insert_all([[1, 2, 3]], generation=1)  # an earlier record's n-gram
+    assert pool.worth_a_step(key, earlier)  # its own record always tries it
+    verdicts = []
+    for paid in (False, False, False, True):  # full steps from key 1 in a later record
+        verdicts.append(bool(pool.worth_a_step(key, now)))
+        pool.record_hit(key, torch.tensor(paid))
+    assert verdicts == [True, True, True, False]  # tried until three misses...
+    assert pool.worth_a_step(key, now)  # ...and trusted again once one paid (a step its own record ran)
+    pool.insert_all([[1, 4, 5]], generation=2)
+    assert pool.worth_a_step(key, now)  # what this record stored is always worth a step
