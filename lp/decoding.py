@@ -86,8 +86,11 @@ def context_length(config) -> int | None:
 def cache_argument(model) -> str:
     """The forward's name for the KV cache: `cache` in recent transformers 5.x, `past_key_values` in models of
     earlier 5.x releases (GPT-2 in 5.17, say), where an unknown `cache=` would be swallowed silently."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    for forward in (model.forward, type(model).forward):  # a wrapper taking **kwargs: its model's class says
+        params = inspect.signature(forward).parameters
+        if "cache" in params or "past_key_values" in params:
+            return "cache" if "cache" in params else "past_key_values"
+    return "past_key_values"
 
 
 def _prompt_ids(input_ids) -> list[int]:
@@ -154,6 +157,16 @@ class Decoder:
         """Add the n-grams of a text (token ids) to the job's memory, as if a generation had produced it: a job can
         start warm from texts of its kind. Changes steps, never tokens."""
         self.memory.add_sequence([int(t) for t in token_ids])
+
+    def memory_grams(self) -> torch.Tensor:
+        """The job's memory as n-grams [M, N], each key's oldest first (what lp.memory_file saves)."""
+        rows = [[key, *entry] for key, entry in self.memory.entries()]
+        return torch.tensor(rows, dtype=torch.long).view(-1, self.config.ngram)
+
+    def remember_grams(self, grams) -> None:
+        """Add n-grams [M, N], each key's oldest first (a saved memory), to the job's memory."""
+        for key, *continuation in torch.as_tensor(grams).tolist():
+            self.memory.add(key, continuation)
 
     def stream(self, input_ids, max_new_tokens: int | None = None, result: GenerationResult | None = None,
                seed: int | None = None) -> Iterator[list[int]]:

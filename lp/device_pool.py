@@ -80,6 +80,16 @@ class DevicePool:
         tokens = [int(t) for t in tokens]
         self.insert_all([tokens[i : i + n] for i in range(len(tokens) - n + 1)])
 
+    def grams(self) -> torch.Tensor:
+        """Every stored n-gram [M, N], each key's oldest first (insert_all of them rebuilds the pool)."""
+        g = max(self.guess, 1)
+        keys = (self.count[: self.vocab] > 0).nonzero().flatten()
+        count, after = self.count[keys][:, None], self.next[keys][:, None]
+        age = torch.arange(g, device=keys.device)[None, :]  # 0 = the oldest entry of a key
+        slots = (after - count + age) % g  # a full ring's oldest entry sits where the next one goes
+        grams = torch.cat([keys[:, None, None].expand(-1, g, 1), self.tokens[keys[:, None], slots]], -1)
+        return grams.transpose(0, 1)[(age < count).T]  # age-major: every key's entries stay in their order
+
     def worth_a_step(self, key: torch.Tensor, generation: torch.Tensor) -> torch.Tensor:
         """Whether the entries under `key` ([1]) deserve a full step (0-d bool): there are some, and either this
         generation stored some of them or full steps from this key have paid lately (a job's memory is tried, and
@@ -134,12 +144,13 @@ class DevicePool:
         same = same_key & (conts[:, None, :] == conts[None, :, :]).all(-1) & earlier & valid[None, :]
         new = valid & ~present & ~same.any(-1)
         rank = (same_key & earlier & new[None, :]).sum(-1)  # new n-grams under the same key before this one
-        kept = new & (rank < g)
+        later = (same_key & earlier.T & new[None, :]).sum(-1)  # ... and after it: a ring keeps the newest G
+        kept = new & (later < g)
         target_key = torch.where(kept, keys, self.vocab)
         slot = torch.where(kept, (self.next[target_key] + rank) % g, 0)
         # each row's key gets all of this insert's new entries at once: every write to a key carries the same value,
         # and no entry is read back after a write (in-place read-modify-write is what the CUDA issue suspects)
-        total = ((target_key[:, None] == target_key[None, :]) & kept[None, :]).sum(-1)
+        total = (same_key & new[None, :]).sum(-1)  # every new n-gram under the key, those the ring passed over too
         count = (self.count[target_key] + total).clamp(max=g)
         after = (self.next[target_key] + total) % g
         self.tokens.index_put_((target_key, slot), conts)

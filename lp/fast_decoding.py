@@ -200,6 +200,16 @@ class FastDecoder(Decoder):
         with torch.inference_mode():
             self.job_pool().remember(token_ids)
 
+    def memory_grams(self) -> torch.Tensor:
+        """The job's memory as n-grams [M, N] on the host, each key's oldest first (see lp.decoding.Decoder)."""
+        with torch.inference_mode():
+            return self.job_pool().grams().cpu().clone()
+
+    def remember_grams(self, grams) -> None:
+        """Add n-grams [M, N], each key's oldest first (a saved memory), to the job's memory."""
+        with torch.inference_mode():
+            self.job_pool().insert_all(torch.as_tensor(grams).tolist())
+
     def _announce(self, capacity: int) -> None:
         """Say that a step is about to compile (it takes a while, and nothing else is printed meanwhile)."""
         if self.compile and self.compile_error is None and self.notify is not None:

@@ -46,5 +46,11 @@ class NGramPool:
         out = list(reversed(bucket))
         return out if limit is None else out[:limit]
 
+    def entries(self):
+        """Every stored n-gram as (key, continuation), each key's oldest first."""
+        for key, bucket in self._table.items():
+            for entry in bucket:
+                yield key, entry
+
     def __len__(self) -> int:
         return sum(len(b) for b in self._table.values())

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -58,6 +59,7 @@ def main(spec_path: str, out_path: str) -> None:
             if rank == spec.get("die_rank") and len(steps) == spec.get("die_step"):
                 os.kill(os.getpid(), signal.SIGKILL)
             if rank == spec.get("stop_rank") and len(steps) == spec.get("stop_step"):
+                Path(out_path).with_name("stopped_at").write_text(repr(time.time()))
                 os.kill(os.getpid(), signal.SIGSTOP)  # alive but silent: a hung rank
 
         if case.get("batch"):  # batched lookahead: several prompts, B lanes, one forward a step
@@ -84,7 +86,7 @@ def main(spec_path: str, out_path: str) -> None:
                 continue
             result = decoder.generate(prompt, case["max_new"], on_tokens=maybe_die)
         except (RankFailure, DivergenceError) as failure:
-            results.append({"failure": f"{type(failure).__name__}: {failure}"})
+            results.append({"failure": f"{type(failure).__name__}: {failure}", "failed_at": time.time()})
             break
         results.append({"tokens": result.token_ids, "steps": result.steps,
                         "fed": result.tokens_fed_per_step, "comm_bytes": result.comm_bytes,

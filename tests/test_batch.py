@@ -315,3 +315,16 @@ def test_a_batch_job_whose_every_record_failed_exits_3_for_the_scheduler(tiny_di
     assert main(base_args(tiny_dir, "--input", source, "--output", str(out))) == 3
     assert [("error" in r) for r in json_lines(out.read_text())] == [True, True]
     assert main(base_args(tiny_dir, "--input", source, "--output", str(out))) == 0  # nothing left to run
+
+
+def test_a_disk_that_fills_up_mid_record_leaves_the_file_ending_with_a_whole_record(tmp_path):
+    """RLIMIT_FSIZE stands in for a full disk: the write stops part-way, and the part is cut off."""
+    out = tmp_path / "out.jsonl"
+    script = (f"import resource\nfrom lp.cli.batch import JsonlWriter, OutputError\nw = JsonlWriter({str(out)!r})\n"
+              "w.write({'id': 1, 'text': 'short'})\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (60, 60))\n"
+              "try:\n    w.write({'id': 2, 'text': 'x' * 200})\nexcept OutputError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "cannot write --output" in done.stdout and "rerun the same command to resume" in done.stdout, done.stderr
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [1]
+    assert out.read_text().endswith("\n")

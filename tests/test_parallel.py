@@ -23,13 +23,7 @@ pytestmark = pytest.mark.slow  # every test here starts a team of processes
 def run_team(ranks: int, spec: dict, tmp_path: Path, timeout: float = 240, port: int | None = None,
              **env_extra) -> tuple[list, list]:
     """Start `ranks` worker processes as torchrun would; return each rank's case results and exit codes."""
-    spec_file = tmp_path / "spec.json"
-    spec_file.write_text(json.dumps(spec))
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()), WORLD_SIZE=str(ranks),
-               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_extra)
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(spec_file), str(tmp_path / f"out{r}.json")],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
-             for r in range(ranks)]
+    procs = start_team(ranks, spec, tmp_path, port, **env_extra)
     deadline = time.time() + timeout
     codes = []
     for p in procs:
@@ -49,6 +43,17 @@ def run_team(ranks: int, spec: dict, tmp_path: Path, timeout: float = 240, port:
         if p.returncode not in (0, -9) and outs[-1] is None:
             pytest.fail(f"rank {r} crashed: {(tmp_path / f'err{r}.txt').read_text()[-2000:]}")
     return outs, codes
+
+
+def start_team(ranks: int, spec: dict, tmp_path: Path, port: int | None = None, **env_extra) -> list:
+    """The `ranks` worker processes, started with the launcher's environment."""
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port or free_port()), WORLD_SIZE=str(ranks),
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env_extra)
+    return [subprocess.Popen([sys.executable, str(WORKER), str(spec_file), str(tmp_path / f"out{r}.json")],
+                             env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stderr=subprocess.PIPE, text=True)
+            for r in range(ranks)]
 
 
 TINY_CASES = [("llama", (15, 5, 15)), ("gpt2", (4, 3, 4)), ("qwen2", (1, 2, 1)), ("gpt_neox", (7, 4, 0))]
@@ -123,6 +128,24 @@ def test_ranks_that_drift_apart_raise_instead_of_decoding_wrong(tmp_path):
     assert all("DivergenceError" in o[0]["failure"] for o in outs)
 
 
+def test_a_hung_rank_is_named_within_the_fault_timeout_plus_a_few_seconds(tmp_path):
+    """Its heartbeat went stale long before the collective timed out, and nobody else needs rank 0's store: rank 0
+    names it at once and leaves (it used to take another 2.5 beats to see it, then linger 3 beats more)."""
+    prompt = repetitive_prompt(12, 20)
+    cases = [dict(model="llama", seed=4, prompt=prompt, wng=(5, 4, 5), max_new=200, kv_sync="recompute")]
+    procs = start_team(2, {"cases": cases, "stop_rank": 1, "stop_step": 3, "fault_timeout": 6}, tmp_path)
+    try:
+        procs[0].wait(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    result = json.loads((tmp_path / "out0.json").read_text())["cases"][0]
+    assert "rank 1 stopped responding" in result["failure"]
+    stopped = float((tmp_path / "stopped_at").read_text())
+    assert result["failed_at"] - stopped < 6 + 4, (result["failed_at"] - stopped, result["failure"])
+
+
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found (pip install '.[mpi]')")
 def test_the_step_exchange_can_run_over_mpi(tmp_path):
     prompt = repetitive_prompt(10, 24)
@@ -140,23 +163,44 @@ def test_the_step_exchange_can_run_over_mpi(tmp_path):
         assert [r["tokens"] for r in cases] == [expected] * 2
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found (pip install '.[mpi]')")
-def test_a_hung_rank_under_mpirun_is_named_within_the_fault_timeout(tmp_path):
-    prompt = repetitive_prompt(11, 20)
+def _stop_a_rank_under_mpirun(tmp_path: Path, stop_rank: int, seed: int) -> dict:
+    """Decode under mpirun -np 2 (fault timeout 5 s) and SIGSTOP rank `stop_rank` at step 3: the other rank's result,
+    with how long after the stop it failed."""
+    prompt = repetitive_prompt(seed, 20)
     cases = [dict(model="llama", seed=4, prompt=prompt, wng=(5, 4, 5), max_new=200, kv_sync="recompute")]
     spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"cases": cases, "mpi": True, "stop_rank": 1, "stop_step": 3, "fault_timeout": 5}))
+    spec.write_text(json.dumps({"cases": cases, "mpi": True, "stop_rank": stop_rank, "stop_step": 3,
+                                "fault_timeout": 5}))
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     began = time.time()
     job = subprocess.Popen(["mpirun", "-np", "2", sys.executable, str(WORKER), str(spec), str(tmp_path / "out{rank}.json")],
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    out = tmp_path / "out0.json"
+    out = tmp_path / f"out{1 - stop_rank}.json"
     try:
         while not out.exists() and time.time() - began < 120:
             time.sleep(0.5)
+        time.sleep(0.5)  # let the write finish
     finally:
         os.killpg(job.pid, signal.SIGKILL)  # the stopped rank never exits by itself
         job.wait()
-    assert out.exists(), "rank 0 waited for the stopped rank past 120 s: the MPI exchange has no timeout"
-    failure = json.loads(out.read_text())["cases"][0]["failure"]
-    assert failure.startswith("RankFailure") and "MPI all-gather failed" in failure
+    assert out.exists(), f"rank {1 - stop_rank} waited for the stopped rank past 120 s"
+    result = json.loads(out.read_text())["cases"][0]
+    result["after_stop_s"] = result["failed_at"] - float((tmp_path / "stopped_at").read_text())
+    return result
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found (pip install '.[mpi]')")
+def test_a_hung_rank_under_mpirun_is_named_within_the_fault_timeout(tmp_path):
+    result = _stop_a_rank_under_mpirun(tmp_path, stop_rank=1, seed=11)
+    assert result["failure"].startswith("RankFailure") and "MPI all-gather failed" in result["failure"]
+    assert "rank 1 stopped responding" in result["failure"]
+    assert result["after_stop_s"] < 5 + 4, result
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not found (pip install '.[mpi]')")
+def test_a_hung_rank_0_under_mpirun_which_hosts_the_store_is_named_by_rank_1(tmp_path):
+    """Rank 1's own heartbeat stopped reaching the store on rank 0, so the diagnosis asks the store nothing more (it
+    used to wait on a store call to the stopped host)."""
+    result = _stop_a_rank_under_mpirun(tmp_path, stop_rank=0, seed=13)
+    assert "rank 0 (which hosts the rendezvous store) is unreachable" in result["failure"], result
+    assert result["after_stop_s"] < 5 + 6, result

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch.distributed as dist
 
 from lp.cli import batch
+from lp.distributed.bootstrap import free_port
 from lp.distributed.replicas import Layout, LayoutError, WorkQueue, split_world
 from test_cli import RUN, ROOT, base_args, clean_env, json_lines, run, tiny_dir  # noqa: F401 (fixture)
 
@@ -166,7 +168,10 @@ def test_a_replica_killed_mid_job_stops_the_job_and_the_rerun_loses_and_repeats_
     os.kill(victim, signal.SIGKILL)
     job.wait(timeout=120)
     assert job.returncode != 0  # the job stopped, and torchrun's report names the killed rank as the root cause
-    assert re.search(r"rank\s*:\s*1 \(local_rank", job.stderr.read())
+    err = job.stderr.read()
+    assert re.search(r"rank\s*:\s*1 \(local_rank", err)
+    # and rank 0, which torchrun stops, says why instead of a bare "interrupted"
+    assert "lp: error: interrupted by the launcher after rank 1 stopped responding (dead or hung)" in err, err[-3000:]
     written = (output.read_text() if output.exists() else "") + shard.read_text()
     assert 3 <= written.count("\n") < len(expected), "the kill must land mid-job"
 
@@ -251,3 +256,50 @@ def test_a_stopped_replica_is_named_within_the_fault_timeout_and_the_rerun_finis
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     ids = [r["id"] for r in json_lines(output.read_text())]
     assert sorted(ids) == sorted(f"r{i}" for i in range(20))  # nothing lost, nothing twice
+
+
+@pytest.mark.slow
+def test_a_full_disk_on_replica_1_is_named_with_its_cause_and_leaves_no_half_record(tiny_dir, tmp_path):  # noqa: F811
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"{i}: ab"}) + "\n" for i in range(200)))
+    output = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RUN),
+           *base_args(tiny_dir, "--input", str(source), "--output", str(output), "--lp", "1")]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    resource.prlimit(_rank_pid(job, 1), resource.RLIMIT_FSIZE, (150, 150))  # its disk fills up mid-record
+    _, err = job.communicate(timeout=240)
+    assert job.returncode != 0
+    assert re.search(r"lp: error: rank 1: cannot write --output '.*replica-1\.part'", err)  # its own line
+    # rank 0, which torchrun stops, says who failed and why instead of a bare "interrupted"
+    assert re.search(r"lp: error: .*rank 1 failed: cannot write --output '.*replica-1\.part': File too large", err)
+    shard = batch.shard_path(output, 1)
+    assert shard.exists() and shard.read_text() == ""  # the half-written record was cut off
+    assert output.read_text().endswith("\n")
+
+    rerun = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    ids = [r["id"] for r in json_lines(output.read_text())]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(200))  # each once
+
+
+@pytest.mark.slow
+def test_a_rank_that_loses_rank_0s_store_says_so_in_one_line(tiny_dir, tmp_path):  # noqa: F811
+    """Launched without torchrun (as mpirun and srun do), rank 0 hosts the store: when it is killed, the other
+    replica stops with one line naming rank 0, not a traceback."""
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"{i}: ab"}) + "\n" for i in range(200)))
+    output = tmp_path / "out.jsonl"
+    env = clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    cmd = [sys.executable, str(RUN), *base_args(tiny_dir, "--input", str(source), "--output", str(output), "--lp", "1")]
+    ranks = [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    shard = batch.shard_path(output, 1)
+    deadline = time.time() + 240
+    while time.time() < deadline and _lines(shard) < 2:
+        time.sleep(0.01)
+    ranks[0].kill()
+    _, err = ranks[1].communicate(timeout=120)
+    ranks[0].wait()
+    assert ranks[1].returncode == 1
+    assert "Traceback" not in err
+    assert re.search(r"lp: error: rank 1: lost contact with the other ranks .*rank 0 ended or failed", err), err[-2000:]

@@ -249,12 +249,18 @@ class JsonlWriter:
 
     def write(self, record: dict) -> None:
         data = memoryview(json_line(record))
+        end = os.fstat(self.fd).st_size if self.regular else 0
         try:
             while data:
                 data = data[os.write(self.fd, data):]
             if self.regular:
                 os.fsync(self.fd)
         except OSError as exc:
+            if self.regular:  # a full disk took part of the line: cut it, so the file ends with a whole record
+                try:
+                    os.ftruncate(self.fd, end)
+                except OSError:
+                    pass
             raise OutputError(f"cannot write --output {str(self.path)!r}: {exc.strerror or exc}; the records written "
                               "so far are kept, rerun the same command to resume") from None
 

@@ -31,7 +31,7 @@ from ..distributed.parallel import (KV_SYNC, DivergenceError, ProcessGroupTeam, 
 from ..distributed.replicas import Layout, LayoutError, WorkQueue, replica_groups, split_world
 from ..distributed.tensor_parallel import TensorParallelError, empty_model, make_team, plan_groups, shard_model
 from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules, hf_greedy
-from .. import STARTED_BY, named_models
+from .. import STARTED_BY, memory_file, named_models
 from ..sampling import reference_sample, sampling_settings
 from . import batch, run_config
 from .batch import InputError, Record
@@ -44,8 +44,14 @@ class UsageError(ValueError):
     """A user mistake found by the command line itself; the message says what to change."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: a scheduler's stop, or the launcher ending the job because another rank failed (`why` says which)."""
+
+    why = ""
+
+
 USER_ERRORS = (UsageError, ConfigError, PromptError, UnsupportedGenerationSetting, FileNotFoundError, InputError,
-               batch.OutputError, TensorParallelError, LayoutError,
+               batch.OutputError, TensorParallelError, LayoutError, memory_file.MemoryFileError,
                BootstrapError)
 PEER_FAILURES = (RankFailure, DivergenceError)  # the group is broken or the ranks disagree: stop the job
 RECORD_ERRORS = (PromptError, UnsupportedGenerationSetting)  # deterministic: every rank raises them alike
@@ -106,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory", choices=["job", "record"], help="job (default): what earlier records generated "
                    "becomes candidates for the later ones (fewer steps on jobs of one kind, the same tokens); "
                    "record: each record starts from its own prompt's n-grams alone")
+    p.add_argument("--memory-file", metavar="PATH", help="start the job's memory from PATH if it exists and save it "
+                   "there at the end (safetensors; refused if another tokenizer wrote it), so a job starts where an "
+                   "earlier one of its kind ended")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="the compiled fast path (static cache, fixed step shape, CUDA graphs on GPUs); default: off. "
                    "On CUDA it is not yet exact at every setting (add --compare-greedy); compiling takes seconds "
@@ -143,7 +152,8 @@ FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "k
              "lookup": "lookahead.lookup", "lookup_len": "lookahead.lookup_len", "chain": "lookahead.chain",
              "budget": "lookahead.budget", "plain_steps": "lookahead.plain_steps",
              "temperature": "lookahead.temperature", "top_k": "lookahead.top_k", "top_p": "lookahead.top_p",
-             "min_p": "lookahead.min_p", "memory": "lookahead.memory"}
+             "min_p": "lookahead.min_p", "memory": "lookahead.memory",
+             "memory_file": "memory_file"}
 
 
 def resolve_config(args) -> RunConfig:
@@ -177,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
             _leave(code)  # the group was left without tearing it down: skip the interpreter's teardown too
         return code
     except USER_ERRORS as exc:
-        if rank0 or isinstance(exc, BootstrapError):
+        if isinstance(exc, batch.OutputError) and not rank0:  # this replica's own results file: say whose
+            _error(f"rank {bootstrap.env_rank()}: {_one_line(exc)}")
+        elif rank0 or isinstance(exc, BootstrapError):
             _error(exc)
         return EXIT_USAGE
     except PEER_FAILURES as exc:
@@ -185,14 +197,21 @@ def main(argv: list[str] | None = None) -> int:
         if argv is None:  # the command line's own process: leave without tearing down the broken group
             _leave(EXIT_FAILED, clean=False)
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except torch.distributed.DistError as exc:  # a store or group call after rank 0 (which hosts the store) left
+        _error(f"rank {bootstrap.env_rank()}: lost contact with the other ranks ({_one_line(exc)[:120]}); "
+               + ("the rendezvous store is gone" if rank0 else "rank 0 ended or failed: its message says why"))
+        if argv is None:
+            _leave(EXIT_FAILED, clean=False)
+        return EXIT_FAILED
+    except KeyboardInterrupt as exc:
         if rank0:
-            _error("interrupted" + ("; rerun the same command to resume" if args.output else ""))
+            why = f" by the launcher after {exc.why}" if isinstance(exc, Terminated) and exc.why else ""
+            _error("interrupted" + why + ("; rerun the same command to resume" if args.output else ""))
         return 130
 
 
 def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def _leave(code: int, clean: bool = True) -> None:
@@ -226,7 +245,7 @@ def _run(args, own_process: bool = False) -> int:
     bootstrap.init_process_group(launch, backend, cfg.fault_timeout)
     try:
         code = _serve(args, cfg, launch, device, layout)
-    except PEER_FAILURES:
+    except (*PEER_FAILURES, torch.distributed.DistError):
         raise  # the group is broken: leave it alone
     except BaseException:
         bootstrap.shutdown()
@@ -238,11 +257,12 @@ def _run(args, own_process: bool = False) -> int:
 def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: Layout) -> int:
     rank0 = launch.rank == 0
     log = _logger(rank0)
-    message, model, tokenizer, items, writer, skipped = None, None, None, None, None, 0
+    message, model, tokenizer, items, writer, skipped, memory = None, None, None, None, None, 0, None
     try:
         log(f"loading {cfg.model or 'the embedded default model'} ({launch.world_size} rank"
             f"{'s' if launch.world_size > 1 else ''}, {launch.launcher}, {device})")
         model, tokenizer = load_model(cfg, torch.device("cpu") if cfg.tp > 1 else device)  # sharded later
+        memory = _MemoryFile(cfg, model, tokenizer)  # every rank reads it: the same n-grams, or the same error
         if rank0:
             if args.input and args.output and _same_file(args.input, args.output):
                 raise batch.InputError(f"--input and --output are the same file ({args.output}); write the results "
@@ -279,13 +299,47 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
     decoder = _decoder(model, cfg, launch, layout, sum(item["error"] is None for item in items))
     if hasattr(decoder, "notify"):
         decoder.notify = log
+    memory.start(decoder, log)
     try:
         if layout.replicas > 1 or cfg.batch_size > 1:
-            return _drain_queue(args, cfg, launch, layout, items, decoder, model, tokenizer, writer, skipped)
-        return _decode_all(args, cfg, launch, items, decoder, model, tokenizer, writer, skipped)
+            code = _drain_queue(args, cfg, launch, layout, items, decoder, model, tokenizer, writer, skipped)
+        else:
+            code = _decode_all(args, cfg, launch, items, decoder, model, tokenizer, writer, skipped)
+        if rank0:
+            memory.save(decoder, log)
+        return code
     finally:
         if hasattr(decoder.team, "close"):
             decoder.team.close()
+
+
+class _MemoryFile:
+    """--memory-file: the job's memory read before the first record (every rank alike) and saved by rank 0 at the
+    end (with replicas, rank 0's replica's memory)."""
+
+    def __init__(self, cfg: RunConfig, model, tokenizer):
+        self.path = cfg.memory_file
+        self.vocab = model.get_output_embeddings().weight.shape[0]
+        self.stamp = memory_file.tokenizer_fingerprint(tokenizer, self.vocab) if self.path else ""
+        self.grams = None
+        if self.path and os.path.exists(self.path):
+            self.grams = memory_file.load(self.path, self.stamp, self.vocab, cfg.lookahead.ngram)
+
+    def start(self, decoder, log) -> None:
+        if self.grams is not None:
+            decoder.remember_grams(self.grams)
+            log(f"starting from the memory in {self.path} ({len(self.grams)} n-grams)")
+
+    def save(self, decoder, log) -> None:
+        if not self.path:
+            return
+        grams = decoder.memory_grams()
+        try:
+            memory_file.save(self.path, grams, self.stamp, self.vocab)
+        except memory_file.MemoryFileError as exc:  # the results are written: say so, but the job did its work
+            _error(exc)
+            return
+        log(f"saved the job's memory to {self.path} ({len(grams)} n-grams)")
 
 
 def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Decoder, model, tokenizer, writer,
@@ -604,11 +658,16 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
         else:
             while (index := next_item()) is not None:
                 handle(items[index], _decode(items[index], decoder, tokenizer, None, layout.team_size))
-    except BaseException:
+    except BaseException as exc:
         progress.close()
         if writer:
             writer.close()
         if alive:
+            if isinstance(exc, Terminated) and rank0:  # torchrun ends the job when a rank exits: find which and why
+                exc.why = "; ".join(alive.culprits(wait=True))
+            elif not isinstance(exc, KeyboardInterrupt):  # tell rank 0, which the launcher is about to stop
+                cause = _one_line(exc).split("; ")[0]  # what went wrong, not what to do about it
+                alive.report(cause if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {cause}")
             alive.stop()
         raise
     if writer and not rank0:

@@ -33,6 +33,7 @@ class RunConfig:
     replicas: int | None = None  # independent lookahead teams sharing one queue; None = world // (lp x tp), or 1
     batch_size: int = 1  # sequences one forward decodes (batched lookahead, continuous batching)
     chat: bool = False
+    memory_file: str | None = None  # a job's memory on disk: read at the start if there, written at the end
     lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
     generation: dict = field(default_factory=dict)  # overrides of the model's generation_config
 
@@ -158,6 +159,12 @@ def _validate(cfg: RunConfig) -> None:
     check_int("batch_size", cfg.batch_size, 1, 256)
     check_bool("trust_remote_code", cfg.trust_remote_code)
     check_bool("chat", cfg.chat)
+    if cfg.memory_file is not None:
+        if not isinstance(cfg.memory_file, str) or not cfg.memory_file.strip():
+            raise ConfigError(f"memory_file must be a file path, got {cfg.memory_file!r}")
+        if not cfg.lookahead.job_memory:
+            raise ConfigError("--memory-file keeps a job's memory: it needs --memory job (the default), not "
+                              "--memory record")
     timeout = cfg.fault_timeout
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or \
             not MIN_FAULT_TIMEOUT <= timeout <= MAX_FAULT_TIMEOUT:

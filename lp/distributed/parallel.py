@@ -180,8 +180,8 @@ class ProcessGroupTeam:
                 torch.cuda.current_stream().synchronize()
         except Exception as error:  # a dead or stuck peer surfaces here as a gloo/NCCL/MPI error or timeout
             message = self._heartbeat.diagnose(what, error)
-            if dist.get_rank() == 0:  # rank 0 may host the store: stay a moment so the peers can read it too
-                time.sleep(3 * self._heartbeat.period + 2)
+            if dist.get_rank() == 0:  # rank 0 may host the store: stay until the live peers have read it too
+                self._heartbeat.linger()
             raise RankFailure(message) from error
 
 
@@ -203,13 +203,17 @@ def default_store():
 
 
 class _Heartbeat:
-    """Each rank stamps the store every few seconds; after a failed collective, stale stamps name the culprit."""
+    """Each rank stamps the store every few seconds and watches the others' stamps, so when a collective fails the
+    culprit is known at once: a peer that reported a failure, never started, or whose stamp stopped moving."""
 
     def __init__(self, store, rank: int, size: int, timeout_s: float):
         self.store, self.rank, self.size, self.timeout_s = store, rank, size, timeout_s
         self.period = max(0.2, min(2.0, timeout_s / 6))
         self._beats = 0  # a counter, not a wall-clock time: the hosts' clocks need not agree
         self._seen: dict[int, tuple[str, float]] = {}  # peer -> (its last counter, when it last changed, here)
+        self._gone: set[int] = set()  # peers a diagnosis blamed: nobody waits for them any more
+        self._lock = threading.Lock()  # _seen is written by the watching thread and by a diagnosis
+        self._contact = time.monotonic()  # when this rank last reached the store
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if store is None:
@@ -227,8 +231,31 @@ class _Heartbeat:
         while not self._stop.wait(self.period):
             try:
                 self._beat()
+                self._watch()
+                self._contact = time.monotonic()
             except Exception:
                 return  # the store host is gone; the next collective will fail and be diagnosed
+
+    def _watch(self) -> None:
+        """Note every started peer's counter (one round trip), so staleness is known before anyone asks."""
+        peers = [r for r in range(self.size) if r != self.rank]
+        keys = [f"alive/{r}" for r in peers]
+        if not peers or not self.store.check(keys):  # a peer not started yet: a diagnosis says so
+            return
+        multi_get = getattr(self.store, "multi_get", None)
+        values = multi_get(keys) if multi_get else [self.store.get(key) for key in keys]
+        now = time.monotonic()
+        for r, beats in zip(peers, values):
+            self._stale(r, beats.decode(), now)
+
+    def _stale(self, peer: int, beats: str, now: float) -> bool:
+        """Note `peer`'s counter as read now; whether it has not moved for 2.5 beats of this host's own clock."""
+        with self._lock:
+            last = self._seen.get(peer)
+            if last is None or last[0] != beats:
+                self._seen[peer] = (beats, now)
+                return False
+            return now - last[1] > 2.5 * self.period
 
     def stop(self) -> None:
         """Stop stamping and wait for the thread, so no store call is in flight when the group is torn down."""
@@ -238,33 +265,44 @@ class _Heartbeat:
             self._thread = None
 
     def report(self, message: str) -> None:
+        """Tell the peers why this rank stops (bounded: the store's host may be the rank that hung)."""
         if self.store is not None:
-            try:
-                self.store.set(f"failed/{self.rank}", message[:500])
-            except Exception:
-                pass
+            _bounded(lambda: self.store.set(f"failed/{self.rank}", message[:500]), 2, None)
 
     def diagnose(self, what: str, error: Exception) -> str:
         """One line naming the failed rank(s), from failure reports and stale heartbeats."""
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         if self.store is None:
             return f"rank {self.rank}: {what} failed ({detail}); a peer rank failed or stopped answering"
-        # give a dying peer a moment to be seen as stale, bounded by the fault timeout
-        deadline = time.monotonic() + min(self.timeout_s, 3 * self.period + 1)
-        self._seen = {}
-        while True:
-            culprits = self._culprits()
-            if culprits or time.monotonic() >= deadline:
-                break
-            time.sleep(self.period / 2)
+        culprits = self.culprits(wait=True)
+        _bounded(lambda: self.store.set(f"diagnosed/{self.rank}", "1"), 2, None)  # rank 0 may now leave
         if not culprits:
             return f"rank {self.rank}: {what} failed ({detail}); no peer was seen failing"
         return f"rank {self.rank}: {what} failed because " + "; ".join(culprits)
 
+    def culprits(self, wait: bool = False) -> list[str]:
+        """Peers that failed or stopped; with `wait`, give a peer that just died a moment to be seen as stale (a
+        hung one was seen long before a collective timed out on it)."""
+        deadline = time.monotonic() + min(self.timeout_s, 4 * self.period + 1)
+        while True:
+            found = self._culprits()
+            if found or not wait or time.monotonic() >= deadline:
+                return found
+            time.sleep(self.period / 2)
+
+    def linger(self) -> None:
+        """Before rank 0 (which may host the store) leaves a failed job: wait until every peer still alive has read
+        its diagnosis, at most a few beats."""
+        deadline = time.monotonic() + 3 * self.period + 2
+        while self.store is not None and time.monotonic() < deadline:
+            waiting = [r for r in range(self.size) if r != self.rank and r not in self._gone]
+            if _bounded(lambda: self.store.check([f"diagnosed/{r}" for r in waiting]) if waiting else True, 2, False):
+                return
+            time.sleep(self.period / 4)
+
     def wait_for(self, store, keys: list[str], what: str) -> None:
         """Wait until every rank r has set keys[r] in `store`; a rank that has not, and whose heartbeat has stopped
         (or that reported a failure), ends the wait with RankFailure naming it."""
-        self._seen = {}
         while True:
             try:
                 store.wait(keys, datetime.timedelta(seconds=self.period))
@@ -279,8 +317,10 @@ class _Heartbeat:
     def _culprits(self, among: list[int] | None = None) -> list[str]:
         """Peers that reported a failure, never started or stopped beating; each store call bounded, so a store host
         that is itself stopped cannot hang the diagnosis."""
-        return _bounded(lambda: self._find_culprits(among), 10,
-                        ["rank 0 (which hosts the rendezvous store) is unreachable: it died or hung"])
+        unreachable = ["rank 0 (which hosts the rendezvous store) is unreachable: it died or hung"]
+        if self._thread is not None and time.monotonic() - self._contact > 2.5 * self.period + 1:
+            return unreachable  # this rank's own stamps stopped reaching the store
+        return _bounded(lambda: self._find_culprits(among), 10, unreachable)
 
     def _find_culprits(self, among: list[int] | None) -> list[str]:
         found = []
@@ -293,13 +333,11 @@ class _Heartbeat:
                     found.append(f"rank {r} failed: {self.store.get(f'failed/{r}').decode()}")
                 elif not self.store.check([f"alive/{r}"]):
                     found.append(f"rank {r} never started")
-                else:  # stale = its counter has not moved for 2.5 beats of this host's own clock
-                    beats, now = self.store.get(f"alive/{r}").decode(), time.monotonic()
-                    last = self._seen.get(r)
-                    if last is None or last[0] != beats:
-                        self._seen[r] = (beats, now)
-                    elif now - last[1] > 2.5 * self.period:
-                        found.append(f"rank {r} stopped responding (dead or hung)")
+                elif self._stale(r, self.store.get(f"alive/{r}").decode(), time.monotonic()):
+                    found.append(f"rank {r} stopped responding (dead or hung)")
+                else:
+                    continue
+                self._gone.add(r)
         except Exception:
             found.append("rank 0 (which hosts the rendezvous store) is unreachable: it died or hung")
         return found

@@ -1,0 +1,68 @@
+"""A job's memory on disk (`--memory-file`): the n-grams of a decoder's pool, each key's oldest first, in a
+safetensors file (no pickle) stamped with the tokenizer whose ids they are, so a job can start where an earlier job
+of its kind ended. Either engine reads what either wrote; memory changes steps, never tokens."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+
+FORMAT = "lp-memory/1"
+
+
+class MemoryFileError(ValueError):
+    """A memory file that cannot be used here; the message says why and what to do, in one line."""
+
+
+def tokenizer_fingerprint(tokenizer, vocab: int) -> str:
+    """What the n-grams' ids mean: a hash of the tokenizer's vocabulary (token -> id) and the model's vocab size."""
+    items = sorted(tokenizer.get_vocab().items()) if tokenizer is not None else []
+    digest = hashlib.sha256(json.dumps([vocab, items], ensure_ascii=False).encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:32]
+
+
+def save(path: str | Path, grams: torch.Tensor, fingerprint: str, vocab: int) -> None:
+    """Write n-grams [M, N] to `path` atomically (a temporary file renamed over it: a crash leaves the old one)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    grams = grams.detach().to("cpu", torch.int64).contiguous()
+    try:
+        save_file({"grams": grams}, str(temporary), metadata={"format": FORMAT, "tokenizer": fingerprint,
+                                                               "vocab": str(vocab), "ngram": str(grams.shape[1])})
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise MemoryFileError(f"cannot save --memory-file {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def load(path: str | Path, fingerprint: str, vocab: int, ngram: int) -> torch.Tensor:
+    """The n-grams [M, ngram] saved in `path` (longer ones cut to `ngram` tokens), or MemoryFileError."""
+    from safetensors import safe_open
+
+    where = f"--memory-file {str(path)!r}"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            grams = f.get_tensor("grams") if "grams" in f.keys() else None
+    except Exception as exc:  # noqa: BLE001 - whatever the bytes are, the answer is one line
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise MemoryFileError(f"{where} is not a memory file lp wrote ({reason}); delete it or give another path") \
+            from None
+    if meta.get("format") != FORMAT or grams is None or grams.dim() != 2 or grams.dtype != torch.int64:
+        raise MemoryFileError(f"{where} is not a memory file lp wrote (format {meta.get('format')!r}); delete it or "
+                              "give another path")
+    if meta.get("tokenizer") != fingerprint:
+        raise MemoryFileError(f"{where} was saved by a job with another tokenizer (vocab {meta.get('vocab')}; this "
+                              f"model's is {vocab}): its token ids mean other words; give another path")
+    if grams.numel() and (int(grams.min()) < 0 or int(grams.max()) >= vocab):
+        raise MemoryFileError(f"{where} holds token ids outside this model's vocabulary of {vocab}; it is damaged: "
+                              "delete it or give another path")
+    if grams.shape[1] < ngram:
+        raise MemoryFileError(f"{where} holds {grams.shape[1]}-grams, shorter than this job's ngram {ngram}; give "
+                              f"--ngram {grams.shape[1]} or another path")
+    return grams[:, :ngram]
