@@ -1,5 +1,6 @@
-"""A job's memory against each record on its own: the same records decoded in order by two decoders, one keeping its
-n-gram pool from record to record (memory="job", the default) and one starting each from its prompt alone
+"""A job's memory against each record on its own: the same records decoded in order by three decoders, one keeping
+its n-gram pool and a corpus of the earlier texts for prompt lookup from record to record (memory="job", the
+default), one keeping the pool alone ("pool": memory_tokens=0) and one starting each record from its prompt alone
 ("record"), interleaved record by record in one process.
 
 python benchmarks/job_memory.py --model stories260k --configs 15:5:15,7:5:7 --max-new-tokens 200 \
@@ -28,12 +29,13 @@ from lp.config import LookaheadConfig  # noqa: E402
 from lp.fast_decoding import FastDecoder  # noqa: E402
 from lp.greedy_rules import hf_greedy  # noqa: E402
 
-MEMORIES = ("record", "job")
+MEMORIES = ("record", "pool", "job")  # each record alone; the job's n-gram pool alone; pool and corpus (default)
+SETTINGS = {"record": dict(memory="record"), "pool": dict(memory="job", memory_tokens=0), "job": dict(memory="job")}
 
 
 def run_job(model, prompts, wng, args) -> dict:
     """Both memories over the records in order, interleaved; per memory its per-record figures."""
-    decoders = {m: FastDecoder(model, LookaheadConfig(*wng, memory=m), compile=args.compile) for m in MEMORIES}
+    decoders = {m: FastDecoder(model, LookaheadConfig(*wng, **SETTINGS[m]), compile=args.compile) for m in MEMORIES}
     rows = {m: [] for m in MEMORIES}
     same = True
     greedy = True
@@ -44,7 +46,7 @@ def run_job(model, prompts, wng, args) -> dict:
             got[memory] = result.token_ids
             rows[memory].append(dict(id=prompt.id, new_tokens=result.new_tokens, steps=result.steps,
                                      seconds=round(result.wall_time_s, 4)))
-        same &= got["job"] == got["record"]
+        same &= got["job"] == got["record"] == got["pool"]
         if args.check_greedy:
             greedy &= got["job"] == hf_greedy(model, prompt.ids, args.max_new_tokens)
     out = dict(config=":".join(map(str, wng)), same_tokens=same, greedy=greedy if args.check_greedy else None)
@@ -58,8 +60,10 @@ def run_job(model, prompts, wng, args) -> dict:
             curve.append(round(t / s, 3))
         out[memory] = dict(tokens_per_step=round(tokens / steps, 3), ms_per_token=round(1e3 * seconds / tokens, 3),
                            curve=curve, records=records, compile_s=round(decoders[memory].compile_time_s, 1))
-    out["tokens_per_step_ratio"] = round(out["job"]["tokens_per_step"] / out["record"]["tokens_per_step"], 3)
-    out["ms_per_token_ratio"] = round(out["job"]["ms_per_token"] / out["record"]["ms_per_token"], 3)
+    for memory in ("pool", "job"):
+        suffix = "" if memory == "job" else "_pool"
+        out["tokens_per_step_ratio" + suffix] = round(out[memory]["tokens_per_step"] / out["record"]["tokens_per_step"], 3)
+        out["ms_per_token_ratio" + suffix] = round(out[memory]["ms_per_token"] / out["record"]["ms_per_token"], 3)
     return out
 
 
@@ -84,10 +88,11 @@ def main() -> int:
     for text in args.configs.split(","):
         row = run_job(model, prompts, tuple(map(int, text.split(":"))), args)
         rows.append(row)
-        print(f"{args.model} {row['config']}: tokens/step record {row['record']['tokens_per_step']} job "
-              f"{row['job']['tokens_per_step']} ({row['tokens_per_step_ratio']}x); ms/token record "
-              f"{row['record']['ms_per_token']} job {row['job']['ms_per_token']} ({row['ms_per_token_ratio']}x); "
-              f"same tokens {row['same_tokens']}", flush=True)
+        print(f"{args.model} {row['config']}: tokens/step record {row['record']['tokens_per_step']} pool "
+              f"{row['pool']['tokens_per_step']} job {row['job']['tokens_per_step']} ({row['tokens_per_step_ratio']}x); "
+              f"ms/token record {row['record']['ms_per_token']} pool {row['pool']['ms_per_token']} job "
+              f"{row['job']['ms_per_token']} ({row['ms_per_token_ratio']}x); same tokens {row['same_tokens']}",
+              flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(torch=torch.__version__, threads=args.threads, seconds=round(time.time() - began, 1),
@@ -97,13 +102,17 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(dict(environment=env, settings=settings, rows=rows), indent=1))
     lines = [f"{args.model}, {len(prompts)} records of `{settings['prompts']}`, {args.max_new_tokens} new tokens each, "
              f"{'compiled' if args.compile else 'eager'} fast path", "",
-             "| W:N:G | tokens/step record | tokens/step job | job / record | ms/token record | ms/token job | "
-             "job / record | same tokens |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['config']} | {r['record']['tokens_per_step']} | {r['job']['tokens_per_step']} | "
-              f"{r['tokens_per_step_ratio']} | {r['record']['ms_per_token']} | {r['job']['ms_per_token']} | "
-              f"{r['ms_per_token_ratio']} | {r['same_tokens']} |" for r in rows]
+             "(pool: the job's n-gram pool alone; job: the pool and the corpus of earlier texts that prompt lookup "
+             "searches, the default)", "",
+             "| W:N:G | tokens/step record | pool | job | pool / record | job / record | ms/token record | pool | job | "
+             "pool / record | job / record | same tokens |", "| --- " * 12 + "|"]
+    lines += [f"| {r['config']} | {r['record']['tokens_per_step']} | {r['pool']['tokens_per_step']} | "
+              f"{r['job']['tokens_per_step']} | {r['tokens_per_step_ratio_pool']} | {r['tokens_per_step_ratio']} | "
+              f"{r['record']['ms_per_token']} | {r['pool']['ms_per_token']} | {r['job']['ms_per_token']} | "
+              f"{r['ms_per_token_ratio_pool']} | {r['ms_per_token_ratio']} | {r['same_tokens']} |" for r in rows]
     lines += ["", "tokens/step of the job so far, record by record:"]
-    lines += [f"- {r['config']} job: {r['job']['curve']}; record: {r['record']['curve']}" for r in rows]
+    lines += [f"- {r['config']} job: {r['job']['curve']}; pool: {r['pool']['curve']}; record: {r['record']['curve']}"
+              for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(r["same_tokens"] and r["greedy"] is not False for r in rows) else 1

@@ -125,7 +125,7 @@ class BatchedDecoder(FastDecoder):
                               self.job_pool() if cfg.job_memory else
                               DevicePool(self.vocab, cfg.guess, cfg.ngram - 1, self.device), self.context,
                               self._cache_arg, self.layers, cfg.seed_pool_from_output, self._sampling, cache, lane,
-                              job_memory=cfg.job_memory)
+                              job_memory=cfg.job_memory, corpus=self.job_corpus())
                      for lane in range(b)]
             found = self._batched[capacity] = BatchedStep(self.model, lanes, cache, self._cache_arg)
         return found
@@ -259,6 +259,7 @@ class BatchedDecoder(FastDecoder):
                     if not ended and job.limit < job.max_new_tokens:
                         stats.stop_reason = "context"
                     stats.compiled = self.compile and self.compile_error is None
+                    self._remember_text(job.work.prompt, stats.token_ids)  # in lane order, alike on every rank
                     on_result(job.work.key, stats)
                     fill(b)
 

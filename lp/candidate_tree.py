@@ -34,35 +34,73 @@ class Tree:
     ancestors: torch.Tensor
 
 
-def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size: int
+CORPUS_MATCH = 2  # shortest match in a job's corpus that counts: one token recurs anywhere in a long corpus
+
+
+def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size: int,
+                  corpus: tuple[torch.Tensor, torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Continuations of `size` tokens after the `count` best earlier matches of the text's suffix.
+    """Continuations of `size` tokens after the `count` best earlier matches of the text's suffix, in the text
+    itself and in `corpus` (a job's earlier texts, -1 between them, and how many tokens follow each position
+    within its text: lp.job_corpus).
 
     history [H] holds the committed text in its first `length` (0-d) entries. A match ends at i < length - 1
-    where history[..i] ends like history[..length-1] for 1..MAX_MATCH tokens; longer matches rank first, then
-    those followed by `size` tokens, then later ones. Returns tokens [count, size], valid [count, size]
-    (continuations stop at the end of the text) and each one's match length [count] (0: no match)."""
+    where history[..i] ends like history[..length-1] for 1..MAX_MATCH tokens (CORPUS_MATCH.. in the corpus); longer
+    matches rank first, then those followed by `size` tokens, then the text's own, then later ones. Returns tokens
+    [count, size], valid [count, size] (continuations stop at the end of the text, or of a corpus text) and each
+    one's match length [count] (0: no match)."""
     h = history.numel()
+    suffix = _suffix(history, length)
+    run = _runs(history, suffix)
     i = torch.arange(h, device=history.device)
-    j = torch.arange(MAX_MATCH, device=history.device)
-    here = i[:, None] - j[None, :]
-    there = length - 1 - j
-    same = (history[here.clamp(min=0)] == history[there.clamp(min=0)][None, :]) & (here >= 0) & (there >= 0)[None, :]
-    run = same.long().cumprod(-1).sum(-1)
     full = (length - 1 - i >= size).long()  # a match too close to the end has a cut-off continuation
-    score = torch.where((i < length - 1) & (run > 0), (run * 2 + full) * h + i, -1)
+    c = 0 if corpus is None else corpus[0].numel()
+    score = torch.where((i < length - 1) & (run > 0), (run * 2 + full) * (h + c) + c + i, -1)
+    text, room = history, length - 1 - i  # tokens that follow each match
+    if c:
+        words, after = corpus
+        corpus_run = _runs(words, suffix)
+        whole = (after >= size).long()
+        score = torch.cat([score, torch.where(corpus_run >= CORPUS_MATCH,
+                                              (corpus_run * 2 + whole) * (h + c) + torch.arange(c, device=words.device),
+                                              -1)])
+        run, text, room = torch.cat([run, corpus_run]), torch.cat([history, words]), torch.cat([room, after])
     best, at = score.topk(count)
-    follow = at[:, None] + 1 + torch.arange(size, device=history.device)[None, :]
-    valid = (best >= 0)[:, None] & (follow < length)
-    return history[follow.clamp(max=h - 1)], valid, torch.where(best >= 0, run[at], 0)
+    step = torch.arange(size, device=history.device)[None, :]
+    tokens = text[(at[:, None] + 1 + step).clamp(max=h + c - 1)]
+    # a continuation stops at the end of the text it is in: the record's, or an earlier one of the corpus
+    valid = (best >= 0)[:, None] & (step < room[at][:, None])
+    return tokens, valid, torch.where(best >= 0, run[at], 0)
 
 
-def has_match(history: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+def has_match(history: torch.Tensor, length: torch.Tensor, corpus: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor:
     """Whether `prompt_lookup` finds any match (0-d bool): a match of 1+ tokens exists exactly when the text's last
-    token occurred before it."""
+    token occurred before it; one in the corpus when its last CORPUS_MATCH tokens did."""
     i = torch.arange(history.numel(), device=history.device)
     last = history.index_select(0, (length - 1).clamp(min=0).view(1))  # a gather: a 0-d index is read on the host
-    return ((history == last) & (i < length - 1)).any()
+    found = ((history == last) & (i < length - 1)).any()
+    if corpus is not None and corpus[0].numel():
+        found = found | (_runs(corpus[0], _suffix(history, length)[:CORPUS_MATCH]) >= CORPUS_MATCH).any()
+    return found
+
+
+def _suffix(history: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """The text's last MAX_MATCH tokens, last first (-2 before its start: equal to no token and to no separator)."""
+    there = length - 1 - torch.arange(MAX_MATCH, device=history.device)
+    return torch.where(there >= 0, history.index_select(0, there.clamp(min=0)), -2)
+
+
+def _runs(text: torch.Tensor, suffix: torch.Tensor) -> torch.Tensor:
+    """For each position i of `text`, how many of `suffix`'s tokens (last first) text[..i] ends with [len(text)]:
+    shifted slices compared, no gather."""
+    n = text.numel()
+    alive = torch.ones(n, dtype=torch.bool, device=text.device)
+    run = torch.zeros(n, dtype=torch.long, device=text.device)
+    for j in range(min(suffix.numel(), n)):
+        alive = alive & torch.nn.functional.pad(text[: n - j] == suffix[j], (j, 0))
+        run = run + alive
+    return run
 
 
 def build_tree(candidates: torch.Tensor, valid: torch.Tensor, budget: int, strength: torch.Tensor | None = None

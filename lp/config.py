@@ -47,6 +47,9 @@ class LookaheadConfig:
     memory: "job" (None) = a decoder keeps its n-gram pool from one generation to the next, so what earlier
         records generated becomes candidates for the later ones of a job (steps depend on the order of the
         records, tokens never do); "record" = every generation starts from its own prompt's n-grams alone.
+    memory_tokens: with a job's memory, how many tokens of the job's earlier texts (prompts and outputs) the fast
+        path's prompt lookup also searches (lp.job_corpus; 0 = the record's own text only). None = 65536 on
+        accelerators, 8192 on CPUs (the search is a pass over them every step).
     """
 
     window: int = 15
@@ -69,6 +72,7 @@ class LookaheadConfig:
     step_graphs: str | None = None
     cuda_graphs: bool | None = None
     memory: str | None = None
+    memory_tokens: int | None = None
 
     def __post_init__(self):
         check_int("window", self.window, 1, 1024)
@@ -101,6 +105,8 @@ class LookaheadConfig:
             check_bool("cuda_graphs", self.cuda_graphs)
         if self.memory not in (None, "job", "record"):
             raise ConfigError(f"memory must be 'job' or 'record', got {self.memory!r}")
+        if self.memory_tokens is not None:
+            check_int("memory_tokens", self.memory_tokens, 0, 1 << 26)
 
     @property
     def levels(self) -> int:
@@ -141,6 +147,14 @@ class LookaheadConfig:
     def job_memory(self) -> bool:
         """Whether the n-gram pool lives on from one generation of a decoder to the next (`memory`)."""
         return self.memory != "record"
+
+    def corpus_tokens_on(self, device_type: str) -> int:
+        """Tokens of a job's corpus prompt lookup searches on this device (`memory_tokens`; 0: none)."""
+        if not self.job_memory or not self.lookup_count:
+            return 0
+        if self.memory_tokens is not None:
+            return self.memory_tokens if self.memory_tokens >= 2 else 0  # room for a separator and a token
+        return 8192 if device_type == "cpu" else 65536
 
     def split_step_on(self, device_type: str) -> bool:
         """Whether the compiled fast path compiles its step as several graphs (the forward alone) or as one, on a

@@ -168,6 +168,13 @@ class Decoder:
         for key, *continuation in torch.as_tensor(grams).tolist():
             self.memory.add(key, continuation)
 
+    def memory_corpus(self) -> torch.Tensor:
+        """The job's earlier texts that prompt lookup searches (the fast path's; this engine keeps none)."""
+        return torch.zeros(0, dtype=torch.long)
+
+    def remember_corpus(self, corpus) -> None:
+        """Add the texts of a saved corpus (each after a -1) to the job's corpus (the fast path's)."""
+
     def stream(self, input_ids, max_new_tokens: int | None = None, result: GenerationResult | None = None,
                seed: int | None = None) -> Iterator[list[int]]:
         """Yield the tokens committed by each step (1..N of them); fills `result` as it goes. `seed` (default:

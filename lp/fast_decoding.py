@@ -25,6 +25,7 @@ from .distributed.parallel import DivergenceError
 from .distributed.partition import split_step
 from .fast_step import FastShape, FastStep
 from .graph_check import StaleReadCheck
+from .job_corpus import JobCorpus
 from .ngram_pool import NGramPool
 from .step_layout import tokens_fed
 
@@ -78,6 +79,7 @@ class FastDecoder(Decoder):
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.layers = model.config.get_text_config(decoder=True).num_hidden_layers
         self._pool: DevicePool | None = None  # made with the first step (a batch's lanes have pools of their own)
+        self._corpus: JobCorpus | None = None  # the job's earlier texts for prompt lookup (made with the pool)
         self._rules: DeviceRules | None = None
         self._steps: dict[int, FastStep] = {}
         self._steps_sampling = None
@@ -156,6 +158,7 @@ class FastDecoder(Decoder):
             if ended:
                 break
         stats.compiled = self.compile and self.compile_error is None
+        self._remember_text(prompt, stats.token_ids)
 
     def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool, bool]:
         """The step's one device-to-host copy: count, accepted tokens, diverged, ready (the next tree has a
@@ -181,13 +184,28 @@ class FastDecoder(Decoder):
             self._announce(capacity)
             found = self._steps[capacity] = FastStep(
                 self.model, self.shape, capacity, self._rules, self._pool, self.context, self._cache_arg,
-                self.layers, self.config.seed_pool_from_output, self._sampling, job_memory=self.config.job_memory)
+                self.layers, self.config.seed_pool_from_output, self._sampling, job_memory=self.config.job_memory,
+                corpus=self.job_corpus())
         return found
 
     def _next_generation(self) -> int:
         """A number for each generation of this decoder (every rank of a team counts alike)."""
         self._generations += 1
         return self._generations
+
+    def job_corpus(self) -> JobCorpus | None:
+        """The job's earlier texts that prompt lookup searches (LookaheadConfig.memory_tokens), made once; None
+        when there are none to keep."""
+        size = self.config.corpus_tokens_on(self.device.type)
+        if self._corpus is None and size:
+            self._corpus = JobCorpus(size, self.device)
+        return self._corpus
+
+    def _remember_text(self, prompt, token_ids) -> None:
+        """A finished generation's text joins the job's corpus (every rank of a team adds the same text)."""
+        if self.job_corpus() is not None:
+            with torch.inference_mode():
+                self._corpus.add(list(prompt) + list(token_ids))
 
     def job_pool(self) -> DevicePool:
         """The pool every step of this decoder shares: the job's memory (LookaheadConfig.memory), made once."""
@@ -199,6 +217,7 @@ class FastDecoder(Decoder):
         """Add the n-grams of a text (token ids) to the job's memory (see lp.decoding.Decoder.remember)."""
         with torch.inference_mode():
             self.job_pool().remember(token_ids)
+        self._remember_text([], token_ids)
 
     def memory_grams(self) -> torch.Tensor:
         """The job's memory as n-grams [M, N] on the host, each key's oldest first (see lp.decoding.Decoder)."""
@@ -209,6 +228,17 @@ class FastDecoder(Decoder):
         """Add n-grams [M, N], each key's oldest first (a saved memory), to the job's memory."""
         with torch.inference_mode():
             self.job_pool().insert_all(torch.as_tensor(grams).tolist())
+
+    def memory_corpus(self) -> torch.Tensor:
+        """The job's corpus on the host: its texts, each after a -1 (empty without one)."""
+        corpus = self.job_corpus()
+        return torch.zeros(0, dtype=torch.long) if corpus is None else corpus.tokens.cpu().clone()
+
+    def remember_corpus(self, corpus) -> None:
+        """Add the texts of a saved corpus (each after a -1), oldest first, to the job's corpus."""
+        if self.job_corpus() is not None:
+            with torch.inference_mode():
+                self._corpus.add_texts(corpus)
 
     def _announce(self, capacity: int) -> None:
         """Say that a step is about to compile (it takes a while, and nothing else is printed meanwhile)."""

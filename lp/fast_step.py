@@ -23,6 +23,7 @@ from .device_rules import DeviceRules
 from .ngram_pool import NGramPool
 from .distributed.partition import Slice, deal_rows, rank_shape
 from .first_index import first_max
+from .job_corpus import JobCorpus
 from .sampling import Sampling, sample
 from .slot_cache import LaneCache, SlotCache
 from .step_layout import StepShape, build_layout, tokens_fed
@@ -129,12 +130,14 @@ class FastStep:
     def __init__(self, model, shape: FastShape, capacity: int, rules: DeviceRules, pool: DevicePool,
                  context: int | None, cache_arg: str, layers: int, seed_from_output: bool,
                  sampling: Sampling | None = None, cache: SlotCache | None = None, lane: int | None = None,
-                 job_memory: bool = False):
+                 job_memory: bool = False, corpus: JobCorpus | None = None):
         """`cache` and `lane`: this step is row `lane` of a batch sharing `cache` (lp.batched_step); by default it
-        owns a cache of one sequence. `job_memory`: `pool` outlives a generation (LookaheadConfig.memory)."""
+        owns a cache of one sequence. `job_memory`: `pool` outlives a generation (LookaheadConfig.memory);
+        `corpus`: the job's earlier texts, which prompt lookup searches too (lp.job_corpus)."""
         self.model, self.shape, self.capacity, self.rules = model, shape, capacity, rules
         self.lane = lane
         self.job_memory = job_memory
+        self.corpus = corpus
         self.sampling = sampling  # None: greedy
         self.cache_arg, self.seed_from_output = cache_arg, seed_from_output
         param = next(model.parameters())
@@ -437,7 +440,7 @@ class FastStep:
         if not shape.plain or not self.budget:  # no plain steps: always ready; no tree: never a candidate
             return ready
         if shape.lookup:
-            ready = ready | has_match(self.history, self.history_len)
+            ready = ready | has_match(self.history, self.history_len, self.corpus and self.corpus.searched)
         if shape.guess:  # entries this generation stored, or a job's memory that has paid under this key
             ready = ready | self.pool.worth_a_step(self.pending[-1:], self.generation)
         return ready
@@ -447,7 +450,8 @@ class FastStep:
         shape, depth = self.shape, self.shape.depth
         parts, valid, strength = [], [], []
         if shape.lookup:
-            tokens, ok, match = prompt_lookup(self.history, self.history_len, shape.lookup, shape.lookup_len)
+            tokens, ok, match = prompt_lookup(self.history, self.history_len, shape.lookup, shape.lookup_len,
+                                              self.corpus and self.corpus.searched)
             parts.append(tokens)
             valid.append(ok)
             strength.append(self.lookup_strength[match])

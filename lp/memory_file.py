@@ -1,6 +1,7 @@
-"""A job's memory on disk (`--memory-file`): the n-grams of a decoder's pool, each key's oldest first, in a
-safetensors file (no pickle) stamped with the tokenizer whose ids they are, so a job can start where an earlier job
-of its kind ended. Either engine reads what either wrote; memory changes steps, never tokens."""
+"""A job's memory on disk (`--memory-file`): the n-grams of a decoder's pool, each key's oldest first, and the fast
+path's corpus of earlier texts, in a safetensors file (no pickle) stamped with the tokenizer whose ids they are, so a
+job can start where an earlier job of its kind ended. Either engine reads what either wrote (the reference engine
+keeps no corpus); memory changes steps, never tokens."""
 from __future__ import annotations
 
 import hashlib
@@ -24,15 +25,20 @@ def tokenizer_fingerprint(tokenizer, vocab: int) -> str:
     return digest.hexdigest()[:32]
 
 
-def save(path: str | Path, grams: torch.Tensor, fingerprint: str, vocab: int) -> None:
-    """Write n-grams [M, N] to `path` atomically (a temporary file renamed over it: a crash leaves the old one)."""
+def save(path: str | Path, grams: torch.Tensor, fingerprint: str, vocab: int, corpus: torch.Tensor | None = None
+         ) -> None:
+    """Write n-grams [M, N] and a corpus (texts, each after a -1) to `path` atomically (a temporary file renamed
+    over it: a crash leaves the old one)."""
     from safetensors.torch import save_file
 
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     grams = grams.detach().to("cpu", torch.int64).contiguous()
+    tensors = {"grams": grams}
+    if corpus is not None:
+        tensors["corpus"] = corpus.detach().to("cpu", torch.int64).contiguous()
     try:
-        save_file({"grams": grams}, str(temporary), metadata={"format": FORMAT, "tokenizer": fingerprint,
+        save_file(tensors, str(temporary), metadata={"format": FORMAT, "tokenizer": fingerprint,
                                                                "vocab": str(vocab), "ngram": str(grams.shape[1])})
         os.replace(temporary, path)
     except OSError as exc:
@@ -40,8 +46,9 @@ def save(path: str | Path, grams: torch.Tensor, fingerprint: str, vocab: int) ->
         raise MemoryFileError(f"cannot save --memory-file {str(path)!r}: {exc.strerror or exc}") from None
 
 
-def load(path: str | Path, fingerprint: str, vocab: int, ngram: int) -> torch.Tensor:
-    """The n-grams [M, ngram] saved in `path` (longer ones cut to `ngram` tokens), or MemoryFileError."""
+def load(path: str | Path, fingerprint: str, vocab: int, ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n-grams [M, ngram] saved in `path` (longer ones cut to `ngram` tokens) and its corpus (empty if none),
+    or MemoryFileError."""
     from safetensors import safe_open
 
     where = f"--memory-file {str(path)!r}"
@@ -49,20 +56,22 @@ def load(path: str | Path, fingerprint: str, vocab: int, ngram: int) -> torch.Te
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             grams = f.get_tensor("grams") if "grams" in f.keys() else None
+            corpus = f.get_tensor("corpus") if "corpus" in f.keys() else torch.zeros(0, dtype=torch.int64)
     except Exception as exc:  # noqa: BLE001 - whatever the bytes are, the answer is one line
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise MemoryFileError(f"{where} is not a memory file lp wrote ({reason}); delete it or give another path") \
             from None
-    if meta.get("format") != FORMAT or grams is None or grams.dim() != 2 or grams.dtype != torch.int64:
+    if meta.get("format") != FORMAT or grams is None or grams.dim() != 2 or grams.dtype != torch.int64 or \
+            corpus.dim() != 1 or corpus.dtype != torch.int64:
         raise MemoryFileError(f"{where} is not a memory file lp wrote (format {meta.get('format')!r}); delete it or "
                               "give another path")
     if meta.get("tokenizer") != fingerprint:
         raise MemoryFileError(f"{where} was saved by a job with another tokenizer (vocab {meta.get('vocab')}; this "
                               f"model's is {vocab}): its token ids mean other words; give another path")
-    if grams.numel() and (int(grams.min()) < 0 or int(grams.max()) >= vocab):
+    if any(t.numel() and (int(t.min()) < lowest or int(t.max()) >= vocab) for t, lowest in ((grams, 0), (corpus, -1))):
         raise MemoryFileError(f"{where} holds token ids outside this model's vocabulary of {vocab}; it is damaged: "
                               "delete it or give another path")
     if grams.shape[1] < ngram:
         raise MemoryFileError(f"{where} holds {grams.shape[1]}-grams, shorter than this job's ngram {ngram}; give "
                               f"--ngram {grams.shape[1]} or another path")
-    return grams[:, :ngram]
+    return grams[:, :ngram], corpus

@@ -136,3 +136,14 @@ def test_the_memory_of_a_job_is_on_unless_records_are_asked_to_start_afresh():
     assert not config_for("--set", "lookahead.memory=record").lookahead.job_memory
     with pytest.raises(ConfigError, match="memory must be 'job' or 'record', got 'all'"):
         LookaheadConfig(memory="all")
+
+
+def test_the_jobs_corpus_is_sized_per_device_unless_given_and_absent_without_job_memory_or_lookup():
+    assert LookaheadConfig().corpus_tokens_on("cpu") == 8192 and LookaheadConfig().corpus_tokens_on("cuda") == 65536
+    assert config_for("--set", "lookahead.memory_tokens=100").lookahead.corpus_tokens_on("cuda") == 100
+    assert config_for("--memory-tokens", "0").lookahead.corpus_tokens_on("cuda") == 0
+    assert LookaheadConfig(memory_tokens=0).corpus_tokens_on("cpu") == 0
+    assert LookaheadConfig(memory="record").corpus_tokens_on("cpu") == 0  # a record's own text only
+    assert LookaheadConfig(lookup=0).corpus_tokens_on("cpu") == 0  # nothing searches it
+    with pytest.raises(ConfigError, match=r"memory_tokens must be an integer in \[0, 67108864\], got -1"):
+        LookaheadConfig(memory_tokens=-1)

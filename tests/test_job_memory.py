@@ -3,6 +3,8 @@ default), so the later records of a job take fewer steps. Whatever it holds (ano
 full rings), no token changes, on either engine, in batches of lanes sharing it and on every rank of a team."""
 import random
 
+import torch
+
 import pytest
 
 import lp
@@ -111,3 +113,56 @@ def test_a_jobs_memory_earns_full_steps_under_a_key_until_it_keeps_failing_there
     assert pool.worth_a_step(key, now)  # ...and trusted again once one paid (a step its own record ran)
     pool.insert_all([[1, 4, 5]], generation=2)
     assert pool.worth_a_step(key, now)  # what this record stored is always worth a step
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_prompt_lookup_finds_a_record_an_earlier_one_of_the_job_wrote_in_the_jobs_corpus(compiled):
+    model = tiny_model("llama", seed=5)
+    prompt = [random.Random(7).randrange(VOCAB) for _ in range(24)]  # its own text repeats little
+    want = hf_greedy(model, prompt, 80)
+    steps = {}
+    for tokens in (0, 4096):  # G = 0: no pool, so prompt lookup alone proposes candidates
+        config = lp.LookaheadConfig(5, 4, 0, lookup=2, budget=20, memory_tokens=tokens)
+        decoder = FastDecoder(model, config, compile=compiled)
+        runs = [decoder.generate(prompt, 80) for _ in range(2)]
+        assert decoder.compile_error is None
+        assert all(r.token_ids == want for r in runs)
+        steps[tokens] = [r.steps for r in runs]
+    assert steps[0][1] == steps[0][0]  # the record's own text only: the same steps again
+    assert steps[4096][0] == steps[0][0] and steps[4096][1] < 0.6 * steps[4096][0]  # the earlier record, looked up
+
+
+def test_the_jobs_corpus_keeps_its_newest_texts_each_after_a_separator():
+    from lp.job_corpus import JobCorpus
+    corpus = JobCorpus(8, torch.device("cpu"))
+    corpus.add([1, 2, 3])
+    assert corpus.tokens.tolist() == [-1, -1, -1, -1, -1, 1, 2, 3]
+    corpus.add([4, 5, 6])
+    assert corpus.tokens.tolist() == [-1, 1, 2, 3, -1, 4, 5, 6]
+    assert corpus.room.tolist() == [3, 2, 1, 0, 3, 2, 1, 0]  # tokens after each position within its text
+    corpus.add(list(range(10, 30)))  # longer than the corpus: its last 7 tokens after the separator
+    assert corpus.tokens.tolist() == [-1, 23, 24, 25, 26, 27, 28, 29]
+    assert corpus.room.tolist() == [7, 6, 5, 4, 3, 2, 1, 0]
+
+
+def test_a_corpus_match_continues_only_within_its_own_text_and_ranks_below_the_records_own():
+    from lp.candidate_tree import prompt_lookup
+    from lp.job_corpus import JobCorpus
+
+    def corpus_of(*texts):
+        corpus = JobCorpus(sum(len(t) + 1 for t in texts), torch.device("cpu"))
+        for text in texts:
+            corpus.add(text)
+        return corpus.searched
+
+    history = torch.tensor([7, 8, 9, 5, 6, -1, -1, -1])  # the record: ... 5 6, its own earlier 5 6 is absent
+    corpus = corpus_of([5, 6, 40, 41], [3, 5, 6, 50])  # "5 6" twice: the later one is cut by the corpus' end
+    tokens, valid, match = prompt_lookup(history, torch.tensor(5), 2, 2, corpus)
+    assert match.tolist() == [2, 2]
+    rows = [[t for t, ok in zip(r, v) if ok] for r, v in zip(tokens.tolist(), valid.tolist())]
+    assert rows == [[40, 41], [50]]  # a whole continuation first; none runs past the corpus' end
+    history = torch.tensor([5, 6, 11, 12, 13, 5, 6, -1])  # now the record itself had "5 6": it ranks first
+    tokens, valid, match = prompt_lookup(history, torch.tensor(7), 1, 2, corpus)
+    assert tokens[0][valid[0]].tolist() == [11, 12]
+    tokens, valid, match = prompt_lookup(history, torch.tensor(7), 1, 3, corpus_of([5, 6, 40, 41], [0]))
+    assert tokens[0][valid[0]].tolist() == [11, 12, 13]  # (and none runs past a separator: [40, 41] stops there)

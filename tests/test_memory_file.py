@@ -45,12 +45,17 @@ def test_a_job_started_from_a_saved_memory_takes_fewer_steps_and_the_same_tokens
     first = decoder_of(saver, model)
     cold = first.generate(prompt, 80)
     path = tmp_path / "memory.safetensors"
-    memory_file.save(path, first.memory_grams(), STAMP, VOCAB)
+    memory_file.save(path, first.memory_grams(), STAMP, VOCAB, first.memory_corpus())
 
     warm = decoder_of(loader, model)
-    warm.remember_grams(memory_file.load(path, STAMP, VOCAB, 4))
+    grams, corpus = memory_file.load(path, STAMP, VOCAB, 4)
+    warm.remember_grams(grams)
+    warm.remember_corpus(corpus)
     if saver == loader:  # the pool comes back as it was saved, each key's entries in their order
         assert by_key(warm.memory_grams()) == by_key(first.memory_grams())
+    if saver == loader == "fast":  # and the fast path's corpus of earlier texts, the record's text in it
+        assert torch.equal(warm.memory_corpus(), first.memory_corpus())
+        assert first.memory_corpus()[-len(prompt) - 80:].tolist() == prompt + want
     again = warm.generate(prompt, 80)
     assert cold.token_ids == again.token_ids == want
     assert again.steps < cold.steps
@@ -68,7 +73,7 @@ def test_a_fast_paths_memory_lists_each_keys_entries_oldest_first_after_its_ring
 def test_longer_ngrams_are_cut_to_the_jobs_and_shorter_ones_refused(tmp_path):
     path = tmp_path / "memory.safetensors"
     memory_file.save(path, torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]), STAMP, VOCAB)
-    assert memory_file.load(path, STAMP, VOCAB, 3).tolist() == [[1, 2, 3], [6, 7, 8]]
+    assert memory_file.load(path, STAMP, VOCAB, 3)[0].tolist() == [[1, 2, 3], [6, 7, 8]]
     with pytest.raises(memory_file.MemoryFileError, match="holds 5-grams, shorter than this job's ngram 6; give "
                                                           "--ngram 5 or another path"):
         memory_file.load(path, STAMP, VOCAB, 6)
@@ -82,6 +87,9 @@ def test_a_memory_from_another_tokenizer_or_damaged_is_refused_in_one_line(tmp_p
     memory_file.save(path, torch.tensor([[1, 2, VOCAB]]), STAMP, VOCAB)
     with pytest.raises(memory_file.MemoryFileError, match="token ids outside this model's vocabulary"):
         memory_file.load(path, STAMP, VOCAB, 3)
+    memory_file.save(path, torch.tensor([[1, 2, 3]]), STAMP, VOCAB, torch.tensor([-1, 4, -2]))
+    with pytest.raises(memory_file.MemoryFileError, match="token ids outside this model's vocabulary"):
+        memory_file.load(path, STAMP, VOCAB, 3)
     for junk in (b"", b"not a safetensors file at all", json.dumps({"grams": [1, 2]}).encode(), bytes(range(256))):
         path.write_bytes(junk)
         with pytest.raises(memory_file.MemoryFileError, match="is not a memory file lp wrote") as caught:
@@ -93,7 +101,7 @@ def test_saving_replaces_the_file_whole(tmp_path):
     path = tmp_path / "memory.safetensors"
     memory_file.save(path, torch.tensor([[1, 2, 3]]), STAMP, VOCAB)
     memory_file.save(path, torch.tensor([[4, 5, 6], [7, 8, 9]]), STAMP, VOCAB)
-    assert memory_file.load(path, STAMP, VOCAB, 3).tolist() == [[4, 5, 6], [7, 8, 9]]
+    assert memory_file.load(path, STAMP, VOCAB, 3)[0].tolist() == [[4, 5, 6], [7, 8, 9]]
     assert [p.name for p in tmp_path.iterdir()] == ["memory.safetensors"]  # no temporary left behind
 
 

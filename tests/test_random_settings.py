@@ -28,6 +28,8 @@ def random_case(rng: random.Random, ranks: int = 1) -> dict:
                         chain=rng.choice([None, 0, 2]), budget=rng.choice([None, 0, 1, 5, 30]))
         if ranks == 1:
             settings.update(plain_steps=rng.choice([None, True, False]))
+        if rng.random() < 0.5:  # the job's corpus for prompt lookup: none, tiny (cut texts), the default, large
+            settings.update(memory_tokens=rng.choice([0, 2, 16, None, 4096]))
     if rng.random() < 0.3:
         settings.update(sample=True, seed=rng.randrange(50), temperature=rng.choice([0.5, 1.0, 1.5]),
                         top_k=rng.choice([None, 5]))

@@ -1,0 +1,46 @@
+"""A job's corpus: the texts (prompts and outputs) of the records a decoder has decoded, oldest first, in one
+fixed-size device tensor that the fast path's prompt lookup searches beside the record's own text
+(LookaheadConfig.memory_tokens): a job of one kind repeats its keys, phrases and code verbatim."""
+from __future__ import annotations
+
+import torch
+
+
+class JobCorpus:
+    """The last `size` tokens of the job's texts, each after a -1 (which no match crosses; -1 where none yet), and
+    for each position how many tokens follow it within its text (`room`: a step reads it instead of scanning)."""
+
+    def __init__(self, size: int, device: torch.device):
+        self.tokens = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.room = torch.zeros(size, dtype=torch.long, device=device)
+        for t in (self.tokens, self.room):
+            torch._dynamo.mark_static_address(t)
+
+    @property
+    def searched(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """What prompt lookup searches (lp.candidate_tree.prompt_lookup's `corpus`)."""
+        return self.tokens, self.room
+
+    def add_texts(self, corpus) -> None:
+        """Append every text of another corpus (texts each after a -1, as `tokens` holds them), in order."""
+        corpus = torch.as_tensor(corpus, dtype=torch.long).flatten().tolist()
+        text: list[int] = []
+        for token in corpus + [-1]:
+            if token < 0:
+                self.add(text)
+                text = []
+            else:
+                text.append(token)
+
+    def add(self, text) -> None:
+        """Append a text (token ids); the oldest tokens make room. Eager, once a record."""
+        size = self.tokens.numel()
+        text = torch.as_tensor(text, dtype=torch.long).flatten()[-(size - 1):].to(self.tokens.device)
+        if text.numel() == 0:
+            return
+        joined = torch.cat([self.tokens, self.tokens.new_full((1,), -1), text])
+        self.tokens.copy_(joined[-size:])
+        at = torch.arange(size, device=self.tokens.device)
+        stop = torch.where(self.tokens < 0, at, size)  # a separator, or the corpus' end
+        stop = torch.cat([stop[1:], stop.new_full((1,), size)]).flip(0).cummin(0).values.flip(0)  # the next one after
+        self.room.copy_(stop - at - 1)
