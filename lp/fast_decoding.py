@@ -219,6 +219,16 @@ class FastDecoder(Decoder):
             self.job_pool().remember(token_ids)
         self._remember_text([], token_ids)
 
+    def settings(self) -> dict:
+        """What this decoder runs, resolved for its device and team: the tree (its whole budget), plain steps,
+        whether the step is compiled (false once it fell back to eager), the job's corpus."""
+        shape = self.shape
+        return {**super().settings(), "engine": "fast", "lookup": shape.lookup, "lookup_len": shape.lookup_len,
+                "chain": shape.chain, "budget": self.config.tree_budget(self.device.type),
+                "plain_steps": shape.plain and not self.lanes_share_a_forward,
+                "compiled": bool(self.compile and self.compile_error is None),
+                "memory_tokens": self.config.corpus_tokens_on(self.device.type)}
+
     def memory_grams(self) -> torch.Tensor:
         """The job's memory as n-grams [M, N] on the host, each key's oldest first (see lp.decoding.Decoder)."""
         with torch.inference_mode():

@@ -108,6 +108,22 @@ def test_json_gives_one_record_per_prompt_and_compare_greedy_matches(tiny_dir, c
     assert summary["records"] == 2 and summary["new_tokens"] == 24 and summary["greedy_match"] is True
 
 
+@pytest.mark.parametrize("flags,ran", [
+    ((), {"engine": "reference", "window": 4, "ngram": 3, "guess": 4, "compiled": False, "memory": "job",
+          "ranks": 1}),
+    pytest.param(("--compile", "--lookup", "1", "--budget", "5", "--memory-tokens", "64", "--no-plain-steps"),
+                 {"engine": "fast", "window": 4, "ngram": 3, "guess": 4, "compiled": True, "memory": "job", "ranks": 1,
+                  "lookup": 1, "lookup_len": 10, "chain": 2, "budget": 5, "plain_steps": False, "memory_tokens": 64},
+                 marks=pytest.mark.slow),
+])
+def test_every_record_and_the_summary_say_what_ran(tiny_dir, capsys, flags, ran):
+    assert main(base_args(tiny_dir, "--prompt", "abcabc", "--json", *flags)) == 0
+    captured = capsys.readouterr()
+    [record] = json_lines(captured.out)
+    assert record["lookahead"] == ran
+    assert json.loads(captured.err.strip().splitlines()[-1])["summary"]["lookahead"] == ran
+
+
 def test_compare_greedy_is_reported_in_the_summary_line(tiny_dir, capsys):
     assert main(base_args(tiny_dir, "--prompt", "hello", "--compare-greedy")) == 0
     assert "greedy match: yes, speedup " in capsys.readouterr().out.splitlines()[-1]

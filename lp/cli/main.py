@@ -383,7 +383,8 @@ def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Deco
         if writer:
             writer.close()
     if rank0:
-        _report(totals.summary(launch.world_size, time.perf_counter() - start), args, cfg)
+        _report(dict(totals.summary(launch.world_size, time.perf_counter() - start), lookahead=decoder.settings()),
+                args, cfg)
     return _exit_code(args, totals, launch)
 
 
@@ -447,7 +448,7 @@ def _decode(item: dict, decoder: Decoder, tokenizer, printer, world_size: int) -
         if world_size > 1 or isinstance(exc, PEER_FAILURES):
             raise  # the ranks may now disagree: stop the job rather than guess
         return record.error_result(f"{type(exc).__name__}: {_one_line(exc)}")
-    return _result(item, res, tokenizer)
+    return _result(item, res, tokenizer, decoder)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -457,14 +458,14 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
-def _result(item: dict, res: GenerationResult, tokenizer) -> dict:
+def _result(item: dict, res: GenerationResult, tokenizer, decoder: Decoder) -> dict:
     s = res.summary()
     return {"id": item["id"], "text": completion_text(tokenizer, item["ids"], res.token_ids),
             "token_ids": res.token_ids, "new_tokens": s["new_tokens"], "steps": s["steps"],
             "tokens_per_step": s["tokens_per_step"], "latency_s": s["latency_s"],
             "tokens_per_second": s["tokens_per_second"], "prompt_tokens": res.prompt_tokens,
             "stop_reason": s["stop_reason"], "ranks": s["ranks"], "compiled": s["compiled"],
-            "compile_time_s": s["compile_time_s"]}
+            "compile_time_s": s["compile_time_s"], "lookahead": decoder.settings()}
 
 
 def completion_text(tokenizer, prompt: list[int], new: list[int]) -> str:
@@ -657,7 +658,7 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
 
             longest = max((len(i["ids"]) + decoder.limit(i["ids"], i["max_new_tokens"]) for i in items
                            if i["error"] is None), default=1)
-            decoder.decode(source, lambda index, res: handle(items[index], _result(items[index], res, tokenizer)),
+            decoder.decode(source, lambda index, res: handle(items[index], _result(items[index], res, tokenizer, decoder)),
                            longest)
         else:
             while (index := next_item()) is not None:
@@ -698,7 +699,7 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
     if rank0:
         summary = totals.summary(launch.world_size, time.perf_counter() - start)
         wall = summary["wall_s"]
-        summary.update(replicas=layout.replicas, batch_size=cfg.batch_size,
+        summary.update(replicas=layout.replicas, batch_size=cfg.batch_size, lookahead=decoder.settings(),
                        throughput_tokens_per_second=round(summary["new_tokens"] / wall, 3) if wall > 0 else 0.0,
                        prompts_per_second=round(summary["ok"] / wall, 3) if wall > 0 else 0.0)
         _report(summary, args, cfg)
