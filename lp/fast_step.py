@@ -245,7 +245,13 @@ class FastStep:
         self.history_len.fill_(len(prompt))
         self.prompt_len.fill_(len(prompt))
         self.seed.fill_(seed)
-        self.fingerprint.zero_()
+        self.fingerprint.copy_(self._memory_hash())
+
+    def _memory_hash(self) -> torch.Tensor:
+        """A number every rank of a team computes alike from the job's memory (the pool's counts and ring heads, the
+        corpus): it starts a generation's fingerprint, so the first exchange catches memories that drifted apart."""
+        parts = [self.pool.count, self.pool.next] + ([self.corpus.tokens] if self.corpus is not None else [])
+        return sum((t * torch.arange(1, t.numel() + 1, device=self.device)).sum() for t in parts)
 
     # -- the step -----------------------------------------------------------------------------------------
     # `prepare`, `forward`, `finish` and `commit` (`plain_prepare`, `forward`, `plain_finish` for a plain step) are

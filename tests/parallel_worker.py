@@ -79,6 +79,8 @@ def main(spec_path: str, out_path: str) -> None:
                 decoder = FastDecoder(model, config, team, compile=case["fast"] == "compiled")
             else:
                 decoder = lp.Decoder(model, config, team)
+            if str(rank) in case.get("corpus_per_rank", {}):  # one rank's memory differs: a drifted team
+                decoder.remember_corpus(case["corpus_per_rank"][str(rank)])
             if case.get("prompts"):  # one decoder, the prompts in turn (a job: its memory carries over)
                 done = [decoder.generate(p, case["max_new"]) for p in case["prompts"]]
                 results.append({"sequence_tokens": [r.token_ids for r in done], "steps": [r.steps for r in done]})

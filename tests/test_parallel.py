@@ -128,6 +128,16 @@ def test_ranks_that_drift_apart_raise_instead_of_decoding_wrong(tmp_path):
     assert all("DivergenceError" in o[0]["failure"] for o in outs)
 
 
+def test_ranks_whose_job_memories_drifted_apart_raise_at_the_first_step(tmp_path):
+    """The fingerprint starts from the job's memory: a rank whose corpus holds one more text is caught at once."""
+    prompt = repetitive_prompt(9, 20)
+    cases = [dict(model="llama", seed=2, prompt=prompt, wng=(5, 4, 5), max_new=40, kv_sync="recompute",
+                  fast="eager", corpus_per_rank={"1": [-1, 7, 8, 9, 10]})]
+    outs, codes = run_team(2, {"cases": cases}, tmp_path)
+    assert codes == [0, 0]
+    assert all("DivergenceError" in o[0]["failure"] for o in outs)
+
+
 def test_a_hung_rank_is_named_within_the_fault_timeout_plus_a_few_seconds(tmp_path):
     """Its heartbeat went stale long before the collective timed out, and nobody else needs rank 0's store: rank 0
     names it at once and leaves (it used to take another 2.5 beats to see it, then linger 3 beats more)."""
