@@ -159,10 +159,10 @@ class Decoder:
         self.memory.add_sequence([int(t) for t in token_ids])
 
     def settings(self) -> dict:
-        """What this decoder runs, resolved for its device and team (every output record says it)."""
+        """What this decoder runs, resolved for its device (every output record says it, beside its `ranks`)."""
         cfg = self.config
         return {"engine": "reference", "window": cfg.window, "ngram": cfg.ngram, "guess": cfg.guess,
-                "compiled": False, "memory": "job" if cfg.job_memory else "record", "ranks": self.team.size}
+                "compiled": False, "memory": "job" if cfg.job_memory else "record"}
 
     def memory_grams(self) -> torch.Tensor:
         """The job's memory as n-grams [M, N], each key's oldest first (what lp.memory_file saves)."""

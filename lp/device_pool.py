@@ -63,22 +63,22 @@ class DevicePool:
         self.next[ck] = cv % max(self.guess, 1)
         self.stamp[ck] = generation
 
-    def insert_all(self, grams: list, generation: int = -1, chunk: int = 256) -> None:
-        """Insert n-grams (sequences of N tokens), oldest first, in chunks (insert compares a chunk with itself), as
-        generation `generation`'s (-1: none's, a text remembered from outside)."""
-        if self.guess == 0 or not grams:
-            return
+    def insert_all(self, grams, generation: int = -1, chunk: int = 256) -> None:
+        """Insert n-grams [M, N] (a tensor or a list of rows), oldest first, in chunks (insert compares a chunk with
+        itself), as generation `generation`'s (-1: none's, a text remembered from outside)."""
         device = self.tokens.device
+        grams = torch.as_tensor(grams, dtype=torch.long).to(device)
+        if self.guess == 0 or grams.numel() == 0:
+            return
         stamp = torch.tensor(generation, device=device)
-        for start in range(0, len(grams), chunk):
-            part = torch.tensor(grams[start : start + chunk], dtype=torch.long, device=device)
+        for part in grams.split(chunk):
             self.insert(part, torch.ones(part.shape[0], dtype=torch.bool, device=device), stamp)
 
     def remember(self, tokens) -> None:
         """Insert every n-gram of a text (token ids), in its order."""
-        n = self.length + 1
-        tokens = [int(t) for t in tokens]
-        self.insert_all([tokens[i : i + n] for i in range(len(tokens) - n + 1)])
+        tokens = torch.as_tensor([int(t) for t in tokens], dtype=torch.long)
+        if tokens.numel() > self.length:
+            self.insert_all(tokens.unfold(0, self.length + 1, 1))
 
     def grams(self) -> torch.Tensor:
         """Every stored n-gram [M, N], each key's oldest first (insert_all of them rebuilds the pool)."""

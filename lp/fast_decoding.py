@@ -237,7 +237,7 @@ class FastDecoder(Decoder):
     def remember_grams(self, grams) -> None:
         """Add n-grams [M, N], each key's oldest first (a saved memory), to the job's memory."""
         with torch.inference_mode():
-            self.job_pool().insert_all(torch.as_tensor(grams).tolist())
+            self.job_pool().insert_all(grams)
 
     def memory_corpus(self) -> torch.Tensor:
         """The job's corpus on the host: its texts, each after a -1 (empty without one)."""

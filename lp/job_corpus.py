@@ -21,25 +21,18 @@ class JobCorpus:
         """What prompt lookup searches (lp.candidate_tree.prompt_lookup's `corpus`)."""
         return self.tokens, self.room
 
-    def add_texts(self, corpus) -> None:
-        """Append every text of another corpus (texts each after a -1, as `tokens` holds them), in order."""
-        corpus = torch.as_tensor(corpus, dtype=torch.long).flatten().tolist()
-        text: list[int] = []
-        for token in corpus + [-1]:
-            if token < 0:
-                self.add(text)
-                text = []
-            else:
-                text.append(token)
-
     def add(self, text) -> None:
-        """Append a text (token ids); the oldest tokens make room. Eager, once a record."""
-        size = self.tokens.numel()
-        text = torch.as_tensor(text, dtype=torch.long).flatten()[-(size - 1):].to(self.tokens.device)
-        if text.numel() == 0:
+        """Append a text (token ids) after a -1; the oldest tokens make room. Eager, once a record."""
+        self.add_texts(torch.as_tensor(text, dtype=torch.long).flatten())
+
+    def add_texts(self, corpus) -> None:
+        """Append another corpus as it is (texts each after a -1, as `tokens` holds them; its first text may be cut)
+        after a -1, in one pass."""
+        corpus = torch.as_tensor(corpus, dtype=torch.long).flatten().to(self.tokens.device)
+        if not (corpus >= 0).any():
             return
-        joined = torch.cat([self.tokens, self.tokens.new_full((1,), -1), text])
-        self.tokens.copy_(joined[-size:])
+        size = self.tokens.numel()
+        self.tokens.copy_(torch.cat([self.tokens, self.tokens.new_full((1,), -1), corpus])[-size:])
         at = torch.arange(size, device=self.tokens.device)
         stop = torch.where(self.tokens < 0, at, size)  # a separator, or the corpus' end
         stop = torch.cat([stop[1:], stop.new_full((1,), size)]).flip(0).cummin(0).values.flip(0)  # the next one after

@@ -140,9 +140,12 @@ def test_the_jobs_corpus_keeps_its_newest_texts_each_after_a_separator():
     corpus.add([4, 5, 6])
     assert corpus.tokens.tolist() == [-1, 1, 2, 3, -1, 4, 5, 6]
     assert corpus.room.tolist() == [3, 2, 1, 0, 3, 2, 1, 0]  # tokens after each position within its text
-    corpus.add(list(range(10, 30)))  # longer than the corpus: its last 7 tokens after the separator
-    assert corpus.tokens.tolist() == [-1, 23, 24, 25, 26, 27, 28, 29]
+    corpus.add(list(range(10, 30)))  # longer than the corpus: its last 8 tokens
+    assert corpus.tokens.tolist() == list(range(22, 30))
     assert corpus.room.tolist() == [7, 6, 5, 4, 3, 2, 1, 0]
+    corpus.add_texts([-1, -1, 5, 6, -1, 7])  # a saved corpus, as it is: two texts
+    assert corpus.tokens.tolist() == [29, -1, -1, -1, 5, 6, -1, 7]
+    assert corpus.room.tolist() == [0, 0, 0, 2, 1, 0, 1, 0]
 
 
 def test_a_corpus_match_continues_only_within_its_own_text_and_ranks_below_the_records_own():

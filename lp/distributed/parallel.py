@@ -21,6 +21,7 @@ from .partition import Slice
 from .team import Agreement, CommStats
 
 KV_SYNC = ("recompute", "gather")
+STORE_UNREACHABLE = "rank 0 (which hosts the rendezvous store) is unreachable: it died or hung"
 
 
 class RankFailure(RuntimeError):
@@ -317,10 +318,9 @@ class _Heartbeat:
     def _culprits(self, among: list[int] | None = None) -> list[str]:
         """Peers that reported a failure, never started or stopped beating; each store call bounded, so a store host
         that is itself stopped cannot hang the diagnosis."""
-        unreachable = ["rank 0 (which hosts the rendezvous store) is unreachable: it died or hung"]
         if self._thread is not None and time.monotonic() - self._contact > 2.5 * self.period + 1:
-            return unreachable  # this rank's own stamps stopped reaching the store
-        return _bounded(lambda: self._find_culprits(among), 10, unreachable)
+            return [STORE_UNREACHABLE]  # this rank's own stamps stopped reaching the store
+        return _bounded(lambda: self._find_culprits(among), 10, [STORE_UNREACHABLE])
 
     def _find_culprits(self, among: list[int] | None) -> list[str]:
         found = []
@@ -339,7 +339,7 @@ class _Heartbeat:
                     continue
                 self._gone.add(r)
         except Exception:
-            found.append("rank 0 (which hosts the rendezvous store) is unreachable: it died or hung")
+            found.append(STORE_UNREACHABLE)
         return found
 
 
