@@ -9,7 +9,7 @@
 #   here:        OUT=/tmp/gpu_check benchmarks/gpu_check.sh --smoke   (the same stages, tiny, on the CPU)
 #
 # $OUT gets stages.txt (what ran, how long, how it ended, and each stage's last lines), cuda_fuzz.json,
-# gpu_fast_path.json and results.tgz (every stage's full output and JSON). At most 8 files come back from a lease.
+# gpu_fast_path.json, gpu_auto_tune.json and results.tgz (every stage's full output and JSON). At most 8 files come back from a lease.
 set -u
 cd "$(dirname "$0")/.."
 SMOKE=""
@@ -25,7 +25,7 @@ START=$(date +%s)
 left() { echo $((TOTAL - ($(date +%s) - START))); }
 pack() {
   cp "$WORK/stages.txt" "$OUT/stages.txt"
-  for f in cuda_fuzz.json gpu_fast_path.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$f"; done
+  for f in cuda_fuzz.json gpu_fast_path.json gpu_auto_tune.json; do [ -f "$WORK/$f" ] && cp "$WORK/$f" "$OUT/$f"; done
   tar czf "$OUT/results.tgz" -C "$WORK" --exclude inductor-cache . 2>/dev/null
 }
 stage() {  # stage NAME SECONDS COMMAND...: run COMMAND into $WORK/NAME.txt under min(SECONDS, what is left)
@@ -96,7 +96,10 @@ fi
 stage fast_path 170 python benchmarks/gpu_fast_path.py --configs 15:5:15,7:5:7,1:2:0 --step-graphs split,whole \
   --out "$WORK/gpu_fast_path.json" $SMOKE
 
-# 4. If time is left: compiled step latency against tokens fed (the scaling study's input).
+# 4. If time is left: the self-tuner's cost curve of the 7B shape, its predicted step latencies against measured ones.
+stage auto_tune 80 python benchmarks/gpu_auto_tune.py --out "$WORK/gpu_auto_tune.json" $SMOKE
+
+# 5. If time is left: compiled step latency against tokens fed (the scaling study's input).
 tiny="--device cpu --hidden 64 --layers 2 --heads 4 --kv-heads 4 --ffn 128 --vocab 97 --max-tokens 8 --iters 2"
 stage scaling 120 python benchmarks/gpu_forward_scaling.py --cuda-graphs --max-tokens 1024 --out "$WORK/scaling" \
   $([ -n "$SMOKE" ] && echo "$tiny")

@@ -5,10 +5,11 @@ import os
 # is still importing notices it too (lp.distributed.bootstrap.watch_launcher).
 STARTED_BY = os.getppid()
 
+from .auto_tune import AutoDecoder
 from .config import ConfigError, LookaheadConfig
 from .decoding import Decoder, GenerationResult, PromptError, generate, stream
 from .greedy_rules import UnsupportedGenerationSetting
 
-__all__ = ["ConfigError", "Decoder", "GenerationResult", "LookaheadConfig", "PromptError",
+__all__ = ["AutoDecoder", "ConfigError", "Decoder", "GenerationResult", "LookaheadConfig", "PromptError",
            "UnsupportedGenerationSetting", "generate", "stream"]
 __version__ = "0.1.0"

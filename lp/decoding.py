@@ -144,6 +144,7 @@ class Decoder:
                               "engine verifies pool candidates only, in steps of every shape: turn compile on "
                               "(--compile) or drop them")
         self.team = team or SoloTeam()
+        self.chosen_by = "user" if config is not None else "default"  # who picked the settings (lp.auto_tune: "auto")
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.context = context_length(model.config)
@@ -162,7 +163,7 @@ class Decoder:
         """What this decoder runs, resolved for its device (every output record says it, beside its `ranks`)."""
         cfg = self.config
         return {"engine": "reference", "window": cfg.window, "ngram": cfg.ngram, "guess": cfg.guess,
-                "compiled": False, "memory": "job" if cfg.job_memory else "record"}
+                "compiled": False, "memory": "job" if cfg.job_memory else "record", "chosen_by": self.chosen_by}
 
     def memory_grams(self) -> torch.Tensor:
         """The job's memory as n-grams [M, N], each key's oldest first (what lp.memory_file saves)."""

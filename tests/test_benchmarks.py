@@ -330,3 +330,14 @@ def test_throughput_warms_compiled_hf_up_on_the_longest_chunk_of_each_batch_size
 
     chunks = [["a b", "a b c d"], ["a", "a b c d e"], ["a b c"]]
     assert warmup_chunks(chunks, words) == [["a b c"], ["a", "a b c d e"]]
+
+
+def test_gpu_auto_tune_smoke_predicts_and_measures_every_eager_setting(tmp_path):
+    out = tmp_path / "gpu_auto_tune.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu_auto_tune.py"), "--smoke", "--new-tokens", "12",
+           "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert sorted(int(t) for t in result["curve_ms"]) == [1, 4, 16, 32, 64, 128]
+    assert [row["arm"] for row in result["arms"]] == ["reference 5,4,5", "reference 7,5,7", "reference 15,5,15"]
+    assert all(row["predicted_ms"] > 0 and row["measured_ms"] > 0 and row["steps"] > 0 for row in result["arms"])

@@ -109,10 +109,12 @@ def test_json_gives_one_record_per_prompt_and_compare_greedy_matches(tiny_dir, c
 
 
 @pytest.mark.parametrize("flags,ran", [
-    ((), {"engine": "reference", "window": 4, "ngram": 3, "guess": 4, "compiled": False, "memory": "job"}),
+    ((), {"engine": "reference", "window": 4, "ngram": 3, "guess": 4, "compiled": False, "memory": "job",
+      "chosen_by": "user"}),
     pytest.param(("--compile", "--lookup", "1", "--budget", "5", "--memory-tokens", "64", "--no-plain-steps"),
                  {"engine": "fast", "window": 4, "ngram": 3, "guess": 4, "compiled": True, "memory": "job",
-                  "lookup": 1, "lookup_len": 10, "chain": 2, "budget": 5, "plain_steps": False, "memory_tokens": 64},
+                  "lookup": 1, "lookup_len": 10, "chain": 2, "budget": 5, "plain_steps": False, "memory_tokens": 64,
+                  "chosen_by": "user"},
                  marks=pytest.mark.slow),
 ])
 def test_every_record_and_the_summary_say_what_ran(tiny_dir, capsys, flags, ran):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
+from ..auto_tune import AutoDecoder
 from ..batched_decoding import BatchedDecoder, Work
 from ..decoding import Decoder, GenerationResult, PromptError
 from ..distributed import bootstrap
@@ -31,7 +32,7 @@ from ..distributed.parallel import (KV_SYNC, DivergenceError, ProcessGroupTeam, 
 from ..distributed.replicas import Layout, LayoutError, WorkQueue, replica_groups, split_world
 from ..distributed.tensor_parallel import TensorParallelError, empty_model, make_team, plan_groups, shard_model
 from ..greedy_rules import UnsupportedGenerationSetting, greedy_rules, hf_greedy
-from .. import STARTED_BY, memory_file, named_models
+from .. import STARTED_BY, memory_file, named_models, step_cost
 from ..sampling import reference_sample, sampling_settings
 from . import batch, run_config
 from .batch import InputError, Record
@@ -121,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the compiled fast path (static cache, fixed step shape, CUDA graphs on GPUs); default: off. "
                    "On CUDA it is not yet exact at every setting (add --compare-greedy); compiling takes seconds "
                    "per cache-size bucket, before the first step")
+    p.add_argument("--auto-tune", action=argparse.BooleanOptionalAction, default=None,
+                   help="lp picks W, N, G, the tree, plain steps and compile for this device, model and job (default "
+                   "when no shape setting such as --window is given; one rank, one sequence a forward; --verbose "
+                   "prints why)")
+    p.add_argument("--tune", action="store_true", help="measure this device's step-cost curve for the model again, "
+                   "print it, cache it for later runs, and exit")
     p.add_argument("--dtype", choices=run_config.DTYPES)
     p.add_argument("--device", help="auto, cpu, cuda (cuda:LOCAL_RANK per rank) or cuda:N")
     p.add_argument("--seed", type=int)
@@ -155,7 +162,8 @@ FLAG_KEYS = {"model": "model", "max_new_tokens": "max_new_tokens", "kv_sync": "k
              "budget": "lookahead.budget", "plain_steps": "lookahead.plain_steps",
              "temperature": "lookahead.temperature", "top_k": "lookahead.top_k", "top_p": "lookahead.top_p",
              "min_p": "lookahead.min_p", "memory": "lookahead.memory",
-             "memory_tokens": "lookahead.memory_tokens", "memory_file": "memory_file"}
+             "memory_tokens": "lookahead.memory_tokens", "memory_file": "memory_file",
+             "auto_tune": "auto_tune"}
 
 
 def resolve_config(args) -> RunConfig:
@@ -293,14 +301,24 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
         if writer:
             writer.close()
         raise UsageError(message)
+    if args.tune:
+        return _tune(model, rank0)
     args.stdout_taken = bool(writer and writer.to_stdout)  # records go to stdout: everything else to stderr
     # where the other replicas' results go: shard files beside a regular --output, else (a pipe, a device, this
     # process's stdout) to rank 0 at the end, which writes them itself
     shards = str(Path(os.path.realpath(args.output))) if writer and writer.regular and not writer.to_stdout else None
     items, args.shards = bootstrap.broadcast_json([items, shards], launch)
-    decoder = _decoder(model, cfg, launch, layout, sum(item["error"] is None for item in items))
+    decoder = _decoder(model, cfg, launch, layout, [item for item in items if item["error"] is None])
     if hasattr(decoder, "notify"):
         decoder.notify = log
+    if isinstance(decoder, AutoDecoder):
+        if args.verbose:
+            decoder.explain = log
+    else:
+        decoder.chosen_by = "user" if cfg.shape_given else "default"
+        if cfg.chosen_by == "auto":
+            log("self-tuning covers one rank decoding one sequence a forward (a team's ranks would have to agree on "
+                "what their own timings say); this run takes the default settings")
     memory.start(decoder, log)
     try:
         if layout.replicas > 1 or cfg.batch_size > 1:
@@ -577,9 +595,26 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, records: int) -> Decoder:
+def _tune(model, rank0: bool) -> int:
+    """--tune: measure the step-cost curve again (cached for later runs) and print it."""
+    key, curve = step_cost.step_costs(model, refresh=True)
+    if rank0:
+        print(f"step cost of one forward on {step_cost.device_name(next(model.parameters()).device)} (cache "
+              f"{step_cost.CostStore().path}, key {key}):")
+        for fed, seconds in sorted(curve.points.items()):
+            print(f"  {fed:5d} tokens fed: {1e3 * seconds:9.3f} ms ({seconds / curve.points[min(curve.points)]:.2f}x "
+                  "one token)")
+        for arm, seen in sorted(curve.observed.items()):
+            print(f"  observed {arm}: {seen}")
+    return 0
+
+
+def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list) -> Decoder:
     """This rank's decoder in its replica's team (every rank makes every process group, in the same order). A batch
-    has no more lanes than there are records to decode (an idle lane would still compute every step)."""
+    has no more lanes than there are records to decode (an idle lane would still compute every step). With
+    auto_tune and one rank decoding one sequence a forward, a self-tuning decoder for this replica's share of the
+    job's tokens."""
+    records = len(items)
     team = None
     replica = layout.replica_of(launch.rank)
     if cfg.tp > 1:  # DeepSpeed AutoTP inside each model copy, lookahead exchange between a team's copies
@@ -598,6 +633,9 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, records: int
         if cfg.batch_size > 1:
             lanes = max(1, min(cfg.batch_size, -(-records // layout.replicas)))
             return BatchedDecoder(model, cfg.lookahead, lanes, team, compile=cfg.lookahead.compiled)
+        if cfg.chosen_by == "auto" and team is None:
+            share = sum(item["max_new_tokens"] for item in items) // layout.replicas
+            return AutoDecoder(model, cfg.lookahead, job_tokens=share)
         return Decoder(model, cfg.lookahead, team=team)
     except ValueError as exc:  # encoder-decoder or sliding-window models: the same answer on every rank
         raise UsageError(_one_line(exc)) from None
@@ -794,11 +832,11 @@ def _stats_line(r: dict) -> str:
 
 
 def _summary_line(s: dict, cfg: RunConfig) -> str:
-    la = cfg.lookahead
+    la = s.get("lookahead") or dict(window=cfg.lookahead.window, ngram=cfg.lookahead.ngram, guess=cfg.lookahead.guess)
     line = (f"lp: {s['ok']} of {s['records']} prompts, {s['new_tokens']} new tokens, {s['steps']} steps, "
             f"{s['tokens_per_step']:.2f} tokens/step, {s['tokens_per_second']:.1f} tokens/s, {s['ranks']} rank"
-            f"{'s' if s['ranks'] > 1 else ''} (W={la.window} N={la.ngram} G={la.guess}"
-            f"{', compiled' if s.get('compiled') else ''})")
+            f"{'s' if s['ranks'] > 1 else ''} (W={la['window']} N={la['ngram']} G={la['guess']}"
+            f"{', compiled' if s.get('compiled') else ''}{', self-tuned' if la.get('chosen_by') == 'auto' else ''})")
     if "throughput_tokens_per_second" in s:  # sequences overlap: the job's rate is its tokens over its wall time
         line += (f"; {s['replicas']} replica{'s' * (s['replicas'] > 1)} x batch {s['batch_size']}: "
                  f"{s['throughput_tokens_per_second']:.1f} tokens/s and {s['prompts_per_second']:.2f} prompts/s "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import yaml
 
+from ..auto_tune import SHAPE_KEYS
 from ..config import ConfigError, LookaheadConfig, check_bool, check_int
 from ..distributed.parallel import KV_SYNC
 
@@ -34,11 +35,21 @@ class RunConfig:
     batch_size: int = 1  # sequences one forward decodes (batched lookahead, continuous batching)
     chat: bool = False
     memory_file: str | None = None  # a job's memory on disk: read at the start if there, written at the end
+    auto_tune: bool | None = None  # lp.auto_tune picks the settings; None = when no shape setting is given
     lookahead: LookaheadConfig = field(default_factory=LookaheadConfig)
     generation: dict = field(default_factory=dict)  # overrides of the model's generation_config
+    shape_given: bool = False  # the settings named a step shape (W, N, G, lookup, budget, ...): not a config key
+
+    @property
+    def chosen_by(self) -> str:
+        """Who picks the lookahead settings: "user" (a shape setting was given), "auto" (lp tunes them; a team or
+        batch then runs the defaults: see lp.cli.main._decoder) or "default" (auto_tune off)."""
+        if self.shape_given:
+            return "user"
+        return "default" if self.auto_tune is False else "auto"
 
 
-KNOWN = tuple(f.name for f in fields(RunConfig))
+KNOWN = tuple(f.name for f in fields(RunConfig) if f.name != "shape_given")
 LOOKAHEAD_KNOWN = tuple(f.name for f in fields(LookaheadConfig))
 
 
@@ -136,7 +147,11 @@ def build(values: dict) -> RunConfig:
     lookahead = dict(v.pop("lookahead", None) or {})
     if "seed" in v and "seed" not in lookahead:
         lookahead["seed"] = v["seed"]
-    cfg = RunConfig(**v, lookahead=LookaheadConfig.from_dict(lookahead))
+    given = [key for key in SHAPE_KEYS if key in lookahead]
+    if given and v.get("auto_tune") is True:
+        raise ConfigError(f"auto_tune picks the step's shape itself, but {given[0]} is given too; drop auto_tune or "
+                          f"the shape settings ({', '.join(given)})")
+    cfg = RunConfig(**v, lookahead=LookaheadConfig.from_dict(lookahead), shape_given=bool(given))
     _validate(cfg)
     return cfg
 
@@ -159,6 +174,8 @@ def _validate(cfg: RunConfig) -> None:
     check_int("batch_size", cfg.batch_size, 1, 256)
     check_bool("trust_remote_code", cfg.trust_remote_code)
     check_bool("chat", cfg.chat)
+    if cfg.auto_tune is not None:
+        check_bool("auto_tune", cfg.auto_tune)
     if cfg.memory_file is not None:
         if not isinstance(cfg.memory_file, str) or not cfg.memory_file.strip():
             raise ConfigError(f"memory_file must be a file path, got {cfg.memory_file!r}")

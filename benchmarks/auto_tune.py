@@ -1,0 +1,146 @@
+"""Self-tuning against a grid of fixed settings: the same job (a suite's records in order, each to max_new_tokens)
+decoded by lp's AutoDecoder from an empty step-cost cache, and by every fixed setting of the grid (the eager
+reference engine and the compiled fast path), one after the other in one process.
+
+python benchmarks/auto_tune.py --model default --max-new-tokens 256 --out benchmarks/results_published/auto_tune_code
+
+The job's figure is what a user waits for: tokens over the whole wall time of the job, measuring the cost curve,
+compiling and every record included (`job tok/s`); `decode tok/s` leaves compiling out. Auto runs first, so it pays
+the first compiles of the process; inductor's on-disk and FX-graph caches are off, so no method reuses another's
+compiled code. Every method's tokens are checked against auto's (and with --check-greedy against HF greedy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")  # every compile from scratch: no method borrows another's
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lp-inductor-"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import loading  # noqa: E402
+from lp.auto_tune import AutoDecoder  # noqa: E402
+from lp.config import LookaheadConfig  # noqa: E402
+from lp.decoding import Decoder  # noqa: E402
+from lp.greedy_rules import hf_greedy  # noqa: E402
+from lp.step_cost import CostStore  # noqa: E402
+
+# W:N:G[:lookup:lookup_len:budget] and engine; the CLI's default before self-tuning is "reference 15:5:15"
+GRID = ["reference 15:5:15", "reference 7:5:7", "reference 5:4:5", "reference 3:3:3", "reference 2:3:2",
+        "reference 1:2:1", "compiled 1:2:0:1:10:10", "compiled 1:2:0:1:4:4", "compiled 2:3:2:2:10:10",
+        "compiled 5:4:5", "compiled 7:5:7", "compiled 15:5:15"]
+
+
+def fixed(model, spec: str) -> Decoder:
+    engine, text = spec.split()
+    values = list(map(int, text.split(":")))
+    names = ("window", "ngram", "guess", "lookup", "lookup_len", "budget")
+    return Decoder(model, LookaheadConfig(**dict(zip(names, values)), compile=engine == "compiled"))
+
+
+def run_job(decoder, prompts, max_new_tokens: int) -> dict:
+    """Every record in order; the job's wall time from before the decoder's first work to the last token."""
+    tokens, steps, fed, decode_s, outputs = 0, 0, 0, 0.0, []
+    for prompt in prompts:
+        result = decoder.generate(prompt.ids, max_new_tokens)
+        tokens, steps, decode_s = tokens + result.new_tokens, steps + result.steps, decode_s + result.wall_time_s
+        fed += sum(result.tokens_fed_per_step)
+        outputs.append(result.token_ids)
+    return dict(tokens=tokens, steps=steps, fed=fed, decode_s=decode_s, outputs=outputs)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default", help="default, stories260k, smollm2-135m, a path, ...")
+    p.add_argument("--prompts", help="JSONL suite (default: the model's own, as benchmarks/loading.py picks)")
+    p.add_argument("--limit", type=int, help="first LIMIT records")
+    p.add_argument("--repeat", type=int, default=1, help="the suite this many times over (a longer job)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--grid", default=",".join(GRID), help="fixed settings, comma-separated: ENGINE W:N:G[:L:LEN:B]")
+    p.add_argument("--check-greedy", action="store_true", help="also compare auto's outputs with HF greedy")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "auto_tune"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    began = time.time()
+    model, tokenizer = loading.load_model(args.model, torch.float32)
+    suite = Path(args.prompts) if args.prompts else loading.default_suite(args.model)
+    prompts = loading.load_prompts(suite, tokenizer, model.config.vocab_size, args.limit) * args.repeat
+    rows = []
+
+    def add(name: str, make) -> None:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            decoder = make()
+        job = run_job(decoder, prompts, args.max_new_tokens)
+        wall = time.perf_counter() - start
+        settings = decoder.settings()
+        row = dict(method=name, tokens=job["tokens"], tokens_per_step=round(job["tokens"] / job["steps"], 3),
+                   job_tokens_per_s=round(job["tokens"] / wall, 1), decode_tokens_per_s=round(
+                       job["tokens"] / job["decode_s"], 1), wall_s=round(wall, 2),
+                   other_s=round(wall - job["decode_s"], 2), same_as_auto=None, settings=settings,
+                   fed_per_step=round(job["fed"] / job["steps"], 2), ms_per_step=round(1e3 * job["decode_s"] / job["steps"], 3))
+        if rows:
+            row["same_as_auto"] = job["outputs"] == rows[0]["outputs"]
+        row["outputs"] = job["outputs"]
+        if name == "auto":
+            row["arms"] = {k: v for k, v in decoder.chooser.curve.observed.items()}
+            row["curve_ms"] = {t: round(1e3 * v, 3) for t, v in sorted(decoder.chooser.curve.points.items())}
+        rows.append(row)
+        print(f"{args.model} {name}: job {row['job_tokens_per_s']} tok/s, decode {row['decode_tokens_per_s']} tok/s, "
+              f"{row['tokens_per_step']} tokens/step, {row['wall_s']} s ({row['other_s']} s not decoding)"
+              + (f", ran {settings.get('arm')}" if name == "auto" else ""), flush=True)
+
+    store = CostStore(Path(tempfile.mkdtemp(prefix="lp-costs-")) / "step_costs.json")  # an empty cache: tuning counts
+    budget = args.max_new_tokens * len(prompts)
+    add("auto", lambda: AutoDecoder(model, job_tokens=budget, store=store))
+    for spec in args.grid.split(","):
+        add(spec, lambda spec=spec: fixed(model, spec))
+    greedy = None
+    if args.check_greedy:
+        greedy = all(out == hf_greedy(model, prompt.ids, args.max_new_tokens)
+                     for out, prompt in zip(rows[0]["outputs"], prompts))
+    for row in rows:
+        del row["outputs"]
+    best = max(rows[1:], key=lambda r: r["job_tokens_per_s"])
+    default = next((r for r in rows if r["method"] == "reference 15:5:15"), None)
+    auto = rows[0]
+    summary = dict(auto_vs_best=round(auto["job_tokens_per_s"] / best["job_tokens_per_s"], 3), best=best["method"],
+                   auto_vs_old_default=round(auto["job_tokens_per_s"] / default["job_tokens_per_s"], 3)
+                   if default else None, greedy=greedy,
+                   same_tokens=all(r["same_as_auto"] for r in rows[1:]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(torch=torch.__version__, threads=args.threads, seconds=round(time.time() - began, 1),
+               command=" ".join(sys.argv), date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    settings = dict(vars(args), prompts=str(suite.relative_to(loading.REPO) if suite.is_relative_to(loading.REPO)
+                                             else suite), records=len(prompts))
+    out.with_suffix(".json").write_text(json.dumps(dict(environment=env, settings=settings, summary=summary,
+                                                        rows=rows), indent=1))
+    lines = [f"{args.model}, {len(prompts)} records of `{settings['prompts']}`, up to {args.max_new_tokens} new tokens "
+             f"each, {args.threads} thread(s)", "",
+             "| method | ran | tokens/step | job tok/s | decode tok/s | wall s | not decoding s | vs auto (job) |",
+             "| --- " * 8 + "|"]
+    for r in rows:
+        ran = r["settings"].get("arm") or ""
+        lines.append(f"| {r['method']} | {ran} | {r['tokens_per_step']} | {r['job_tokens_per_s']} | "
+                     f"{r['decode_tokens_per_s']} | {r['wall_s']} | {r['other_s']} | "
+                     f"{round(r['job_tokens_per_s'] / auto['job_tokens_per_s'], 3)} |")
+    lines += ["", f"auto / best fixed ({summary['best']}): {summary['auto_vs_best']}; auto / the old default "
+              f"(reference 15:5:15): {summary['auto_vs_old_default']}; same tokens: {summary['same_tokens']}"
+              + (f"; HF greedy: {greedy}" if greedy is not None else "")]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if summary["same_tokens"] and greedy is not False else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,295 @@
+"""Self-tuning: lp picks W, N, G, the tree, plain steps and compile for the device, model and job it runs on.
+
+A menu of settings (arms) per device; for each, expected accepted tokens a step (a prior from benchmarks/README.md
+(d) and (e4), scaled by how predictable this job's text proved on the arms that ran) over the step's latency
+(lp.step_cost: the measured forward curve, then the arm's observed seconds a step), plus the compile time an
+arm not yet compiled would cost, spread over the tokens the job has left. Before each generation the tuner takes
+the arm with the least expected time for the rest of the job; at most MAX_ARMS arms are ever built (a bandit that
+explores by the prior and keeps by measurement). Outputs never depend on the arm: every arm is exact.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .config import LookaheadConfig
+from .decoding import Decoder, GenerationResult
+from .step_cost import CostCurve, CostStore, remember_observed, step_costs
+
+log = logging.getLogger("lp")
+
+MAX_ARMS = 3  # shapes a job may build (each compiled one costs its compile time)
+TRIAL_TOKENS = 64  # tokens an arm decodes before its own figures replace its prior
+SHAPE_KEYS = ("window", "ngram", "guess", "lookup", "lookup_len", "chain", "budget", "plain_steps")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One setting the tuner may run. tokens_per_step: prior expected accepted tokens a step; fed_share: prior
+    mean tokens fed a step as a share of the full step (plain steps, and the eager engine's partial steps, feed
+    less)."""
+
+    name: str
+    settings: dict
+    tokens_per_step: float
+    fed_share: float
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self.settings.get("compile"))
+
+    def config(self, base: LookaheadConfig) -> LookaheadConfig:
+        return dataclasses.replace(base, **self.settings)
+
+    def full_step(self, base: LookaheadConfig, device_type: str) -> int:
+        """Tokens a whole step feeds: the last token, the window's levels and the tree (the reference engine's
+        candidates at most: G of N-1)."""
+        cfg = self.config(base)
+        tree = cfg.tree_budget(device_type) if self.compiled else cfg.guess * cfg.levels
+        return 1 + cfg.window * cfg.levels + tree
+
+
+# Priors: tokens a step and fed share, the means over the default model's code suite and stories260k of
+# benchmarks/README.md (d) (the reference engine) and (e4) (the compiled fast path, plain steps on).
+REFERENCE = [Arm("reference 5,4,5", dict(window=5, ngram=4, guess=5, compile=False), 2.35, 0.75),
+             Arm("reference 7,5,7", dict(window=7, ngram=5, guess=7, compile=False), 2.65, 0.70),
+             Arm("reference 15,5,15", dict(window=15, ngram=5, guess=15, compile=False), 2.90, 0.66)]
+COMPILED_CPU = [Arm("compiled 1,2,0 lookup 1x10", dict(window=1, ngram=2, guess=0, lookup=1, lookup_len=10, budget=10,
+                                                       compile=True), 2.65, 0.65),
+                Arm("compiled 7,5,7 budget 14", dict(window=7, ngram=5, guess=7, compile=True), 3.10, 0.65),
+                Arm("compiled 15,5,15 budget 30", dict(window=15, ngram=5, guess=15, compile=True), 3.30, 0.66)]
+COMPILED_ACCELERATOR = [Arm("compiled 15,5,15", dict(window=15, ngram=5, guess=15, compile=True), 3.80, 1.0),
+                        Arm("compiled 7,5,7", dict(window=7, ngram=5, guess=7, compile=True), 3.40, 1.0)]
+
+
+def menu(device_type: str, compile: bool | None) -> list[Arm]:
+    """The arms for a device: compiled ones where compiling is exact (not yet on CUDA: lp.fast_decoding) or was
+    asked for, eager ones unless compile was asked for."""
+    compiled = COMPILED_CPU if device_type == "cpu" else COMPILED_ACCELERATOR
+    if compile is True:
+        return list(compiled)
+    if compile is False or device_type != "cpu":
+        return list(REFERENCE)
+    return REFERENCE + COMPILED_CPU
+
+
+def prior_compile_s(model, device_type: str) -> float:
+    """Seconds compiling an arm's graphs is expected to take before a run has measured it (2 CPU cores: about 5 s
+    a layer, benchmarks/README.md (d) and (e4))."""
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    return 5.0 + 5.0 * layers if device_type == "cpu" else 30.0 + 2.0 * layers
+
+
+@dataclass
+class Tally:
+    """What an arm did in this job."""
+
+    tokens: int = 0
+    steps: int = 0
+    fed: int = 0
+    seconds: float = 0.0
+
+    def add(self, result: GenerationResult) -> None:
+        self.tokens += result.new_tokens
+        self.steps += result.steps
+        self.fed += sum(result.tokens_fed_per_step)
+        self.seconds += result.wall_time_s
+
+
+class Chooser:
+    """Expected seconds for the rest of a job, per arm; picks the least. Pure arithmetic over the cost curve and the
+    job's tallies (the tests drive it with synthetic curves)."""
+
+    def __init__(self, arms: list[Arm], curve: CostCurve, base: LookaheadConfig, device_type: str,
+                 compile_s: float):
+        self.arms, self.curve, self.base, self.device_type = arms, curve, base, device_type
+        self.prior_compile_s = compile_s
+        self.tallies = {arm.name: Tally() for arm in arms}
+        self.built: list[str] = []  # arms made so far (a compiled one has paid its compile time)
+
+    def predictability(self) -> float:
+        """How much better than the priors the arms that ran accepted (1 = as the priors say)."""
+        seen = [(arm, self.tallies[arm.name]) for arm in self.arms if self.tallies[arm.name].steps]
+        if not seen:
+            return 1.0
+        got = sum(t.tokens - t.steps for _, t in seen)
+        expected = sum((arm.tokens_per_step - 1) * t.steps for arm, t in seen)
+        return max(got, 0.0) / expected if expected > 0 else 1.0
+
+    def tokens_per_step(self, arm: Arm) -> float:
+        tally = self.tallies[arm.name]
+        if tally.tokens >= TRIAL_TOKENS:
+            return tally.tokens / tally.steps
+        return 1 + (arm.tokens_per_step - 1) * self.predictability()
+
+    def step_seconds(self, arm: Arm) -> float:
+        """This job's own figure once the arm ran; else what an earlier run observed; else the curve's forward at
+        the arm's expected mean fed tokens (compiled on a CPU: less the per-call overhead that compiling removes,
+        about 60 % of a one-token eager forward, benchmarks/README.md (d))."""
+        tally = self.tallies[arm.name]
+        if tally.tokens >= TRIAL_TOKENS:
+            return tally.seconds / tally.steps
+        seen = self.curve.observed.get(arm.name, {})
+        if seen.get("step_s"):
+            return float(seen["step_s"])
+        fed = arm.full_step(self.base, self.device_type) * arm.fed_share
+        forward = self.curve.latency(fed)
+        if arm.compiled:
+            one = self.curve.latency(1)
+            return max(forward - 0.6 * one, 0.25 * forward) if self.device_type == "cpu" else 0.35 * forward
+        return forward
+
+    def compile_s(self, arm: Arm) -> float:
+        if not arm.compiled or arm.name in self.built:
+            return 0.0
+        return float(self.curve.observed.get(arm.name, {}).get("compile_s") or self.prior_compile_s)
+
+    def cost(self, arm: Arm, tokens_left: float) -> float:
+        """Expected seconds to decode `tokens_left` more tokens with this arm, compiling included."""
+        return tokens_left * self.step_seconds(arm) / self.tokens_per_step(arm) + self.compile_s(arm)
+
+    def choose(self, tokens_left: float, current: str | None = None) -> Arm:
+        """The arm with the least expected cost (at most MAX_ARMS ever built); the running arm keeps the job until
+        it has decoded TRIAL_TOKENS (a switch on a record's noise would waste a compile)."""
+        if current is not None and self.tallies[current].steps and self.tallies[current].tokens < TRIAL_TOKENS:
+            return self.by_name(current)
+        allowed = [a for a in self.arms if len(self.built) < MAX_ARMS or a.name in self.built]
+        return min(allowed, key=lambda arm: self.cost(arm, tokens_left))
+
+    def by_name(self, name: str) -> Arm:
+        return next(arm for arm in self.arms if arm.name == name)
+
+    def record(self, arm: Arm, result: GenerationResult) -> None:
+        self.tallies[arm.name].add(result)
+        tally = self.tallies[arm.name]
+        if tally.steps:
+            seen = self.curve.observed.setdefault(arm.name, {})
+            seen["step_s"] = round(tally.seconds / tally.steps, 6)
+            seen["fed"] = round(tally.fed / tally.steps, 2)
+            if result.compile_time_s > 0:
+                seen["compile_s"] = round(max(result.compile_time_s, seen.get("compile_s", 0.0)), 2)
+
+    def why(self, tokens_left: float) -> str:
+        """Every arm's predicted figures, the chosen first (what --verbose prints)."""
+        rows = sorted(self.arms, key=lambda arm: self.cost(arm, tokens_left))
+        return "; ".join(f"{arm.name}: {self.tokens_per_step(arm):.2f} tokens/step at {1e3 * self.step_seconds(arm):.2f}"
+                         f" ms/step{f' + {self.compile_s(arm):.0f} s compile' if self.compile_s(arm) else ''}"
+                         f" = {self.cost(arm, tokens_left):.1f} s" for arm in rows)
+
+
+class AutoDecoder:
+    """A Decoder that tunes itself: runs each generation with the arm the Chooser picks (lp.decoding.Decoder's
+    generate, settings, memory and prompt checks, delegated). One rank decoding one sequence a forward: a team's
+    ranks would have to agree on a choice their own timings make, so teams and batches run fixed settings."""
+
+    def __init__(self, model, config: LookaheadConfig | None = None, job_tokens: int = 0,
+                 store: CostStore | None = None, arms: list[Arm] | None = None):
+        self.model = model
+        self.base = config or LookaheadConfig()
+        self.device = next(model.parameters()).device
+        self.store = store or CostStore()
+        self.key, curve = step_costs(model, self.store)
+        arms = arms or menu(self.device.type, self.base.compile)
+        self.chooser = Chooser(arms, curve, self.base, self.device.type, prior_compile_s(model, self.device.type))
+        self.job_tokens = job_tokens  # the job's budget of new tokens not yet started (0: unknown)
+        self.budget_seen, self.tokens_seen = 0, 0
+        self.decoders: dict[str, Decoder] = {}
+        self.current: str | None = None
+        self.notify: Callable[[str], None] | None = None
+        self.explain: Callable[[str], None] | None = None  # --verbose: every choice's figures
+        self._memory: tuple[torch.Tensor, torch.Tensor] | None = None  # a saved memory, for arms made later
+
+    def _tokens_left(self, budget: int) -> float:
+        """Expected new tokens of the rest of the job: its budgets, scaled by the share of its budgets the
+        generations so far filled (EOS ends some early)."""
+        fill = self.tokens_seen / self.budget_seen if self.budget_seen else 1.0
+        return max(self.job_tokens, budget) * max(fill, 0.05)
+
+    def _decoder(self, arm: Arm) -> Decoder:
+        found = self.decoders.get(arm.name)
+        if found is None:
+            found = self.decoders[arm.name] = Decoder(self.model, arm.config(self.base))
+            self.chooser.built.append(arm.name)
+            if self._memory is not None:
+                self._load(found, *self._memory)
+        self.current = arm.name
+        return found
+
+    def generate(self, input_ids, max_new_tokens: int | None = None, tokenizer=None, on_tokens=None,
+                 seed: int | None = None) -> GenerationResult:
+        budget = max_new_tokens or 0
+        left = self._tokens_left(budget)
+        arm = self.chooser.choose(left, self.current)
+        if self.explain is not None and (arm.name != self.current or not self.chooser.tallies[arm.name].steps):
+            self.explain(f"self-tuning, {left:.0f} tokens to go: {self.chooser.why(left)}")
+        decoder = self._decoder(arm)
+        decoder.notify = self.notify
+        result = decoder.generate(input_ids, max_new_tokens, tokenizer=tokenizer, on_tokens=on_tokens, seed=seed)
+        self.chooser.record(arm, result)
+        self.job_tokens = max(self.job_tokens - budget, 0)
+        self.budget_seen += budget
+        self.tokens_seen += result.new_tokens
+        remember_observed(self.store, self.key, self.chooser.curve)
+        text = list(decoder.check_prompt(input_ids)) + result.token_ids
+        for name, other in self.decoders.items():  # the arms not running learn the job's text too
+            if name != arm.name and other.config.job_memory:
+                other.remember(text)
+        return result
+
+    @property
+    def decoder(self) -> Decoder:
+        """The arm that ran last (before the first generation: the one the job's budget alone would pick)."""
+        if self.current is None:
+            return self._decoder(self.chooser.choose(self._tokens_left(0)))
+        return self.decoders[self.current]
+
+    @property
+    def team(self):
+        return self.decoder.team
+
+    @property
+    def config(self) -> LookaheadConfig:
+        return self.decoder.config
+
+    def check_prompt(self, input_ids) -> list[int]:
+        return self.decoder.check_prompt(input_ids)
+
+    def settings(self) -> dict:
+        return {**self.decoder.settings(), "chosen_by": "auto", "arm": self.current}
+
+    # -- the job's memory (--memory-file): saved from the arm with the largest n-grams, given to every arm --------
+
+    def remember_grams(self, grams) -> None:
+        self._memory = (torch.as_tensor(grams), self._memory[1] if self._memory else torch.zeros(0, dtype=torch.long))
+        for decoder in self.decoders.values():
+            self._load(decoder, self._memory[0], None)
+
+    def remember_corpus(self, corpus) -> None:
+        grams = self._memory[0] if self._memory else torch.zeros(0, self.base.ngram, dtype=torch.long)
+        self._memory = (grams, torch.as_tensor(corpus))
+        for decoder in self.decoders.values():
+            self._load(decoder, None, self._memory[1])
+
+    @staticmethod
+    def _load(decoder: Decoder, grams, corpus) -> None:
+        cfg = decoder.config
+        if grams is not None and cfg.guess and len(grams) and grams.shape[1] >= cfg.ngram:
+            decoder.remember_grams(grams[:, : cfg.ngram])
+        if corpus is not None and len(corpus) and hasattr(decoder, "remember_corpus"):
+            decoder.remember_corpus(corpus)
+
+    def memory_grams(self) -> torch.Tensor:
+        """The n-grams of the arm with the longest ones that keeps a pool (the saved file's size), or what was
+        loaded when no arm keeps one."""
+        pools = [d for d in self.decoders.values() if d.config.guess]
+        if not pools:
+            return self._memory[0] if self._memory else torch.zeros(0, self.base.ngram, dtype=torch.long)
+        return max(pools, key=lambda d: (d.config.ngram, d.config.guess)).memory_grams()
+
+    def memory_corpus(self) -> torch.Tensor:
+        corpora = [d.memory_corpus() for d in self.decoders.values() if hasattr(d, "memory_corpus")]
+        return max(corpora, key=len) if corpora else torch.zeros(0, dtype=torch.long)
