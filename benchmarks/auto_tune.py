@@ -1,13 +1,16 @@
 """Self-tuning against a grid of fixed settings: the same job (a suite's records in order, each to max_new_tokens)
 decoded by lp's AutoDecoder from an empty step-cost cache, and by every fixed setting of the grid (the eager
-reference engine and the compiled fast path), one after the other in one process.
+reference engine and the compiled fast path), in one process.
 
 python benchmarks/auto_tune.py --model default --max-new-tokens 256 --out benchmarks/results_published/auto_tune_code
 
 The job's figure is what a user waits for: tokens over the whole wall time of the job, measuring the cost curve,
-compiling and every record included (`job tok/s`); `decode tok/s` leaves compiling out. Auto runs first, so it pays
-the first compiles of the process; inductor's on-disk and FX-graph caches are off, so no method reuses another's
-compiled code. Every method's tokens are checked against auto's (and with --check-greedy against HF greedy).
+compiling and every record included (`job tok/s`); `decode tok/s` leaves compiling out. The methods take turns
+record by record (this machine's load comes and goes: a method run alone for a minute can land in a slow spell);
+auto starts from an empty step-cost cache. Inductor's FX-graph caches are off and every method compiles into a cache
+folder of its own, so no method reuses another's compiled code; a throwaway compile first takes what only a
+process's first compile costs (inductor's import and setup), which would otherwise fall on the first method to
+compile. Every method's tokens are checked against auto's (and with --check-greedy against HF greedy).
 """
 from __future__ import annotations
 
@@ -46,15 +49,45 @@ def fixed(model, spec: str) -> Decoder:
     return Decoder(model, LookaheadConfig(**dict(zip(names, values)), compile=engine == "compiled"))
 
 
-def run_job(decoder, prompts, max_new_tokens: int) -> dict:
-    """Every record in order; the job's wall time from before the decoder's first work to the last token."""
-    tokens, steps, fed, decode_s, outputs = 0, 0, 0, 0.0, []
-    for prompt in prompts:
-        result = decoder.generate(prompt.ids, max_new_tokens)
-        tokens, steps, decode_s = tokens + result.new_tokens, steps + result.steps, decode_s + result.wall_time_s
-        fed += sum(result.tokens_fed_per_step)
-        outputs.append(result.token_ids)
-    return dict(tokens=tokens, steps=steps, fed=fed, decode_s=decode_s, outputs=outputs)
+def warm_the_compiler() -> float:
+    """Compile a step of another model once, so that no method pays what only a process's first compile costs
+    (importing inductor, finding the C++ toolchain: tens of seconds here), which a method's own process would
+    pay whatever it compiled. Returns its seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    began = time.perf_counter()
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=256)
+    tiny = LlamaForCausalLM(config).eval()
+    tiny.generation_config.eos_token_id = None
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="lp-inductor-warm-")
+    Decoder(tiny, LookaheadConfig(window=1, ngram=2, guess=0, lookup=1, lookup_len=2, budget=2, compile=True)) \
+        .generate([1, 2, 3, 1, 2], 4)
+    return time.perf_counter() - began
+
+
+class Job:
+    """One method's decoder and its running figures over the job; each compiles into an inductor cache folder of
+    its own (a method whose graphs equal another's, as auto's arm may equal a fixed setting, compiles them anew)."""
+
+    def __init__(self, name: str, make):
+        self.name, self.tokens, self.steps, self.fed, self.decode_s, self.outputs = name, 0, 0, 0, 0.0, []
+        self.cache_dir = tempfile.mkdtemp(prefix="lp-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = self.cache_dir
+        began = time.perf_counter()
+        with torch.inference_mode():
+            self.decoder = make()
+        self.wall_s = time.perf_counter() - began  # auto measures its cost curve here (an empty cache)
+
+    def run(self, prompt, max_new_tokens: int) -> None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = self.cache_dir
+        began = time.perf_counter()
+        result = self.decoder.generate(prompt.ids, max_new_tokens)
+        self.wall_s += time.perf_counter() - began  # compiling included
+        self.tokens, self.steps = self.tokens + result.new_tokens, self.steps + result.steps
+        self.decode_s += result.wall_time_s
+        self.fed += sum(result.tokens_fed_per_step)
+        self.outputs.append(result.token_ids)
 
 
 def main() -> int:
@@ -74,36 +107,34 @@ def main() -> int:
     model, tokenizer = loading.load_model(args.model, torch.float32)
     suite = Path(args.prompts) if args.prompts else loading.default_suite(args.model)
     prompts = loading.load_prompts(suite, tokenizer, model.config.vocab_size, args.limit) * args.repeat
-    rows = []
-
-    def add(name: str, make) -> None:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            decoder = make()
-        job = run_job(decoder, prompts, args.max_new_tokens)
-        wall = time.perf_counter() - start
-        settings = decoder.settings()
-        row = dict(method=name, tokens=job["tokens"], tokens_per_step=round(job["tokens"] / job["steps"], 3),
-                   job_tokens_per_s=round(job["tokens"] / wall, 1), decode_tokens_per_s=round(
-                       job["tokens"] / job["decode_s"], 1), wall_s=round(wall, 2),
-                   other_s=round(wall - job["decode_s"], 2), same_as_auto=None, settings=settings,
-                   fed_per_step=round(job["fed"] / job["steps"], 2), ms_per_step=round(1e3 * job["decode_s"] / job["steps"], 3))
-        if rows:
-            row["same_as_auto"] = job["outputs"] == rows[0]["outputs"]
-        row["outputs"] = job["outputs"]
-        if name == "auto":
-            row["arms"] = {k: v for k, v in decoder.chooser.curve.observed.items()}
-            row["curve_ms"] = {t: round(1e3 * v, 3) for t, v in sorted(decoder.chooser.curve.points.items())}
-        rows.append(row)
-        print(f"{args.model} {name}: job {row['job_tokens_per_s']} tok/s, decode {row['decode_tokens_per_s']} tok/s, "
-              f"{row['tokens_per_step']} tokens/step, {row['wall_s']} s ({row['other_s']} s not decoding)"
-              + (f", ran {settings.get('arm')}" if name == "auto" else ""), flush=True)
-
+    warm_s = warm_the_compiler()
+    print(f"warmed the compiler up in {warm_s:.1f} s (not counted)", flush=True)
     store = CostStore(Path(tempfile.mkdtemp(prefix="lp-costs-")) / "step_costs.json")  # an empty cache: tuning counts
     budget = args.max_new_tokens * len(prompts)
-    add("auto", lambda: AutoDecoder(model, job_tokens=budget, store=store))
-    for spec in args.grid.split(","):
-        add(spec, lambda spec=spec: fixed(model, spec))
+    jobs = [Job("auto", lambda: AutoDecoder(model, job_tokens=budget, store=store))]
+    jobs += [Job(spec, lambda spec=spec: fixed(model, spec)) for spec in args.grid.split(",")]
+    for n, prompt in enumerate(prompts):  # record by record, every method in turn (the order rotating), so the
+        for job in jobs[n % len(jobs):] + jobs[: n % len(jobs)]:  # machine's slow and fast spells fall on all alike
+            job.run(prompt, args.max_new_tokens)
+        print(f"record {n + 1} of {len(prompts)}: auto ran {jobs[0].decoder.current}", flush=True)
+    rows = []
+    for job in jobs:
+        settings = job.decoder.settings()
+        row = dict(method=job.name, tokens=job.tokens, tokens_per_step=round(job.tokens / job.steps, 3),
+                   job_tokens_per_s=round(job.tokens / job.wall_s, 1),
+                   decode_tokens_per_s=round(job.tokens / job.decode_s, 1), wall_s=round(job.wall_s, 2),
+                   other_s=round(job.wall_s - job.decode_s, 2), settings=settings,
+                   same_as_auto=job.outputs == jobs[0].outputs, fed_per_step=round(job.fed / job.steps, 2),
+                   ms_per_step=round(1e3 * job.decode_s / job.steps, 3), outputs=job.outputs)
+        if job.name == "auto":
+            chooser = job.decoder.chooser
+            row["arms"] = dict(chooser.curve.observed)
+            row["curve_ms"] = {t: round(1e3 * v, 3) for t, v in sorted(chooser.curve.points.items())}
+            row["arm_tokens"] = {name: tally.tokens for name, tally in chooser.tallies.items() if tally.steps}
+        rows.append(row)
+        print(f"{args.model} {job.name}: job {row['job_tokens_per_s']} tok/s, decode {row['decode_tokens_per_s']} "
+              f"tok/s, {row['tokens_per_step']} tokens/step, {row['wall_s']} s ({row['other_s']} s not decoding)",
+              flush=True)
     greedy = None
     if args.check_greedy:
         greedy = all(out == hf_greedy(model, prompt.ids, args.max_new_tokens)
@@ -120,6 +151,7 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(torch=torch.__version__, threads=args.threads, seconds=round(time.time() - began, 1),
+               compiler_warm_up_s=round(warm_s, 1),
                command=" ".join(sys.argv), date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     settings = dict(vars(args), prompts=str(suite.relative_to(loading.REPO) if suite.is_relative_to(loading.REPO)
                                              else suite), records=len(prompts))
@@ -134,7 +166,8 @@ def main() -> int:
         lines.append(f"| {r['method']} | {ran} | {r['tokens_per_step']} | {r['job_tokens_per_s']} | "
                      f"{r['decode_tokens_per_s']} | {r['wall_s']} | {r['other_s']} | "
                      f"{round(r['job_tokens_per_s'] / auto['job_tokens_per_s'], 3)} |")
-    lines += ["", f"auto / best fixed ({summary['best']}): {summary['auto_vs_best']}; auto / the old default "
+    lines += ["", f"auto ran {rows[0]['arm_tokens']} (tokens by setting); auto / best fixed ({summary['best']}): "
+              f"{summary['auto_vs_best']}; auto / the old default "
               f"(reference 15:5:15): {summary['auto_vs_old_default']}; same tokens: {summary['same_tokens']}"
               + (f"; HF greedy: {greedy}" if greedy is not None else "")]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -23,7 +23,8 @@ from .step_cost import CostCurve, CostStore, remember_observed, step_costs
 log = logging.getLogger("lp")
 
 MAX_ARMS = 3  # shapes a job may build (each compiled one costs its compile time)
-TRIAL_TOKENS = 64  # tokens an arm decodes before its own figures replace its prior
+TRIAL_TOKENS = 64  # tokens an arm decodes before it may be left (a switch on one record's noise wastes a compile)
+OWN_TOKENS = 2048  # tokens of its own after which an arm's acceptance counts as much as the job's pooled one
 SHAPE_KEYS = ("window", "ngram", "guess", "lookup", "lookup_len", "chain", "budget", "plain_steps")
 
 
@@ -45,12 +46,17 @@ class Arm:
     def config(self, base: LookaheadConfig) -> LookaheadConfig:
         return dataclasses.replace(base, **self.settings)
 
-    def full_step(self, base: LookaheadConfig, device_type: str) -> int:
-        """Tokens a whole step feeds: the last token, the window's levels and the tree (the reference engine's
-        candidates at most: G of N-1)."""
+    def full_step(self, base: LookaheadConfig, device_type: str, ranks: int = 1) -> float:
+        """Tokens a whole step feeds on each rank: the last token, and the rank's share of the window's levels and
+        of the tree (the reference engine's candidates at most: G of N-1)."""
         cfg = self.config(base)
         tree = cfg.tree_budget(device_type) if self.compiled else cfg.guess * cfg.levels
-        return 1 + cfg.window * cfg.levels + tree
+        return 1 + (cfg.window * cfg.levels + tree) / ranks
+
+    def mean_fed(self, base: LookaheadConfig, device_type: str, ranks: int = 1) -> float:
+        """Prior mean tokens fed a step on each rank (a team's compiled steps run whole: no plain steps)."""
+        share = 1.0 if self.compiled and ranks > 1 else self.fed_share
+        return self.full_step(base, device_type, ranks) * share
 
 
 # Priors: tokens a step and fed share, the means over the default model's code suite and stories260k of
@@ -66,15 +72,17 @@ COMPILED_ACCELERATOR = [Arm("compiled 15,5,15", dict(window=15, ngram=5, guess=1
                         Arm("compiled 7,5,7", dict(window=7, ngram=5, guess=7, compile=True), 3.40, 1.0)]
 
 
-def menu(device_type: str, compile: bool | None) -> list[Arm]:
+def menu(device_type: str, compile: bool | None, ranks: int = 1) -> list[Arm]:
     """The arms for a device: compiled ones where compiling is exact (not yet on CUDA: lp.fast_decoding) or was
-    asked for, eager ones unless compile was asked for."""
+    asked for, eager ones unless compile was asked for; for a team, those with a window column for every rank."""
     compiled = COMPILED_CPU if device_type == "cpu" else COMPILED_ACCELERATOR
     if compile is True:
-        return list(compiled)
-    if compile is False or device_type != "cpu":
-        return list(REFERENCE)
-    return REFERENCE + COMPILED_CPU
+        arms = list(compiled)
+    elif compile is False or device_type != "cpu":
+        arms = list(REFERENCE)
+    else:
+        arms = REFERENCE + COMPILED_CPU
+    return [arm for arm in arms if arm.settings["window"] >= ranks]
 
 
 def prior_compile_s(model, device_type: str) -> float:
@@ -86,18 +94,23 @@ def prior_compile_s(model, device_type: str) -> float:
 
 @dataclass
 class Tally:
-    """What an arm did in this job."""
+    """What an arm did in this job. Its first generation counts for acceptance but not for time: it also builds
+    what the arm's steps reuse (the reference engine's step layouts, the fast path's buffers), so its steps run
+    slower than the arm's later ones (a third slower on stories260k's 5-token prompts)."""
 
     tokens: int = 0
     steps: int = 0
     fed: int = 0
+    timed_steps: int = 0
     seconds: float = 0.0
 
     def add(self, result: GenerationResult) -> None:
+        if self.steps:
+            self.timed_steps += result.steps
+            self.seconds += result.wall_time_s
         self.tokens += result.new_tokens
         self.steps += result.steps
         self.fed += sum(result.tokens_fed_per_step)
-        self.seconds += result.wall_time_s
 
 
 class Chooser:
@@ -105,9 +118,11 @@ class Chooser:
     job's tallies (the tests drive it with synthetic curves)."""
 
     def __init__(self, arms: list[Arm], curve: CostCurve, base: LookaheadConfig, device_type: str,
-                 compile_s: float):
+                 compile_s: float, ranks: int = 1):
+        if not arms:
+            raise ValueError("the tuner needs at least one setting to choose from")
         self.arms, self.curve, self.base, self.device_type = arms, curve, base, device_type
-        self.prior_compile_s = compile_s
+        self.prior_compile_s, self.ranks = compile_s, ranks
         self.tallies = {arm.name: Tally() for arm in arms}
         self.built: list[str] = []  # arms made so far (a compiled one has paid its compile time)
 
@@ -121,27 +136,36 @@ class Chooser:
         return max(got, 0.0) / expected if expected > 0 else 1.0
 
     def tokens_per_step(self, arm: Arm) -> float:
+        """The prior scaled by the job's predictability, drawn toward the arm's own figure as it decodes more
+        (half-way at OWN_TOKENS): an arm ran on other records than the others did, and records differ far more
+        than arms, so a few records of its own say little about the arm."""
+        pooled = 1 + (arm.tokens_per_step - 1) * self.predictability()
         tally = self.tallies[arm.name]
-        if tally.tokens >= TRIAL_TOKENS:
-            return tally.tokens / tally.steps
-        return 1 + (arm.tokens_per_step - 1) * self.predictability()
+        if not tally.steps:
+            return pooled
+        weight = tally.tokens / (tally.tokens + OWN_TOKENS)
+        return weight * tally.tokens / tally.steps + (1 - weight) * pooled
 
     def step_seconds(self, arm: Arm) -> float:
-        """This job's own figure once the arm ran; else what an earlier run observed; else the curve's forward at
+        """This job's own figure once the arm ran past its first generation; else what an earlier run observed; else
+        the curve's forward at
         the arm's expected mean fed tokens (compiled on a CPU: less the per-call overhead that compiling removes,
         about 60 % of a one-token eager forward, benchmarks/README.md (d))."""
         tally = self.tallies[arm.name]
-        if tally.tokens >= TRIAL_TOKENS:
-            return tally.seconds / tally.steps
-        seen = self.curve.observed.get(arm.name, {})
+        if tally.timed_steps:
+            return tally.seconds / tally.timed_steps
+        seen = self.curve.observed.get(self.observed_name(arm), {})
         if seen.get("step_s"):
             return float(seen["step_s"])
-        fed = arm.full_step(self.base, self.device_type) * arm.fed_share
-        forward = self.curve.latency(fed)
+        forward = self.curve.latency(arm.mean_fed(self.base, self.device_type, self.ranks))
         if arm.compiled:
             one = self.curve.latency(1)
             return max(forward - 0.6 * one, 0.25 * forward) if self.device_type == "cpu" else 0.35 * forward
         return forward
+
+    def observed_name(self, arm: Arm) -> str:
+        """The arm's name among what runs observed (a team's step also waits for its exchange: apart per size)."""
+        return arm.name if self.ranks == 1 else f"{arm.name} x{self.ranks} ranks"
 
     def compile_s(self, arm: Arm) -> float:
         if not arm.compiled or arm.name in self.built:
@@ -166,12 +190,13 @@ class Chooser:
     def record(self, arm: Arm, result: GenerationResult) -> None:
         self.tallies[arm.name].add(result)
         tally = self.tallies[arm.name]
-        if tally.steps:
-            seen = self.curve.observed.setdefault(arm.name, {})
-            seen["step_s"] = round(tally.seconds / tally.steps, 6)
+        if tally.timed_steps:
+            seen = self.curve.observed.setdefault(self.observed_name(arm), {})
+            seen["step_s"] = round(tally.seconds / tally.timed_steps, 6)
             seen["fed"] = round(tally.fed / tally.steps, 2)
-            if result.compile_time_s > 0:
-                seen["compile_s"] = round(max(result.compile_time_s, seen.get("compile_s", 0.0)), 2)
+        if result.compile_time_s > 0:
+            seen = self.curve.observed.setdefault(self.observed_name(arm), {})
+            seen["compile_s"] = round(max(result.compile_time_s, seen.get("compile_s", 0.0)), 2)
 
     def why(self, tokens_left: float) -> str:
         """Every arm's predicted figures, the chosen first (what --verbose prints)."""
@@ -183,18 +208,22 @@ class Chooser:
 
 class AutoDecoder:
     """A Decoder that tunes itself: runs each generation with the arm the Chooser picks (lp.decoding.Decoder's
-    generate, settings, memory and prompt checks, delegated). One rank decoding one sequence a forward: a team's
-    ranks would have to agree on a choice their own timings make, so teams and batches run fixed settings."""
+    generate, settings, memory and prompt checks, delegated). In a team every rank runs the arm rank 0's chooser
+    picks (team.pick), so the ranks agree whatever their own timings say; a batch's lanes share one forward and run
+    fixed settings (lp.cli.main._decoder)."""
 
     def __init__(self, model, config: LookaheadConfig | None = None, job_tokens: int = 0,
-                 store: CostStore | None = None, arms: list[Arm] | None = None):
+                 store: CostStore | None = None, arms: list[Arm] | None = None, team=None):
         self.model = model
         self.base = config or LookaheadConfig()
         self.device = next(model.parameters()).device
         self.store = store or CostStore()
+        self.shared_team = team  # None: one rank
+        ranks = team.size if team is not None else 1
         self.key, curve = step_costs(model, self.store)
-        arms = arms or menu(self.device.type, self.base.compile)
-        self.chooser = Chooser(arms, curve, self.base, self.device.type, prior_compile_s(model, self.device.type))
+        arms = arms or menu(self.device.type, self.base.compile, ranks)
+        self.chooser = Chooser(arms, curve, self.base, self.device.type, prior_compile_s(model, self.device.type),
+                               ranks)
         self.job_tokens = job_tokens  # the job's budget of new tokens not yet started (0: unknown)
         self.budget_seen, self.tokens_seen = 0, 0
         self.decoders: dict[str, Decoder] = {}
@@ -212,7 +241,7 @@ class AutoDecoder:
     def _decoder(self, arm: Arm) -> Decoder:
         found = self.decoders.get(arm.name)
         if found is None:
-            found = self.decoders[arm.name] = Decoder(self.model, arm.config(self.base))
+            found = self.decoders[arm.name] = Decoder(self.model, arm.config(self.base), team=self.shared_team)
             self.chooser.built.append(arm.name)
             if self._memory is not None:
                 self._load(found, *self._memory)
@@ -224,6 +253,8 @@ class AutoDecoder:
         budget = max_new_tokens or 0
         left = self._tokens_left(budget)
         arm = self.chooser.choose(left, self.current)
+        if self.shared_team is not None:  # rank 0's choice on every rank
+            arm = self.chooser.arms[self.shared_team.pick(self.chooser.arms.index(arm))]
         if self.explain is not None and (arm.name != self.current or not self.chooser.tallies[arm.name].steps):
             self.explain(f"self-tuning, {left:.0f} tokens to go: {self.chooser.why(left)}")
         decoder = self._decoder(arm)
@@ -243,8 +274,8 @@ class AutoDecoder:
     @property
     def decoder(self) -> Decoder:
         """The arm that ran last (before the first generation: the one the job's budget alone would pick)."""
-        if self.current is None:
-            return self._decoder(self.chooser.choose(self._tokens_left(0)))
+        if self.current is None:  # every rank alike: no timing of its own counts before the first generation
+            return self._decoder(self.chooser.arms[0] if self.shared_team else self.chooser.choose(self._tokens_left(0)))
         return self.decoders[self.current]
 
     @property

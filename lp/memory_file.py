@@ -46,9 +46,9 @@ def save(path: str | Path, grams: torch.Tensor, fingerprint: str, vocab: int, co
         raise MemoryFileError(f"cannot save --memory-file {str(path)!r}: {exc.strerror or exc}") from None
 
 
-def load(path: str | Path, fingerprint: str, vocab: int, ngram: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The n-grams [M, ngram] saved in `path` (longer ones cut to `ngram` tokens) and its corpus (empty if none),
-    or MemoryFileError."""
+def load(path: str | Path, fingerprint: str, vocab: int, ngram: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n-grams [M, ngram] saved in `path` (longer ones cut to `ngram` tokens; None: as saved, for a self-tuning
+    job whose settings cut them each to its own) and its corpus (empty if none), or MemoryFileError."""
     from safetensors import safe_open
 
     where = f"--memory-file {str(path)!r}"
@@ -71,6 +71,8 @@ def load(path: str | Path, fingerprint: str, vocab: int, ngram: int) -> tuple[to
     if any(t.numel() and (int(t.min()) < lowest or int(t.max()) >= vocab) for t, lowest in ((grams, 0), (corpus, -1))):
         raise MemoryFileError(f"{where} holds token ids outside this model's vocabulary of {vocab}; it is damaged: "
                               "delete it or give another path")
+    if ngram is None:
+        return grams, corpus
     if grams.shape[1] < ngram:
         raise MemoryFileError(f"{where} holds {grams.shape[1]}-grams, shorter than this job's ngram {ngram}; give "
                               f"--ngram {grams.shape[1]} or another path")

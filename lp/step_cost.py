@@ -27,8 +27,8 @@ log = logging.getLogger("lp")
 
 CPU_SIZES = (1, 4, 16, 32, 64, 128)  # tokens fed per forward where the curve is measured
 ACCEL_SIZES = (1, 16, 64, 128, 256, 512)
-PREFIX = 64  # cache entries before the measured tokens (a short context: what decoding a prompt looks like)
-CALLS = 5  # timed calls per size (median), after two warm-up calls
+PREFIX = 192  # cache entries before the measured tokens (a prompt and some output: a typical decoding context)
+CALLS = 7  # timed calls per size (median), after two warm-up calls
 CACHE_FILE = "step_costs.json"
 
 
@@ -92,7 +92,9 @@ class CostCurve:
 
 def measure(model, sizes: tuple[int, ...] | None = None, calls: int = CALLS) -> dict[int, float]:
     """Median seconds of an eager forward of T tokens for each T in `sizes` (a static cache of PREFIX entries
-    before them, logits for every row, as a fast-path step feeds)."""
+    before them, logits for every row, as a fast-path step feeds). The sizes take turns call by call, so a burst of
+    load elsewhere slows them alike, and the curve is made non-decreasing from the top (a forward of more tokens
+    never costs less: a size that measured slower than a larger one was disturbed)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     sizes = sizes or (CPU_SIZES if device.type == "cpu" else ACCEL_SIZES)
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 20
@@ -101,27 +103,32 @@ def measure(model, sizes: tuple[int, ...] | None = None, calls: int = CALLS) -> 
     vocab = model.get_output_embeddings().weight.shape[0]
     capacity = 1 << (PREFIX + max(sizes) - 1).bit_length()
     argument = cache_argument(model)
-    out = {}
+    calls_of = {}
+    for t in sizes:
+        cache = SlotCache(layers, capacity, device)
+        cache.length.fill_(min(PREFIX, context - t))
+        cache.slots = torch.arange(int(cache.length), int(cache.length) + t, device=device)
+        ids = torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(t)).to(device)
+        positions = cache.slots[None].clone()
+        visible = torch.arange(capacity, device=device)[None, :] <= positions[0, :, None]
+        mask = torch.zeros(t, capacity, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
+        calls_of[t] = dict(input_ids=ids, position_ids=positions, attention_mask=mask[None, None], use_cache=True,
+                           **{argument: cache})
+    times = {t: [] for t in sizes}
     with torch.inference_mode():
-        for t in sizes:
-            cache = SlotCache(layers, capacity, device)
-            cache.length.fill_(PREFIX)
-            cache.slots = torch.arange(PREFIX, PREFIX + t, device=device)
-            ids = torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(t)).to(device)
-            positions = cache.slots[None].clone()
-            visible = torch.arange(capacity, device=device)[None, :] <= positions[0, :, None]
-            mask = torch.zeros(t, capacity, dtype=dtype, device=device).masked_fill_(~visible, torch.finfo(dtype).min)
-            times = []
-            for call in range(calls + 2):
+        for call in range(calls + 2):
+            for t in sizes:
                 _sync(device)
                 began = time.perf_counter()
-                model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None], use_cache=True,
-                      **{argument: cache})
+                model(**calls_of[t])
                 _sync(device)
-                if call >= 2:
-                    times.append(time.perf_counter() - began)
-            out[t] = statistics.median(times)
-    return out
+                if call >= 2:  # the first two calls of a size warm it up (and fill its cache's buffers)
+                    times[t].append(time.perf_counter() - began)
+    out, lowest = {}, float("inf")
+    for t in sorted(sizes, reverse=True):
+        lowest = min(lowest, statistics.median(times[t]))
+        out[t] = lowest
+    return dict(sorted(out.items()))
 
 
 def _sync(device: torch.device) -> None:

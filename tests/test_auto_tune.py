@@ -3,6 +3,7 @@ against the job, explores by its prior and keeps by measurement; the cost curve 
 when damaged; every arm a tuned job runs gives greedy's tokens, and every record says what ran and who chose it."""
 import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -11,10 +12,11 @@ from lp.auto_tune import COMPILED_CPU, MAX_ARMS, REFERENCE, TRIAL_TOKENS, Arm, A
 from lp.cli import main
 from lp.config import LookaheadConfig
 from lp.decoding import GenerationResult
+from lp.distributed.team import SoloTeam
 from lp.greedy_rules import hf_greedy
 from lp.step_cost import CostCurve, CostStore, cost_key, step_costs
 from models import tiny_model
-from test_cli import json_lines, save_tiny_model
+from test_cli import RUN, json_lines, run, save_tiny_model
 
 BASE = LookaheadConfig()
 SIZES = (1, 4, 16, 32, 64, 128)
@@ -64,15 +66,20 @@ def test_an_arm_that_disappoints_is_left_and_the_best_measured_one_is_kept():
     first = chooser.choose(10_000)
     assert first.name == "reference 15,5,15"
     chooser.built.append(first.name)
-    chooser.record(first, ran(290, 100, 100 * 0.040))  # as many tokens as its prior, but twice the step's cost
+    chooser.record(first, ran(290, 100, 100 * 0.090))  # an arm's first generation is not timed (it warms up) ...
+    assert chooser.step_seconds(first) == pytest.approx(chooser.curve.latency(121 * first.fed_share))
+    chooser.record(first, ran(290, 100, 100 * 0.040))  # ... its second is: as many tokens as its prior, twice the time
+    assert chooser.step_seconds(first) == pytest.approx(0.040)
     second = chooser.choose(10_000, first.name)
     assert second.name == "reference 7,5,7"  # its prior now beats what 15,5,15 measured
     chooser.built.append(second.name)
-    chooser.record(second, ran(265, 100, 100 * 0.045))
+    for _ in range(2):
+        chooser.record(second, ran(265, 100, 100 * 0.045))
     third = chooser.choose(10_000, second.name)
     assert third.name == "reference 5,4,5"
     chooser.built.append(third.name)
-    chooser.record(third, ran(235, 100, 100 * 0.050))
+    for _ in range(2):
+        chooser.record(third, ran(235, 100, 100 * 0.050))
     assert chooser.choose(10_000, third.name).name == "reference 15,5,15"  # every arm measured: the best one
 
 
@@ -107,6 +114,7 @@ def test_the_jobs_predictability_scales_the_priors_of_arms_not_yet_run():
 def test_what_a_run_observes_replaces_the_curves_guess_for_the_next_run(tmp_path):
     first = Chooser(REFERENCE, curve(lambda t: 0.01), BASE, "cpu", compile_s=25)
     arm = first.by_name("reference 7,5,7")
+    first.record(arm, ran(300, 100, 100 * 0.050, fed=40))
     first.record(arm, ran(300, 100, 100 * 0.033, fed=40))
     again = Chooser(REFERENCE, CostCurve.from_json(json.loads(json.dumps(first.curve.to_json()))), BASE, "cpu", 25)
     assert again.step_seconds(arm) == pytest.approx(0.033)
@@ -121,6 +129,7 @@ def test_the_cost_curve_is_measured_once_then_reused_from_the_cache(tmp_path):
     model = tiny_model()
     key, measured = step_costs(model, store)
     assert sorted(measured.points) == list(SIZES) and all(s > 0 for s in measured.points.values())
+    assert list(measured.points.values()) == sorted(measured.points.values())  # more tokens never cost less
     saved = json.loads(store.path.read_text())[key]
     assert saved["dtype"] == "torch.float64" and "device" in saved and "measured" in saved
     again_key, again = step_costs(model, store)
@@ -177,6 +186,39 @@ def test_every_arm_a_tuned_job_switches_to_gives_greedys_tokens(tmp_path):
         assert auto.settings()["arm"] == arms[n % 3].name and auto.settings()["chosen_by"] == "auto"
     assert sorted(auto.decoders) == ["a", "b", "c"]
     assert set(CostStore(tmp_path / "costs.json").read()[auto.key]["observed"]) == {"a", "b", "c"}
+
+
+def test_a_team_runs_the_arm_rank_0_picked_whatever_this_ranks_chooser_says(tmp_path):
+    class RankZeroSaysLast(SoloTeam):
+        def pick(self, value: int) -> int:
+            self.asked = value
+            return 2
+
+    model = tiny_model()
+    team = RankZeroSaysLast()
+    auto = AutoDecoder(model, job_tokens=40, store=CostStore(tmp_path / "costs.json"), arms=REFERENCE, team=team)
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    assert auto.generate(prompt, 20).token_ids == hf_greedy(model, prompt, 20)
+    assert team.asked == 0  # this rank would have run the narrowest arm on this cost curve ...
+    assert auto.settings()["arm"] == REFERENCE[2].name  # ... but runs rank 0's
+    assert auto.decoder.team is team
+
+
+def test_a_teams_menu_leaves_out_windows_narrower_than_the_team():
+    assert [arm.name for arm in menu("cpu", None, ranks=2)] == [a.name for a in REFERENCE + COMPILED_CPU[1:]]
+    assert [arm.name for arm in menu("cpu", None, ranks=6)] == ["reference 7,5,7", "reference 15,5,15",
+                                                                "compiled 7,5,7 budget 14", "compiled 15,5,15 budget 30"]
+
+
+def test_a_team_splits_the_fed_tokens_and_keeps_its_figures_apart(tmp_path):
+    alone = Chooser(REFERENCE, curve(lambda t: 1e-3 * t), BASE, "cpu", compile_s=25)
+    team = Chooser(REFERENCE, curve(lambda t: 1e-3 * t), BASE, "cpu", compile_s=25, ranks=2)
+    arm = team.by_name("reference 15,5,15")
+    assert team.step_seconds(arm) == pytest.approx(1e-3 * (1 + 120 / 2) * arm.fed_share)
+    assert alone.step_seconds(arm) == pytest.approx(1e-3 * (1 + 120) * arm.fed_share)
+    team.record(arm, ran(300, 100, 3.0))
+    team.record(arm, ran(300, 100, 3.0))
+    assert set(team.curve.observed) == {"reference 15,5,15 x2 ranks"}
 
 
 @pytest.mark.slow
@@ -237,7 +279,7 @@ def test_a_batch_cannot_tune_so_it_says_it_runs_the_defaults(tiny_dir, capsys):
                  "def", "--json", "--batch-size", "2"]) == 0
     captured = capsys.readouterr()
     assert {r["lookahead"]["chosen_by"] for r in json_lines(captured.out)} == {"default"}
-    assert "self-tuning covers one rank decoding one sequence a forward" in captured.err
+    assert "self-tuning covers teams and replicas of unsharded models decoding one sequence a forward" in captured.err
 
 
 def test_asking_to_tune_and_giving_a_shape_is_one_line_error(tiny_dir, capsys):
@@ -253,3 +295,26 @@ def test_tune_measures_prints_the_curve_and_exits(tiny_dir, capsys):
     assert out[0].startswith("step cost of one forward on ") and "key " in out[0]
     assert [line.split()[0] for line in out[1:7]] == [str(t) for t in SIZES]
     assert all("tokens fed:" in line and " ms (" in line for line in out[1:7])
+
+
+@pytest.mark.slow
+def test_a_torchrun_team_tunes_as_one_and_matches_greedy(tiny_dir):
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", RUN,
+               "--model", tiny_dir, "--dtype", "float64", "--max-new-tokens", "40", "--prompt", "abcabc",
+               "--prompt", "xyzxyz", "--prompt", "abcxyz", "--json", "--compare-greedy"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = json_lines(out.stdout)
+    assert [r["greedy_match"] for r in records] == [True] * 3
+    assert {r["lookahead"]["chosen_by"] for r in records} == {"auto"} and {r["ranks"] for r in records} == {2}
+
+
+def test_a_tuned_job_keeps_its_memory_in_a_file_and_starts_the_next_from_it(tiny_dir, tmp_path, capsys):
+    memory = tmp_path / "job.memory"
+    args = ["--model", tiny_dir, "--dtype", "float64", "--max-new-tokens", "24", "--prompt", "abcabcabc", "--json",
+            "--memory-file", str(memory)]
+    assert main(args) == 0
+    assert "saved the job's memory to" in capsys.readouterr().err
+    assert main(args + ["--compare-greedy"]) == 0  # whatever n-gram size the first job's setting kept
+    captured = capsys.readouterr()
+    assert "starting from the memory in" in captured.err
+    assert [r["greedy_match"] for r in json_lines(captured.out)] == [True]

@@ -317,8 +317,8 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
     else:
         decoder.chosen_by = "user" if cfg.shape_given else "default"
         if cfg.chosen_by == "auto":
-            log("self-tuning covers one rank decoding one sequence a forward (a team's ranks would have to agree on "
-                "what their own timings say); this run takes the default settings")
+            log("self-tuning covers teams and replicas of unsharded models decoding one sequence a forward (not "
+                "--batch-size or --tp); this run takes the default settings")
     memory.start(decoder, log)
     try:
         if layout.replicas > 1 or cfg.batch_size > 1:
@@ -343,7 +343,8 @@ class _MemoryFile:
         self.stamp = memory_file.tokenizer_fingerprint(tokenizer, self.vocab) if self.path else ""
         self.grams = self.corpus = None
         if self.path and os.path.exists(self.path):
-            self.grams, self.corpus = memory_file.load(self.path, self.stamp, self.vocab, cfg.lookahead.ngram)
+            ngram = None if _tunes(cfg) else cfg.lookahead.ngram  # self-tuning: each of its settings cuts its own
+            self.grams, self.corpus = memory_file.load(self.path, self.stamp, self.vocab, ngram)
 
     def start(self, decoder, log) -> None:
         if self.grams is not None:
@@ -609,11 +610,17 @@ def _tune(model, rank0: bool) -> int:
     return 0
 
 
+def _tunes(cfg: RunConfig) -> bool:
+    """Whether this run's decoder tunes itself: auto, one sequence a forward, an unsharded model (a sharded forward
+    is collective, so its ranks cannot time it alone)."""
+    return cfg.chosen_by == "auto" and cfg.batch_size == 1 and cfg.tp == 1
+
+
 def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list) -> Decoder:
     """This rank's decoder in its replica's team (every rank makes every process group, in the same order). A batch
     has no more lanes than there are records to decode (an idle lane would still compute every step). With
-    auto_tune and one rank decoding one sequence a forward, a self-tuning decoder for this replica's share of the
-    job's tokens."""
+    auto_tune and one sequence a forward of an unsharded model, a self-tuning decoder (rank 0 of a team chooses for
+    it) for this replica's share of the job's tokens."""
     records = len(items)
     team = None
     replica = layout.replica_of(launch.rank)
@@ -633,9 +640,9 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list)
         if cfg.batch_size > 1:
             lanes = max(1, min(cfg.batch_size, -(-records // layout.replicas)))
             return BatchedDecoder(model, cfg.lookahead, lanes, team, compile=cfg.lookahead.compiled)
-        if cfg.chosen_by == "auto" and team is None:
+        if _tunes(cfg):
             share = sum(item["max_new_tokens"] for item in items) // layout.replicas
-            return AutoDecoder(model, cfg.lookahead, job_tokens=share)
+            return AutoDecoder(model, cfg.lookahead, job_tokens=share, team=team)
         return Decoder(model, cfg.lookahead, team=team)
     except ValueError as exc:  # encoder-decoder or sliding-window models: the same answer on every rank
         raise UsageError(_one_line(exc)) from None

@@ -139,6 +139,11 @@ class ProcessGroupTeam:
         self.comm.seconds[-1] += time.perf_counter() - start
         self.comm.bytes[-1] += buffer.numel() * buffer.element_size()
 
+    def pick(self, value: int) -> int:
+        """Rank 0's `value`, on every rank (one small all-gather): a choice the ranks must share, such as the
+        setting a self-tuning team runs next (lp.auto_tune), made from rank 0's own measurements."""
+        return int(self._all_gather(torch.tensor([value], dtype=torch.int64))[0, 0])
+
     def report_failure(self, message: str) -> None:
         """Tell the peers (through the store) why this rank is about to stop."""
         self._heartbeat.report(message)
