@@ -61,7 +61,9 @@ class Arm:
 
 # Priors: tokens a step and fed share, the means over the default model's code suite and stories260k of
 # benchmarks/README.md (d) (the reference engine) and (e4) (the compiled fast path, plain steps on).
-REFERENCE = [Arm("reference 5,4,5", dict(window=5, ngram=4, guess=5, compile=False), 2.35, 0.75),
+REFERENCE = [Arm("reference 2,3,2", dict(window=2, ngram=3, guess=2, compile=False), 1.90, 0.83),
+             Arm("reference 3,3,3", dict(window=3, ngram=3, guess=3, compile=False), 2.00, 0.79),
+             Arm("reference 5,4,5", dict(window=5, ngram=4, guess=5, compile=False), 2.35, 0.75),
              Arm("reference 7,5,7", dict(window=7, ngram=5, guess=7, compile=False), 2.65, 0.70),
              Arm("reference 15,5,15", dict(window=15, ngram=5, guess=15, compile=False), 2.90, 0.66)]
 COMPILED_CPU = [Arm("compiled 1,2,0 lookup 1x10", dict(window=1, ngram=2, guess=0, lookup=1, lookup_len=10, budget=10,

@@ -28,7 +28,9 @@ log = logging.getLogger("lp")
 CPU_SIZES = (1, 4, 16, 32, 64, 128)  # tokens fed per forward where the curve is measured
 ACCEL_SIZES = (1, 16, 64, 128, 256, 512)
 PREFIX = 192  # cache entries before the measured tokens (a prompt and some output: a typical decoding context)
-CALLS = 7  # timed calls per size (median), after two warm-up calls
+CALLS = 7  # timed calls per size (median), after a warm-up call, unless BUDGET_S runs out first (3 at least)
+BUDGET_S = 2.0  # seconds the timed calls may take together
+SLOW_CALL_S = 0.1  # a size whose warm-up call takes longer is the last one measured (the curve goes on linearly)
 CACHE_FILE = "step_costs.json"
 
 
@@ -92,9 +94,9 @@ class CostCurve:
 
 def measure(model, sizes: tuple[int, ...] | None = None, calls: int = CALLS) -> dict[int, float]:
     """Median seconds of an eager forward of T tokens for each T in `sizes` (a static cache of PREFIX entries
-    before them, logits for every row, as a fast-path step feeds). The sizes take turns call by call, so a burst of
-    load elsewhere slows them alike, and the curve is made non-decreasing from the top (a forward of more tokens
-    never costs less: a size that measured slower than a larger one was disturbed)."""
+    before them, logits for every row, as a fast-path step feeds), in about BUDGET_S at most. The sizes take turns
+    call by call, so a burst of load elsewhere slows them alike, and the curve is made non-decreasing from the top
+    (a forward of more tokens never costs less: a size that measured slower than a larger one was disturbed)."""
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     sizes = sizes or (CPU_SIZES if device.type == "cpu" else ACCEL_SIZES)
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 20
@@ -116,19 +118,31 @@ def measure(model, sizes: tuple[int, ...] | None = None, calls: int = CALLS) -> 
                            **{argument: cache})
     times = {t: [] for t in sizes}
     with torch.inference_mode():
-        for call in range(calls + 2):
+        for t in sizes:  # the warm-up calls (they also fill each cache's buffers), smallest first
+            seconds = _timed(model, calls_of[t], device)
+            if seconds > SLOW_CALL_S and t != sizes[0]:  # a large model on a CPU: larger sizes would take seconds
+                sizes = tuple(x for x in sizes if x <= t)
+                break
+        started = time.perf_counter()
+        for call in range(calls):
+            if call >= 3 and time.perf_counter() - started > BUDGET_S:
+                break
             for t in sizes:
-                _sync(device)
-                began = time.perf_counter()
-                model(**calls_of[t])
-                _sync(device)
-                if call >= 2:  # the first two calls of a size warm it up (and fill its cache's buffers)
-                    times[t].append(time.perf_counter() - began)
+                times[t].append(_timed(model, calls_of[t], device))
     out, lowest = {}, float("inf")
     for t in sorted(sizes, reverse=True):
         lowest = min(lowest, statistics.median(times[t]))
         out[t] = lowest
     return dict(sorted(out.items()))
+
+
+def _timed(model, call: dict, device: torch.device) -> float:
+    """Seconds of one forward, the device synchronised before and after."""
+    _sync(device)
+    began = time.perf_counter()
+    model(**call)
+    _sync(device)
+    return time.perf_counter() - began
 
 
 def _sync(device: torch.device) -> None:

@@ -19,6 +19,7 @@ from models import tiny_model
 from test_cli import RUN, json_lines, run, save_tiny_model
 
 BASE = LookaheadConfig()
+WIDE = [arm for arm in REFERENCE if arm.name in ("reference 5,4,5", "reference 7,5,7", "reference 15,5,15")]
 SIZES = (1, 4, 16, 32, 64, 128)
 
 
@@ -41,7 +42,7 @@ def test_a_flat_cost_curve_picks_the_widest_arm():
 
 def test_a_cost_that_grows_with_every_token_fed_picks_the_narrowest_arm():
     chooser = Chooser(REFERENCE, curve(lambda t: 1e-3 * t), BASE, "cpu", compile_s=25)
-    assert chooser.choose(10_000).name == "reference 5,4,5"
+    assert chooser.choose(10_000).name == "reference 2,3,2"
 
 
 def test_compiling_is_chosen_only_when_the_job_is_long_enough_to_pay_for_it():
@@ -62,7 +63,7 @@ def test_the_menu_compiles_only_where_it_is_exact_or_asked_for():
 
 
 def test_an_arm_that_disappoints_is_left_and_the_best_measured_one_is_kept():
-    chooser = Chooser(REFERENCE, curve(lambda t: 0.02 + 1e-5 * t), BASE, "cpu", compile_s=25)
+    chooser = Chooser(WIDE, curve(lambda t: 0.02 + 1e-5 * t), BASE, "cpu", compile_s=25)
     first = chooser.choose(10_000)
     assert first.name == "reference 15,5,15"
     chooser.built.append(first.name)
@@ -84,22 +85,23 @@ def test_an_arm_that_disappoints_is_left_and_the_best_measured_one_is_kept():
 
 
 def test_a_running_arm_keeps_the_job_until_it_has_decoded_its_trial():
-    chooser = Chooser(REFERENCE, curve(lambda t: 1e-3 * t), BASE, "cpu", compile_s=25)
+    chooser = Chooser(WIDE, curve(lambda t: 1e-3 * t), BASE, "cpu", compile_s=25)
     chooser.built.append("reference 15,5,15")
     chooser.record(chooser.by_name("reference 15,5,15"), ran(TRIAL_TOKENS - 1, 30, 1.0))
     assert chooser.choose(10_000, "reference 15,5,15").name == "reference 15,5,15"
     chooser.record(chooser.by_name("reference 15,5,15"), ran(1, 1, 0.03))
-    assert chooser.choose(10_000, "reference 15,5,15").name == "reference 5,4,5"
+    assert chooser.choose(10_000, "reference 15,5,15").name == "reference 5,4,5"  # the narrowest of the three
 
 
 def test_no_more_than_three_arms_are_ever_built():
     chooser = Chooser(menu("cpu", None), curve(lambda t: 1e-3 * t), BASE, "cpu", compile_s=25)
-    for arm in REFERENCE:  # three eager arms, all measured slow
+    for arm in WIDE:  # three eager arms, all measured slow
         chooser.built.append(arm.name)
+        chooser.record(arm, ran(100, 100, 100 * 1.0))
         chooser.record(arm, ran(100, 100, 100 * 1.0))
     assert len(chooser.built) == MAX_ARMS
     best_unbuilt = min((a for a in chooser.arms if a.name not in chooser.built), key=lambda a: chooser.cost(a, 1e9))
-    assert chooser.cost(best_unbuilt, 1e9) < min(chooser.cost(a, 1e9) for a in REFERENCE)  # it would win ...
+    assert chooser.cost(best_unbuilt, 1e9) < min(chooser.cost(a, 1e9) for a in WIDE)  # it would win ...
     assert chooser.choose(1e9).name in chooser.built  # ... but the job already has its three shapes
 
 
@@ -196,16 +198,19 @@ def test_a_team_runs_the_arm_rank_0_picked_whatever_this_ranks_chooser_says(tmp_
 
     model = tiny_model()
     team = RankZeroSaysLast()
-    auto = AutoDecoder(model, job_tokens=40, store=CostStore(tmp_path / "costs.json"), arms=REFERENCE, team=team)
+    store = CostStore(tmp_path / "costs.json")
+    store.write(cost_key(model, torch.device("cpu"), torch.float64), curve(lambda t: 1e-3 * t))  # every token costs
+    auto = AutoDecoder(model, job_tokens=40, store=store, arms=WIDE, team=team)
     prompt = [5, 6, 7, 5, 6, 7, 5, 6]
     assert auto.generate(prompt, 20).token_ids == hf_greedy(model, prompt, 20)
     assert team.asked == 0  # this rank would have run the narrowest arm on this cost curve ...
-    assert auto.settings()["arm"] == REFERENCE[2].name  # ... but runs rank 0's
+    assert auto.settings()["arm"] == WIDE[2].name  # ... but runs rank 0's
     assert auto.decoder.team is team
 
 
 def test_a_teams_menu_leaves_out_windows_narrower_than_the_team():
     assert [arm.name for arm in menu("cpu", None, ranks=2)] == [a.name for a in REFERENCE + COMPILED_CPU[1:]]
+    assert [arm.name for arm in menu("cpu", None, ranks=3)] == [a.name for a in REFERENCE[1:] + COMPILED_CPU[1:]]
     assert [arm.name for arm in menu("cpu", None, ranks=6)] == ["reference 7,5,7", "reference 15,5,15",
                                                                 "compiled 7,5,7 budget 14", "compiled 15,5,15 budget 30"]
 
