@@ -339,5 +339,6 @@ def test_gpu_auto_tune_smoke_predicts_and_measures_every_eager_setting(tmp_path)
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert sorted(int(t) for t in result["curve_ms"]) == [1, 4, 16, 32, 64, 128]
-    assert [row["arm"] for row in result["arms"]] == ["reference 5,4,5", "reference 7,5,7", "reference 15,5,15"]
+    assert [row["arm"] for row in result["arms"]] == ["reference 2,3,2", "reference 3,3,3", "reference 5,4,5",
+                                                      "reference 7,5,7", "reference 15,5,15"]
     assert all(row["predicted_ms"] > 0 and row["measured_ms"] > 0 and row["steps"] > 0 for row in result["arms"])
