@@ -92,9 +92,7 @@ class Job:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="default", help="default, stories260k, smollm2-135m, a path, ...")
-    p.add_argument("--prompts", help="JSONL suite (default: the model's own, as benchmarks/loading.py picks)")
-    p.add_argument("--limit", type=int, help="first LIMIT records")
+    loading.add_suite_arguments(p, "default")
     p.add_argument("--repeat", type=int, default=1, help="the suite this many times over (a longer job)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--grid", default=",".join(GRID), help="fixed settings, comma-separated: ENGINE W:N:G[:L:LEN:B]")
@@ -104,9 +102,8 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     began = time.time()
-    model, tokenizer = loading.load_model(args.model, torch.float32)
-    suite = Path(args.prompts) if args.prompts else loading.default_suite(args.model)
-    prompts = loading.load_prompts(suite, tokenizer, model.config.vocab_size, args.limit) * args.repeat
+    model, tokenizer, suite, prompts = loading.load_suite(args)
+    prompts = prompts * args.repeat
     warm_s = warm_the_compiler()
     print(f"warmed the compiler up in {warm_s:.1f} s (not counted)", flush=True)
     store = CostStore(Path(tempfile.mkdtemp(prefix="lp-costs-")) / "step_costs.json")  # an empty cache: tuning counts
@@ -153,8 +150,7 @@ def main() -> int:
     env = dict(torch=torch.__version__, threads=args.threads, seconds=round(time.time() - began, 1),
                compiler_warm_up_s=round(warm_s, 1),
                command=" ".join(sys.argv), date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    settings = dict(vars(args), prompts=str(suite.relative_to(loading.REPO) if suite.is_relative_to(loading.REPO)
-                                             else suite), records=len(prompts))
+    settings = dict(vars(args), prompts=suite, records=len(prompts))
     out.with_suffix(".json").write_text(json.dumps(dict(environment=env, settings=settings, summary=summary,
                                                         rows=rows), indent=1))
     lines = [f"{args.model}, {len(prompts)} records of `{settings['prompts']}`, up to {args.max_new_tokens} new tokens "

@@ -69,10 +69,8 @@ def run_job(model, prompts, wng, args) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="stories260k", help="default, stories260k, smollm2-135m, a path, ...")
-    p.add_argument("--prompts", help="JSONL suite (default: the model's own, as benchmarks/loading.py picks)")
+    loading.add_suite_arguments(p, "stories260k")
     p.add_argument("--configs", default="15:5:15,7:5:7")
-    p.add_argument("--limit", type=int, help="first LIMIT records")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--compile", action="store_true", help="the compiled fast path (else the same step eagerly)")
     p.add_argument("--check-greedy", action="store_true", help="also compare every output with HF greedy")
@@ -81,9 +79,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     began = time.time()
-    model, tokenizer = loading.load_model(args.model, torch.float32)
-    suite = Path(args.prompts) if args.prompts else loading.default_suite(args.model)
-    prompts = loading.load_prompts(suite, tokenizer, model.config.vocab_size, args.limit)
+    model, tokenizer, suite, prompts = loading.load_suite(args)
     rows = []
     for text in args.configs.split(","):
         row = run_job(model, prompts, tuple(map(int, text.split(":"))), args)
@@ -97,8 +93,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(torch=torch.__version__, threads=args.threads, seconds=round(time.time() - began, 1),
                command=" ".join(sys.argv), date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    settings = dict(vars(args), prompts=str(suite.relative_to(loading.REPO) if suite.is_relative_to(loading.REPO)
-                                             else suite), records=len(prompts))
+    settings = dict(vars(args), prompts=suite, records=len(prompts))
     out.with_suffix(".json").write_text(json.dumps(dict(environment=env, settings=settings, rows=rows), indent=1))
     lines = [f"{args.model}, {len(prompts)} records of `{settings['prompts']}`, {args.max_new_tokens} new tokens each, "
              f"{'compiled' if args.compile else 'eager'} fast path", "",

@@ -114,3 +114,20 @@ def load_prompts(path: str | Path, tokenizer, vocab_size: int, limit: int | None
     if not out:
         raise ValueError(f"no prompts in {path}")
     return out
+
+
+def add_suite_arguments(parser, default_model: str) -> None:
+    """--model, --prompts and --limit: the job a benchmark decodes (see `load_suite`)."""
+    parser.add_argument("--model", default=default_model, help="default, stories260k, smollm2-135m, a path, ...")
+    parser.add_argument("--prompts", help="JSONL suite (default: the model's own, as default_suite picks)")
+    parser.add_argument("--limit", type=int, help="first LIMIT records")
+
+
+def load_suite(args):
+    """(model in float32, tokenizer, the suite's path as the results name it, its prompts) for `add_suite_arguments`."""
+    model, tokenizer = load_model(args.model, torch.float32)
+    suite = Path(args.prompts) if args.prompts else default_suite(args.model)
+    prompts = load_prompts(suite, tokenizer, model.config.vocab_size, args.limit)
+    full = suite.resolve()
+    shown = str(full.relative_to(REPO) if full.is_relative_to(REPO) else suite)
+    return model, tokenizer, shown, prompts

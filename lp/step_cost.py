@@ -108,8 +108,8 @@ def measure(model, sizes: tuple[int, ...] | None = None, calls: int = CALLS) -> 
     calls_of = {}
     for t in sizes:
         cache = SlotCache(layers, capacity, device)
-        cache.length.fill_(min(PREFIX, context - t))
-        cache.slots = torch.arange(int(cache.length), int(cache.length) + t, device=device)
+        cache.length.fill_(PREFIX)
+        cache.slots = torch.arange(PREFIX, PREFIX + t, device=device)
         ids = torch.randint(0, vocab, (1, t), generator=torch.Generator().manual_seed(t)).to(device)
         positions = cache.slots[None].clone()
         visible = torch.arange(capacity, device=device)[None, :] <= positions[0, :, None]
