@@ -7,7 +7,7 @@ python benchmarks/cuda_fuzz.py --smoke      (the CPU, a few cases: the code, not
 Compiling dominates (each configuration compiles its graphs once per cache bucket, 10-40 s on a GPU), so the fuzz
 draws few configurations and many cases under each: random prompts (short ones in the 256-slot bucket, long ones
 in the 512-slot one, some repetitive), budgets, EOS, batches of lanes and sampling. It starts with the shape a GPU
-runs by default ((15,5,15), prompt lookup 2, a tree of 60, no plain steps) split and whole, then a batch, sampling,
+runs by default ((15,5,15), prompt lookup 2, a tree of 60, no plain steps, split on CUDA), then a batch, sampling,
 EOS, and configurations drawn as tests/test_random_settings.py draws them. Tiny random models in float64 (every
 family the tests use), so a mismatch is a bug, not a near-tie.
 """
@@ -46,8 +46,7 @@ def log(*parts) -> None:
 
 def groups(rng: random.Random) -> list[dict]:
     """The configurations, in the order they run: the GPU's default shape first."""
-    fixed = [dict(name="gpu shape, split", settings=dict(GPU_SHAPE, step_graphs="split")),
-             dict(name="gpu shape, whole", settings=dict(GPU_SHAPE, step_graphs="whole")),
+    fixed = [dict(name="gpu shape", settings=dict(GPU_SHAPE)),  # the step as the device compiles it by default
              dict(name="batch of 3 lanes", settings=dict(window=7, ngram=5, guess=7), batch=3),
              dict(name="sampling", settings=dict(window=7, ngram=5, guess=7, sample=True, temperature=0.8, top_k=40,
                                                  seed=3)),

@@ -75,15 +75,15 @@ COMPILED_ACCELERATOR = [Arm("compiled 15,5,15", dict(window=15, ngram=5, guess=1
 
 
 def menu(device_type: str, compile: bool | None, ranks: int = 1) -> list[Arm]:
-    """The arms for a device: compiled ones where compiling is exact (not yet on CUDA: lp.fast_decoding) or was
-    asked for, eager ones unless compile was asked for; for a team, those with a window column for every rank."""
+    """The arms for a device: compiled ones unless compile=False, eager ones unless compile=True; for a team, those
+    with a window column for every rank."""
     compiled = COMPILED_CPU if device_type == "cpu" else COMPILED_ACCELERATOR
     if compile is True:
         arms = list(compiled)
-    elif compile is False or device_type != "cpu":
+    elif compile is False:
         arms = list(REFERENCE)
     else:
-        arms = REFERENCE + COMPILED_CPU
+        arms = REFERENCE + compiled
     return [arm for arm in arms if arm.settings["window"] >= ranks]
 
 

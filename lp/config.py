@@ -36,8 +36,9 @@ class LookaheadConfig:
         model's generation_config (do_sample as generate() reads it). sample=False or temperature 0 = greedy.
     seed: seeds the initial guesses of the window so runs are reproducible (and identical on every rank).
     compile: the fast path (static cache, one step shape, device-resident state, torch.compile; CUDA graphs
-        on GPUs). None or False = the eager reference engine, on every device; True = the fast path (on CUDA
-        not yet exact at every setting: an H200 run found (15,5,15) with prompt lookup wrong, an open bug).
+        on GPUs). True = the fast path; False = the eager reference engine; None = the fast path on CUDA (where
+        its split step was exact on an H200 and an eager step is bound by the host) and the reference engine
+        elsewhere: `compiled_on`.
     step_graphs: how the fast path compiles a step: "split" = the model's forward as a graph of its own and the
         bookkeeping around it (prepare, finish, commit) as small graphs, so no fusion crosses the forward's
         boundary; "whole" = the entire step as one graph (fewer calls, more fusion). None = split on accelerators
@@ -190,11 +191,11 @@ class LookaheadConfig:
         """The longest candidate: how many tokens past the bonus one a step can accept."""
         return max(self.ngram - 1, self.lookup_len if self.lookup_count else 0)
 
-    @property
-    def compiled(self) -> bool:
-        """Whether decoding takes the compiled fast path: only when asked, on every device. On CUDA it was on by
-        default until an H200 run found it not exact at (15,5,15) (see lp.fast_decoding.CUDA_COMPILE_WARNING)."""
-        return bool(self.compile)
+    def compiled_on(self, device_type: str) -> bool:
+        """Whether decoding takes the compiled fast path on a device of this type: `compile` when set, else on CUDA
+        only (an H200 found its split step exact, benchmarks/results_published/gpu_h200/; on a CPU compiling pays
+        only on long jobs, which self-tuning weighs)."""
+        return self.compile if self.compile is not None else device_type == "cuda"
 
     @classmethod
     def from_dict(cls, values: dict) -> "LookaheadConfig":

@@ -123,14 +123,20 @@ def _refuse_unsupported_model(model) -> None:
                          "lookahead mask does not reproduce; set config.sliding_window = None or use another model")
 
 
+def _device_type(model) -> str:
+    """The type ("cpu", "cuda", ...) of the device holding the model's first parameter."""
+    return next(model.parameters()).device.type
+
+
 class Decoder:
     """Runs lookahead decoding of `model` with `config`, alone or as one rank of a team.
 
-    `Decoder(model, config)` is the compiled fast path (lp.fast_decoding.FastDecoder) when config.compile is True
-    and this eager reference engine otherwise (the default); both give greedy decoding's tokens."""
+    `Decoder(model, config)` is the compiled fast path (lp.fast_decoding.FastDecoder) where
+    `config.compiled_on(device)` (compile=True, or by default on CUDA) and this eager reference engine otherwise
+    (by default on CPUs); both give greedy decoding's tokens."""
 
     def __new__(cls, model, config: LookaheadConfig | None = None, team=None, **kwargs):
-        if cls is Decoder and (config or LookaheadConfig()).compiled:
+        if cls is Decoder and (config or LookaheadConfig()).compiled_on(_device_type(model)):
             from .fast_decoding import FastDecoder
             return super().__new__(FastDecoder)
         return super().__new__(cls)
@@ -428,7 +434,7 @@ def generate(model, input_ids, config: LookaheadConfig | None = None, max_new_to
             raise ValueError("on_tokens streams one sequence; with several prompts read each result's token_ids")
         prompts = [_prompt_ids(p if not isinstance(p, torch.Tensor) else p.reshape(1, -1)) for p in input_ids]
         cfg = config or LookaheadConfig()
-        decoder = BatchedDecoder(model, cfg, batch_size or min(len(prompts), 8) or 1, team, compile=cfg.compiled)
+        decoder = BatchedDecoder(model, cfg, batch_size or min(len(prompts), 8) or 1, team, compile=cfg.compiled_on(_device_type(model)))
         results = decoder.generate_many(prompts, max_new_tokens, [seed] * len(prompts))
         if tokenizer is not None:
             for r in results:

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lp.auto_tune import COMPILED_CPU, MAX_ARMS, REFERENCE, TRIAL_TOKENS, Arm, AutoDecoder, Chooser, menu
+from lp.auto_tune import COMPILED_ACCELERATOR, COMPILED_CPU, MAX_ARMS, REFERENCE, TRIAL_TOKENS, Arm, AutoDecoder, Chooser, menu
 from lp.cli import main
 from lp.config import LookaheadConfig
 from lp.decoding import GenerationResult
@@ -54,8 +54,9 @@ def test_compiling_is_chosen_only_when_the_job_is_long_enough_to_pay_for_it():
     assert chooser.compile_s(chooser.choose(1_000)) == 0 and chooser.choose(1_000).compiled
 
 
-def test_the_menu_compiles_only_where_it_is_exact_or_asked_for():
-    assert menu("cuda", None) == REFERENCE  # the compiled CUDA step is not exact yet (the open GPU issue)
+def test_the_menu_offers_eager_and_compiled_settings_unless_one_is_asked_for():
+    assert menu("cuda", None) == REFERENCE + COMPILED_ACCELERATOR
+    assert menu("cuda", False) == REFERENCE
     assert menu("cpu", False) == REFERENCE
     assert menu("cpu", True) == COMPILED_CPU
     assert all(arm.compiled for arm in menu("cuda", True))

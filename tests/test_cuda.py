@@ -1,6 +1,6 @@
-"""On a CUDA GPU the fast path, compiled (split into graphs or whole) or eager, each step replayed from one captured
-CUDA graph, gives transformers' own greedy and sampled tokens and reads the device once per step. Skipped, with the
-reason printed, where no GPU is present."""
+"""On a CUDA GPU the fast path, compiled (split into graphs, the default there) or eager, each step replayed from one
+captured CUDA graph, gives transformers' own greedy and sampled tokens and reads the device once per step. Skipped,
+with the reason printed, where no GPU is present."""
 import pytest
 import torch
 
@@ -23,10 +23,9 @@ def code_model():
     return model, [tokenizer(p)["input_ids"] for p in DEFAULT_PROMPTS[:3]]
 
 
-@pytest.mark.parametrize("settings", [dict(GPU_SHAPE, step_graphs="split"), dict(GPU_SHAPE, step_graphs="whole"),
-                                      dict(window=7, ngram=5, guess=7, lookup=4),
+@pytest.mark.parametrize("settings", [dict(GPU_SHAPE), dict(window=7, ngram=5, guess=7, lookup=4),
                                       dict(window=1, ngram=2, guess=0, lookup=1, budget=10)],
-                         ids=["gpu-shape-split", "gpu-shape-whole", "7-5-7-lookup4", "1-2-0-lookup1-budget10"])
+                         ids=["gpu-shape", "7-5-7-lookup4", "1-2-0-lookup1-budget10"])
 def test_compiled_cuda_fast_path_equals_hf_greedy_on_the_default_model(code_model, settings):
     model, prompts = code_model
     decoder = FastDecoder(model, lp.LookaheadConfig(**settings), compile=True)
@@ -74,9 +73,13 @@ def test_compiled_first_max_keeps_the_first_of_tied_maxima_on_cuda():
         assert torch.equal(compiled(x[:rows], 0), x[:rows].argmax(0))  # eager argmax: the first of tied maxima
 
 
-def test_compiling_on_cuda_says_it_is_not_yet_exact_everywhere(code_model, caplog):
-    from lp.fast_decoding import CUDA_COMPILE_WARNING
-    assert not lp.LookaheadConfig().compiled  # off unless asked, until a GPU run shows the compiled step exact
+def test_cuda_takes_the_split_compiled_step_by_default_and_warns_of_the_whole_one(code_model, caplog):
+    from lp.fast_decoding import CUDA_WHOLE_STEP_WARNING
+    model, prompts = code_model
     with caplog.at_level("WARNING", logger="lp"):
-        FastDecoder(code_model[0], lp.LookaheadConfig(7, 5, 7), compile=True)
-    assert CUDA_COMPILE_WARNING in caplog.text
+        decoder = lp.Decoder(model)  # no settings: the fast path, its step split around the forward
+        assert type(decoder) is FastDecoder and decoder.compile and decoder.split
+        assert decoder.generate(prompts[0], 32).token_ids == hf_greedy(model, prompts[0], 32)
+        assert CUDA_WHOLE_STEP_WARNING not in caplog.text
+        FastDecoder(model, lp.LookaheadConfig(step_graphs="whole"), compile=True)
+    assert CUDA_WHOLE_STEP_WARNING in caplog.text

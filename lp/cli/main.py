@@ -119,9 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "there at the end (safetensors; refused if another tokenizer wrote it), so a job starts where an "
                    "earlier one of its kind ended")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="the compiled fast path (static cache, fixed step shape, CUDA graphs on GPUs); default: off. "
-                   "On CUDA it is not yet exact at every setting (add --compare-greedy); compiling takes seconds "
-                   "per cache-size bucket, before the first step")
+                   help="the compiled fast path (static cache, fixed step shape, CUDA graphs on GPUs); default: on "
+                   "CUDA, off on CPUs (self-tuning decides there); compiling takes seconds per cache-size bucket, "
+                   "before the first step")
     p.add_argument("--auto-tune", action=argparse.BooleanOptionalAction, default=None,
                    help="lp picks W, N, G, the tree, plain steps and compile for this device, model and job (default "
                    "when no shape setting such as --window is given; one rank, one sequence a forward; --verbose "
@@ -639,7 +639,8 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list)
     try:
         if cfg.batch_size > 1:
             lanes = max(1, min(cfg.batch_size, -(-records // layout.replicas)))
-            return BatchedDecoder(model, cfg.lookahead, lanes, team, compile=cfg.lookahead.compiled)
+            compiled = cfg.lookahead.compiled_on(next(model.parameters()).device.type)
+            return BatchedDecoder(model, cfg.lookahead, lanes, team, compile=compiled)
         if _tunes(cfg):
             share = sum(item["max_new_tokens"] for item in items) // layout.replicas
             return AutoDecoder(model, cfg.lookahead, job_tokens=share, team=team)
