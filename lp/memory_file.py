@@ -4,6 +4,7 @@ job can start where an earlier job of its kind ended. Either engine reads what e
 keeps no corpus); memory changes steps, never tokens."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -77,3 +78,38 @@ def load(path: str | Path, fingerprint: str, vocab: int, ngram: int | None) -> t
         raise MemoryFileError(f"{where} holds {grams.shape[1]}-grams, shorter than this job's ngram {ngram}; give "
                               f"--ngram {grams.shape[1]} or another path")
     return grams[:, :ngram], corpus
+
+
+def pack(tensor: torch.Tensor) -> dict:
+    """A token tensor as a JSON-able dict (its shape and its int32 bytes in base64): how a replica sends its memory
+    to rank 0 with its results at the end of a job, with no pickle."""
+    data = tensor.detach().to("cpu", torch.int32).contiguous()
+    return {"shape": list(data.shape), "int32": base64.b64encode(data.numpy().tobytes()).decode("ascii")}
+
+
+def unpack(packed: dict) -> torch.Tensor:
+    """The int64 tensor that `pack` sent."""
+    raw = bytearray(base64.b64decode(packed["int32"]))
+    flat = torch.frombuffer(raw, dtype=torch.int32) if raw else torch.zeros(0, dtype=torch.int32)
+    return flat.to(torch.int64).reshape(packed["shape"])
+
+
+def new_texts(corpus: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """The texts of `corpus` (each after a -1) that `known` does not hold, joined by -1 as a corpus is added: what
+    another replica's corpus brings (every replica started from the same file, so their first texts agree)."""
+    have = set(_texts(known))
+    fresh = [t for t in dict.fromkeys(_texts(corpus)) if t not in have]
+    joined = [token for text in fresh for token in (-1, *text)][1:]
+    return torch.tensor(joined, dtype=torch.long)
+
+
+def _texts(corpus: torch.Tensor) -> list[tuple[int, ...]]:
+    texts, current = [], []
+    for token in torch.as_tensor(corpus).tolist() + [-1]:
+        if token < 0:
+            if current:
+                texts.append(tuple(current))
+            current = []
+        else:
+            current.append(token)
+    return texts

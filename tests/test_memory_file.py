@@ -3,6 +3,7 @@ for it and gives the same tokens; a file from another tokenizer, a damaged one o
 in one line; either engine reads what either wrote."""
 import json
 import random
+import sys
 
 import pytest
 import torch
@@ -131,3 +132,36 @@ def test_the_command_line_refuses_a_damaged_memory_file_and_a_memory_file_withou
     assert path.read_bytes() == b"garbage"  # refused, not overwritten
     assert main(cli(tiny_dir, "--prompt", "ab ab", "--memory", "record", "--memory-file", path)) == 2
     assert "--memory-file keeps a job's memory: it needs --memory job" in capsys.readouterr().err
+
+
+def test_a_memory_travels_as_json_and_only_unknown_texts_join_a_corpus():
+    grams = torch.tensor([[5, 6, 7], [258, 0, 1]])
+    assert torch.equal(memory_file.unpack(json.loads(json.dumps(memory_file.pack(grams)))), grams)
+    assert memory_file.unpack(memory_file.pack(torch.zeros(0, 3, dtype=torch.long))).shape == (0, 3)
+    known = torch.tensor([-1, 1, 2, -1, 3, 4, 5])
+    other = torch.tensor([-1, 3, 4, 5, -1, 6, 6, -1, 1, 2, -1, 6, 6, -1, 7])
+    assert memory_file.new_texts(other, known).tolist() == [6, 6, -1, 7]  # each new text once, in its order
+    assert memory_file.new_texts(known, known).tolist() == []
+
+
+@pytest.mark.slow
+def test_replicas_save_what_every_replica_learnt_in_one_memory_file(tiny_dir, tmp_path):  # noqa: F811
+    from test_cli import RUN, run
+    path = tmp_path / "memory.safetensors"
+    prompts = ["ABCDABCDABCD", "wxyzwxyzwxyz", "PQRSPQRSPQRS", "jklmjklmjklm"]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": p, "max_new_tokens": 48}) + "\n"
+                              for i, p in enumerate(prompts)))
+    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", RUN,
+               *cli(tiny_dir, "--input", source, "--lp", "1", "--memory-file", path)], timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ", replica 1 ---" in out.stdout  # replica 1 decoded some of the records
+    grams = {tuple(g) for g in memory_file.load(path, memory_file.tokenizer_fingerprint(
+        _tiny_tokenizer(tiny_dir), 259), 259, 3)[0].tolist()}
+    for prompt in prompts:  # every record's prompt seeded its replica's pool: all of them reach the file
+        assert tuple(ord(c) for c in prompt[:3]) in grams, prompt
+
+
+def _tiny_tokenizer(tiny_dir: str):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_dir)

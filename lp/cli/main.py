@@ -322,7 +322,7 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
     memory.start(decoder, log)
     try:
         if layout.replicas > 1 or cfg.batch_size > 1:
-            code = _drain_queue(args, cfg, launch, layout, items, decoder, model, tokenizer, writer, skipped)
+            code = _drain_queue(args, cfg, launch, layout, items, decoder, model, tokenizer, writer, skipped, memory)
         else:
             code = _decode_all(args, cfg, launch, items, decoder, model, tokenizer, writer, skipped)
         if rank0:
@@ -335,7 +335,7 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
 
 class _MemoryFile:
     """--memory-file: the job's memory read before the first record (every rank alike) and saved by rank 0 at the
-    end (with replicas, rank 0's replica's memory)."""
+    end; with replicas, what every replica learnt (each replica's first rank sends its memory with its results)."""
 
     def __init__(self, cfg: RunConfig, model, tokenizer):
         self.path = cfg.memory_file
@@ -352,6 +352,20 @@ class _MemoryFile:
             decoder.remember_corpus(self.corpus)
             log(f"starting from the memory in {self.path} ({len(self.grams)} n-grams, "
                 f"{int((self.corpus >= 0).sum())} tokens of earlier texts)")
+
+    def export(self, decoder) -> dict | None:
+        """This replica's memory for rank 0 (None without --memory-file)."""
+        if not self.path:
+            return None
+        return {"grams": memory_file.pack(decoder.memory_grams()), "corpus": memory_file.pack(decoder.memory_corpus())}
+
+    def absorb(self, decoder, exported: dict | None) -> None:
+        """Add another replica's memory to this decoder's, before `save` (its n-grams after this replica's own, and
+        the texts of its corpus that this one lacks)."""
+        if not self.path or not exported:
+            return
+        decoder.remember_grams(memory_file.unpack(exported["grams"]))
+        decoder.remember_corpus(memory_file.new_texts(memory_file.unpack(exported["corpus"]), decoder.memory_corpus()))
 
     def save(self, decoder, log) -> None:
         if not self.path:
@@ -650,10 +664,10 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list)
 
 
 def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: list, decoder, model, tokenizer,
-                 writer, skipped: int) -> int:
+                 writer, skipped: int, memory: "_MemoryFile") -> int:
     """Replicas and batches: each replica claims items from one queue; its first rank writes its results (rank 0
-    to --output, the others to shard files merged into it at the end); rank 0 shows progress and the summary
-    for all replicas."""
+    to --output, the others to shard files merged into it at the end) and sends its memory to rank 0 with its
+    totals (--memory-file); rank 0 shows progress and the summary for all replicas."""
     replica = layout.replica_of(launch.rank)
     leader = launch.rank == layout.ranks_of(replica)[0]
     rank0 = launch.rank == 0
@@ -725,8 +739,9 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
         writer.close()
     lines = writer.lines if isinstance(writer, _Lines) else []
     try:  # rank 0 holds --output (and its lock) until every replica's results are in it
-        reports = bootstrap.gather_json(dict(totals=totals.as_dict(), lines=lines) if leader else None, launch,
-                                        alive=alive)
+        mine = memory.export(decoder) if leader and not rank0 else None
+        reports = bootstrap.gather_json(dict(totals=totals.as_dict(), lines=lines, memory=mine) if leader else None,
+                                        launch, alive=alive)
         if rank0:
             if args.shards:
                 batch.merge_shards(args.shards)
@@ -735,6 +750,7 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
                     totals.merge(report["totals"])
                     for line in report["lines"]:
                         writer.write(line)
+                    memory.absorb(decoder, report["memory"])
             progress.update(totals.records - progress.n)
     finally:
         progress.close()
