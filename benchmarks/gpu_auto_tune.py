@@ -50,7 +50,7 @@ def main() -> int:
                   curve_ms={t: round(1e3 * s, 3) for t, s in sorted(curve.points.items())}, arms=[])
     print("curve (ms by tokens fed):", result["curve_ms"], flush=True)
     base = LookaheadConfig()
-    arms = menu(device.type, bool(args.compile))  # eager (the tuner's only choice on CUDA today), or compiled
+    arms = menu(device.type, bool(args.compile))  # eager, or compiled (a minute or more of compiling each on a GPU)
     prior = Chooser(arms, CostCurve(dict(curve.points)), base, device.type, prior_compile_s(model, device.type))
     prompt = torch.randint(3, model.config.vocab_size, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0))
     for arm in arms:

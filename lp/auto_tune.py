@@ -48,9 +48,10 @@ class Arm:
 
     def full_step(self, base: LookaheadConfig, device_type: str, ranks: int = 1) -> float:
         """Tokens a whole step feeds on each rank: the last token, and the rank's share of the window's levels and
-        of the tree (the reference engine's candidates at most: G of N-1)."""
+        of the tree (the fast path's budget; the reference engine's candidates at most: G of N-1)."""
         cfg = self.config(base)
-        tree = cfg.tree_budget(device_type) if self.compiled else cfg.guess * cfg.levels
+        fast = self.compiled or cfg.fast_path_only  # an eager batch arm runs the fast path's step too
+        tree = cfg.tree_budget(device_type) if fast else cfg.guess * cfg.levels
         return 1 + (cfg.window * cfg.levels + tree) / ranks
 
     def mean_fed(self, base: LookaheadConfig, device_type: str, ranks: int = 1) -> float:
@@ -87,6 +88,43 @@ def menu(device_type: str, compile: bool | None, ranks: int = 1) -> list[Arm]:
     return [arm for arm in arms if arm.settings["window"] >= ranks]
 
 
+def batch_menu(device_type: str, compile: bool | None, ranks: int = 1) -> list[Arm]:
+    """The arms for a batch, whose lanes share one forward and run the fast path's step whole (no plain steps):
+    the device's fast-path shapes with their tree and with half of it (a batch feeds lanes x a lane's step, and
+    halving the tree kept 96-101 % of the tokens a step, benchmarks/README.md (e3): prior 2 % fewer), each eager
+    and compiled unless compile is given."""
+    shapes = []
+    for arm in COMPILED_CPU if device_type == "cpu" else COMPILED_ACCELERATOR:
+        cfg = arm.config(LookaheadConfig())
+        budget = cfg.tree_budget(device_type)
+        settings = {k: v for k, v in arm.settings.items() if k != "compile"}
+        shape = f"{cfg.window},{cfg.ngram},{cfg.guess}" + (f" lookup {cfg.lookup}x{cfg.lookup_len}" if cfg.lookup else "")
+        shapes.append((f"{shape} budget {budget}", dict(settings, budget=budget), arm.tokens_per_step))
+        if cfg.guess and budget >= 2:
+            shapes.append((f"{shape} budget {budget // 2}", dict(settings, budget=budget // 2),
+                           1 + (arm.tokens_per_step - 1) * 0.98))
+    kinds = [("compiled", True)] if compile is True else [("eager", False)] if compile is False else \
+        [("eager", False), ("compiled", True)]
+    arms = [Arm(f"batch {kind} {name}", dict(settings, compile=on), tokens, 1.0)
+            for kind, on in kinds for name, settings, tokens in shapes]
+    return [arm for arm in arms if arm.settings["window"] >= ranks]
+
+
+def choose_for_batch(model, base: LookaheadConfig, lanes: int, job_tokens: int, team=None,
+                     store: CostStore | None = None) -> tuple[Arm, "Chooser"]:
+    """The arm a batch of `lanes` runs for its whole job (a batch builds one step shape; lanes x its fed tokens
+    price each step), by the cost curve and the priors; in a team, rank 0's choice on every rank."""
+    device_type = next(model.parameters()).device.type
+    ranks = team.size if team is not None else 1
+    _, curve = step_costs(model, store or CostStore())
+    arms = batch_menu(device_type, base.compile, ranks)
+    chooser = Chooser(arms, curve, base, device_type, prior_compile_s(model, device_type), ranks, lanes)
+    arm = chooser.choose(max(job_tokens, 1))
+    if team is not None:
+        arm = arms[team.pick(arms.index(arm))]
+    return arm, chooser
+
+
 def prior_compile_s(model, device_type: str) -> float:
     """Seconds compiling an arm's graphs is expected to take before a run has measured it (2 CPU cores: about 5 s
     a layer, benchmarks/README.md (d) and (e4))."""
@@ -120,11 +158,11 @@ class Chooser:
     job's tallies (the tests drive it with synthetic curves)."""
 
     def __init__(self, arms: list[Arm], curve: CostCurve, base: LookaheadConfig, device_type: str,
-                 compile_s: float, ranks: int = 1):
+                 compile_s: float, ranks: int = 1, lanes: int = 1):
         if not arms:
             raise ValueError("the tuner needs at least one setting to choose from")
         self.arms, self.curve, self.base, self.device_type = arms, curve, base, device_type
-        self.prior_compile_s, self.ranks = compile_s, ranks
+        self.prior_compile_s, self.ranks, self.lanes = compile_s, ranks, lanes
         self.tallies = {arm.name: Tally() for arm in arms}
         self.built: list[str] = []  # arms made so far (a compiled one has paid its compile time)
 
@@ -151,7 +189,7 @@ class Chooser:
     def step_seconds(self, arm: Arm) -> float:
         """This job's own figure once the arm ran past its first generation; else what an earlier run observed; else
         the curve's forward at
-        the arm's expected mean fed tokens (compiled on a CPU: less the per-call overhead that compiling removes,
+        the arm's expected mean fed tokens, times the lanes of a batch (compiled on a CPU: less the per-call overhead that compiling removes,
         about 60 % of a one-token eager forward, benchmarks/README.md (d))."""
         tally = self.tallies[arm.name]
         if tally.timed_steps:
@@ -159,7 +197,7 @@ class Chooser:
         seen = self.curve.observed.get(self.observed_name(arm), {})
         if seen.get("step_s"):
             return float(seen["step_s"])
-        forward = self.curve.latency(arm.mean_fed(self.base, self.device_type, self.ranks))
+        forward = self.curve.latency(self.lanes * arm.mean_fed(self.base, self.device_type, self.ranks))
         if arm.compiled:
             one = self.curve.latency(1)
             return max(forward - 0.6 * one, 0.25 * forward) if self.device_type == "cpu" else 0.35 * forward
@@ -175,8 +213,9 @@ class Chooser:
         return float(self.curve.observed.get(arm.name, {}).get("compile_s") or self.prior_compile_s)
 
     def cost(self, arm: Arm, tokens_left: float) -> float:
-        """Expected seconds to decode `tokens_left` more tokens with this arm, compiling included."""
-        return tokens_left * self.step_seconds(arm) / self.tokens_per_step(arm) + self.compile_s(arm)
+        """Expected seconds to decode `tokens_left` more tokens with this arm (a step of a batch decodes for each of
+        its lanes), compiling included."""
+        return tokens_left * self.step_seconds(arm) / (self.tokens_per_step(arm) * self.lanes) + self.compile_s(arm)
 
     def choose(self, tokens_left: float, current: str | None = None) -> Arm:
         """The arm with the least expected cost (at most MAX_ARMS ever built); the running arm keeps the job until
@@ -211,8 +250,8 @@ class Chooser:
 class AutoDecoder:
     """A Decoder that tunes itself: runs each generation with the arm the Chooser picks (lp.decoding.Decoder's
     generate, settings, memory and prompt checks, delegated). In a team every rank runs the arm rank 0's chooser
-    picks (team.pick), so the ranks agree whatever their own timings say; a batch's lanes share one forward and run
-    fixed settings (lp.cli.main._decoder)."""
+    picks (team.pick), so the ranks agree whatever their own timings say. A batch chooses once for its job instead
+    (`choose_for_batch`): its lanes share one step shape."""
 
     def __init__(self, model, config: LookaheadConfig | None = None, job_tokens: int = 0,
                  store: CostStore | None = None, arms: list[Arm] | None = None, team=None):

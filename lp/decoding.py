@@ -151,6 +151,7 @@ class Decoder:
                               "(--compile) or drop them")
         self.team = team or SoloTeam()
         self.chosen_by = "user" if config is not None else "default"  # who picked the settings (lp.auto_tune: "auto")
+        self.arm: str | None = None  # the tuner's name for the settings, when it chose them
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.context = context_length(model.config)
@@ -169,7 +170,8 @@ class Decoder:
         """What this decoder runs, resolved for its device (every output record says it, beside its `ranks`)."""
         cfg = self.config
         return {"engine": "reference", "window": cfg.window, "ngram": cfg.ngram, "guess": cfg.guess,
-                "compiled": False, "memory": "job" if cfg.job_memory else "record", "chosen_by": self.chosen_by}
+                "compiled": False, "memory": "job" if cfg.job_memory else "record", "chosen_by": self.chosen_by,
+                **({"arm": self.arm} if self.arm else {})}
 
     def memory_grams(self) -> torch.Tensor:
         """The job's memory as n-grams [M, N], each key's oldest first (what lp.memory_file saves)."""

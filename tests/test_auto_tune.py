@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from lp.auto_tune import COMPILED_ACCELERATOR, COMPILED_CPU, MAX_ARMS, REFERENCE, TRIAL_TOKENS, Arm, AutoDecoder, Chooser, menu
+from lp.auto_tune import (COMPILED_ACCELERATOR, COMPILED_CPU, MAX_ARMS, REFERENCE, TRIAL_TOKENS, Arm, AutoDecoder,
+                           Chooser, batch_menu, menu)
 from lp.cli import main
 from lp.config import LookaheadConfig
 from lp.decoding import GenerationResult
@@ -280,12 +281,45 @@ def test_auto_tune_off_runs_the_defaults(tiny_dir, capsys):
     assert (record["lookahead"]["window"], record["lookahead"]["ngram"], record["lookahead"]["guess"]) == (15, 5, 15)
 
 
-def test_a_batch_cannot_tune_so_it_says_it_runs_the_defaults(tiny_dir, capsys):
-    assert main(["--model", tiny_dir, "--dtype", "float64", "--max-new-tokens", "8", "--prompt", "abc", "--prompt",
-                 "def", "--json", "--batch-size", "2"]) == 0
+def test_a_batch_tunes_once_for_its_job_says_so_and_gives_the_default_settings_tokens(tiny_dir, capsys):
+    prompts = ["--prompt", "abc abc abc", "--prompt", "def def", "--prompt", "gh"]
+    args = ["--model", tiny_dir, "--dtype", "float64", "--max-new-tokens", "12", *prompts, "--json", "--batch-size", "2"]
+    assert main(args + ["--verbose"]) == 0
     captured = capsys.readouterr()
-    assert {r["lookahead"]["chosen_by"] for r in json_lines(captured.out)} == {"default"}
-    assert "self-tuning covers teams and replicas of unsharded models decoding one sequence a forward" in captured.err
+    tuned = json_lines(captured.out)
+    assert {r["lookahead"]["chosen_by"] for r in tuned} == {"auto"}
+    assert {r["lookahead"]["arm"] for r in tuned} <= {arm.name for arm in batch_menu("cpu", None)}
+    assert "self-tuning a batch of 2, 36 tokens to go: batch " in captured.err  # the figures, with --verbose
+    assert main(args + ["--no-auto-tune"]) == 0
+    fixed = json_lines(capsys.readouterr().out)
+    assert {r["lookahead"]["chosen_by"] for r in fixed} == {"default"}
+    assert [r["token_ids"] for r in tuned] == [r["token_ids"] for r in fixed]  # settings change steps, not tokens
+
+
+def test_a_batch_on_a_cpu_takes_the_setting_that_feeds_least_per_accepted_token():
+    """A CPU's forward costs what it feeds, lanes or not: the narrowest setting per accepted token wins."""
+    for lanes in (1, 4, 16):
+        chooser = Chooser(batch_menu("cpu", False), curve(lambda t: 1e-4 * t), BASE, "cpu", compile_s=0, lanes=lanes)
+        assert chooser.choose(10_000).name == "batch eager 1,2,0 lookup 1x10 budget 10"
+
+
+def test_a_growing_batch_narrows_the_setting_and_then_halves_its_tree():
+    """A GPU-like step: flat up to 512 tokens fed, then growing with them. One lane takes the widest setting; 8
+    lanes would feed 968 tokens at (15,5,15), so a narrower one wins; 12 lanes take (7,5,7) with half its tree."""
+    gpu = CostCurve({t: 0.02 * max(1.0, t / 512) for t in (1, 64, 256, 512, 1024)})
+    picks = [Chooser(batch_menu("cuda", True), gpu, BASE, "cuda", compile_s=0, lanes=lanes).choose(1e6).name
+             for lanes in (1, 8, 12)]
+    assert picks == ["batch compiled 15,5,15 budget 60", "batch compiled 7,5,7 budget 28",
+                     "batch compiled 7,5,7 budget 14"]
+
+
+def test_the_batch_menu_runs_the_fast_paths_step_with_its_tree_and_half_of_it():
+    arms = batch_menu("cpu", None)
+    assert {arm.compiled for arm in arms} == {True, False} and all(arm.fed_share == 1.0 for arm in arms)
+    assert all(arm.config(BASE).fast_path_only for arm in arms)  # eager arms run the fast path's step too
+    budgets = sorted(arm.settings["budget"] for arm in arms if arm.name.startswith("batch eager 15,5,15"))
+    assert budgets == [15, 30] and batch_menu("cpu", True) == [arm for arm in arms if arm.compiled]
+    assert all(arm.settings["window"] >= 4 for arm in batch_menu("cuda", None, ranks=4))
 
 
 def test_asking_to_tune_and_giving_a_shape_is_one_line_error(tiny_dir, capsys):

@@ -122,6 +122,16 @@ def test_the_command_line_saves_the_memory_at_the_end_and_starts_the_next_job_fr
     assert texts[0] == texts[1]
 
 
+def test_a_job_whose_settings_keep_no_pool_leaves_the_files_n_grams_as_they_were(tiny_dir, tmp_path):  # noqa: F811
+    path = tmp_path / "memory.safetensors"
+    assert main(cli(tiny_dir, "--prompt", "ab ab ab ab cd cd cd", "--memory-file", path)) == 0
+    saved = memory_file.load(path, memory_file.tokenizer_fingerprint(_tiny_tokenizer(tiny_dir), 259), 259, 3)[0]
+    assert len(saved)
+    assert main(cli(tiny_dir, "--prompt", "xy xy", "--guess", "0", "--memory-file", path)) == 0  # G = 0: no pool
+    again = memory_file.load(path, memory_file.tokenizer_fingerprint(_tiny_tokenizer(tiny_dir), 259), 259, 3)[0]
+    assert torch.equal(again, saved)
+
+
 def test_the_command_line_refuses_a_damaged_memory_file_and_a_memory_file_without_job_memory(tiny_dir, tmp_path,  # noqa: F811
                                                                                                capsys):
     path = tmp_path / "memory.safetensors"

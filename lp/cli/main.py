@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError
-from ..auto_tune import AutoDecoder
+from ..auto_tune import AutoDecoder, choose_for_batch
 from ..batched_decoding import BatchedDecoder, Work
 from ..decoding import Decoder, GenerationResult, PromptError
 from ..distributed import bootstrap
@@ -308,17 +308,17 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
     # process's stdout) to rank 0 at the end, which writes them itself
     shards = str(Path(os.path.realpath(args.output))) if writer and writer.regular and not writer.to_stdout else None
     items, args.shards = bootstrap.broadcast_json([items, shards], launch)
-    decoder = _decoder(model, cfg, launch, layout, [item for item in items if item["error"] is None])
+    decoder = _decoder(model, cfg, launch, layout, [item for item in items if item["error"] is None],
+                       log if args.verbose else None)
     if hasattr(decoder, "notify"):
         decoder.notify = log
     if isinstance(decoder, AutoDecoder):
         if args.verbose:
             decoder.explain = log
-    else:
+    elif decoder.chosen_by != "auto":
         decoder.chosen_by = "user" if cfg.shape_given else "default"
         if cfg.chosen_by == "auto":
-            log("self-tuning covers teams and replicas of unsharded models decoding one sequence a forward (not "
-                "--batch-size or --tp); this run takes the default settings")
+            log("self-tuning covers unsharded models (not --tp); this run takes the default settings")
     memory.start(decoder, log)
     try:
         if layout.replicas > 1 or cfg.batch_size > 1:
@@ -348,7 +348,7 @@ class _MemoryFile:
 
     def start(self, decoder, log) -> None:
         if self.grams is not None:
-            decoder.remember_grams(self.grams)
+            decoder.remember_grams(_fit(decoder, self.grams))
             decoder.remember_corpus(self.corpus)
             log(f"starting from the memory in {self.path} ({len(self.grams)} n-grams, "
                 f"{int((self.corpus >= 0).sum())} tokens of earlier texts)")
@@ -364,19 +364,30 @@ class _MemoryFile:
         the texts of its corpus that this one lacks)."""
         if not self.path or not exported:
             return
-        decoder.remember_grams(memory_file.unpack(exported["grams"]))
+        decoder.remember_grams(_fit(decoder, memory_file.unpack(exported["grams"])))
         decoder.remember_corpus(memory_file.new_texts(memory_file.unpack(exported["corpus"]), decoder.memory_corpus()))
 
     def save(self, decoder, log) -> None:
         if not self.path:
             return
         grams = decoder.memory_grams()
+        if self.grams is not None and not isinstance(decoder, AutoDecoder) and not decoder.config.guess:
+            grams = self.grams  # settings that keep no pool (G = 0) leave the file's n-grams as they were
         try:
             memory_file.save(self.path, grams, self.stamp, self.vocab, decoder.memory_corpus())
         except memory_file.MemoryFileError as exc:  # the results are written: say so, but the job did its work
             _error(exc)
             return
         log(f"saved the job's memory to {self.path} ({len(grams)} n-grams)")
+
+
+def _fit(decoder, grams: torch.Tensor) -> torch.Tensor:
+    """Saved n-grams as this decoder keeps them: cut to its N (a self-tuned job's file holds its longest), none when
+    they are shorter. A self-tuning decoder fits them to each of its settings itself."""
+    if isinstance(decoder, AutoDecoder):
+        return grams
+    ngram = decoder.config.ngram
+    return grams[:, :ngram] if grams.shape[1] >= ngram else grams.new_zeros(0, ngram)
 
 
 def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Decoder, model, tokenizer, writer,
@@ -625,16 +636,17 @@ def _tune(model, rank0: bool) -> int:
 
 
 def _tunes(cfg: RunConfig) -> bool:
-    """Whether this run's decoder tunes itself: auto, one sequence a forward, an unsharded model (a sharded forward
-    is collective, so its ranks cannot time it alone)."""
-    return cfg.chosen_by == "auto" and cfg.batch_size == 1 and cfg.tp == 1
+    """Whether this run's settings tune themselves: auto and an unsharded model (a sharded forward is collective, so
+    its ranks cannot time it alone). One sequence a forward tunes per record, a batch once for its job."""
+    return cfg.chosen_by == "auto" and cfg.tp == 1
 
 
-def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list) -> Decoder:
+def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list, explain=None) -> Decoder:
     """This rank's decoder in its replica's team (every rank makes every process group, in the same order). A batch
     has no more lanes than there are records to decode (an idle lane would still compute every step). With
-    auto_tune and one sequence a forward of an unsharded model, a self-tuning decoder (rank 0 of a team chooses for
-    it) for this replica's share of the job's tokens."""
+    auto_tune and an unsharded model: one sequence a forward gets a self-tuning decoder (rank 0 of a team chooses
+    for it) for this replica's share of the job's tokens; a batch, the setting that share is cheapest with at its
+    lanes (`explain`, with --verbose, hears the figures)."""
     records = len(items)
     team = None
     replica = layout.replica_of(launch.rank)
@@ -651,12 +663,19 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list)
         team = ProcessGroupTeam(kv_sync=cfg.kv_sync, group=groups[replica], fault_timeout_s=cfg.fault_timeout,
                                 store=store)
     try:
+        share = sum(item["max_new_tokens"] for item in items) // layout.replicas
         if cfg.batch_size > 1:
             lanes = max(1, min(cfg.batch_size, -(-records // layout.replicas)))
-            compiled = cfg.lookahead.compiled_on(next(model.parameters()).device.type)
-            return BatchedDecoder(model, cfg.lookahead, lanes, team, compile=compiled)
+            if not _tunes(cfg):
+                compiled = cfg.lookahead.compiled_on(next(model.parameters()).device.type)
+                return BatchedDecoder(model, cfg.lookahead, lanes, team, compile=compiled)
+            arm, chooser = choose_for_batch(model, cfg.lookahead, lanes, share, team)
+            if explain is not None:
+                explain(f"self-tuning a batch of {lanes}, {share} tokens to go: {chooser.why(share)}")
+            decoder = BatchedDecoder(model, arm.config(cfg.lookahead), lanes, team, compile=arm.compiled)
+            decoder.chosen_by, decoder.arm = "auto", arm.name
+            return decoder
         if _tunes(cfg):
-            share = sum(item["max_new_tokens"] for item in items) // layout.replicas
             return AutoDecoder(model, cfg.lookahead, job_tokens=share, team=team)
         return Decoder(model, cfg.lookahead, team=team)
     except ValueError as exc:  # encoder-decoder or sliding-window models: the same answer on every rank

@@ -42,8 +42,8 @@ class RunConfig:
 
     @property
     def chosen_by(self) -> str:
-        """Who picks the lookahead settings: "user" (a shape setting was given), "auto" (lp tunes them; a team or
-        batch then runs the defaults: see lp.cli.main._decoder) or "default" (auto_tune off)."""
+        """Who picks the lookahead settings: "user" (a shape setting was given), "auto" (lp tunes them; with --tp
+        the defaults run instead: see lp.cli.main._decoder) or "default" (auto_tune off)."""
         if self.shape_given:
             return "user"
         return "default" if self.auto_tune is False else "auto"
