@@ -143,11 +143,13 @@ class Tally:
     fed: int = 0
     timed_steps: int = 0
     seconds: float = 0.0
+    compile_s: float = 0.0  # compiling this arm's steps took, all its cache sizes so far
 
     def add(self, result: GenerationResult) -> None:
         if self.steps:
             self.timed_steps += result.steps
             self.seconds += result.wall_time_s
+        self.compile_s += result.compile_time_s
         self.tokens += result.new_tokens
         self.steps += result.steps
         self.fed += sum(result.tokens_fed_per_step)
@@ -210,7 +212,8 @@ class Chooser:
     def compile_s(self, arm: Arm) -> float:
         if not arm.compiled or arm.name in self.built:
             return 0.0
-        return float(self.curve.observed.get(arm.name, {}).get("compile_s") or self.prior_compile_s)
+        seen = self.curve.observed.get(self.observed_name(arm)) or self.curve.observed.get(arm.name, {})
+        return float(seen.get("compile_s") or self.prior_compile_s)  # a team records under its own name
 
     def cost(self, arm: Arm, tokens_left: float) -> float:
         """Expected seconds to decode `tokens_left` more tokens with this arm (a step of a batch decodes for each of
@@ -235,9 +238,9 @@ class Chooser:
             seen = self.curve.observed.setdefault(self.observed_name(arm), {})
             seen["step_s"] = round(tally.seconds / tally.timed_steps, 6)
             seen["fed"] = round(tally.fed / tally.steps, 2)
-        if result.compile_time_s > 0:
+        if result.compile_time_s > 0:  # this run's figure replaces an earlier run's (a warm compiler cache is quicker)
             seen = self.curve.observed.setdefault(self.observed_name(arm), {})
-            seen["compile_s"] = round(max(result.compile_time_s, seen.get("compile_s", 0.0)), 2)
+            seen["compile_s"] = round(tally.compile_s, 2)
 
     def why(self, tokens_left: float) -> str:
         """Every arm's predicted figures, the chosen first (what --verbose prints)."""

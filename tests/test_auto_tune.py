@@ -107,6 +107,17 @@ def test_no_more_than_three_arms_are_ever_built():
     assert chooser.choose(1e9).name in chooser.built  # ... but the job already has its three shapes
 
 
+def test_an_arms_compile_time_is_what_compiling_it_took_in_the_latest_run():
+    first = Chooser(COMPILED_CPU, curve(lambda t: 0.01), BASE, "cpu", compile_s=25)
+    arm = COMPILED_CPU[1]
+    first.record(arm, ran(50, 20, 1.0, compile_s=40.0))  # a cold compiler: the 256-slot cache's step
+    first.record(arm, ran(50, 20, 1.0, compile_s=20.0))  # and later the 512-slot one's
+    assert first.compile_s(arm) == 60.0  # both sizes count
+    later = Chooser(COMPILED_CPU, CostCurve.from_json(first.curve.to_json()), BASE, "cpu", compile_s=25)
+    later.record(arm, ran(50, 20, 1.0, compile_s=6.0))  # the compiler's cache on disk made it quick
+    assert later.compile_s(arm) == 6.0 and later.curve.observed[arm.name]["compile_s"] == 6.0
+
+
 def test_the_jobs_predictability_scales_the_priors_of_arms_not_yet_run():
     chooser = Chooser(REFERENCE, curve(lambda t: 0.01), BASE, "cpu", compile_s=25)
     arm = chooser.by_name("reference 15,5,15")
