@@ -147,3 +147,10 @@ def test_the_jobs_corpus_is_sized_per_device_unless_given_and_absent_without_job
     assert LookaheadConfig(lookup=0).corpus_tokens_on("cpu") == 0  # nothing searches it
     with pytest.raises(ConfigError, match=r"memory_tokens must be an integer in \[0, 67108864\], got -1"):
         LookaheadConfig(memory_tokens=-1)
+
+
+def test_a_sharded_replica_stays_eager_unless_compile_is_asked_for():
+    from lp.cli.main import engine_settings
+    assert engine_settings(config_for("--tp", "2")).compile is False  # not CUDA's compiled default
+    assert engine_settings(config_for("--tp", "2", "--compile")).compile is True
+    assert engine_settings(config_for()).compile is None  # one model copy: the device's default

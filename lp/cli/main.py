@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, LookaheadConfig
 from ..auto_tune import AutoDecoder, choose_for_batch
 from ..batched_decoding import BatchedDecoder, Work
 from ..decoding import Decoder, GenerationResult, PromptError
@@ -635,6 +636,15 @@ def _tune(model, rank0: bool) -> int:
     return 0
 
 
+def engine_settings(cfg: RunConfig) -> LookaheadConfig:
+    """The lookahead settings as the decoder gets them: a sharded replica (--tp) stays eager unless compile is asked
+    for (the compiled step has not run with DeepSpeed's collectives inside the forward), whatever the device's
+    default."""
+    if cfg.tp > 1 and cfg.lookahead.compile is None:
+        return dataclasses.replace(cfg.lookahead, compile=False)
+    return cfg.lookahead
+
+
 def _tunes(cfg: RunConfig) -> bool:
     """Whether this run's settings tune themselves: auto and an unsharded model (a sharded forward is collective, so
     its ranks cannot time it alone). One sequence a forward tunes per record, a batch once for its job."""
@@ -662,13 +672,14 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list,
         store = torch.distributed.PrefixStore(f"lp-team{replica}", store) if store is not None else None
         team = ProcessGroupTeam(kv_sync=cfg.kv_sync, group=groups[replica], fault_timeout_s=cfg.fault_timeout,
                                 store=store)
+    lookahead = engine_settings(cfg)
     try:
         share = sum(item["max_new_tokens"] for item in items) // layout.replicas
         if cfg.batch_size > 1:
             lanes = max(1, min(cfg.batch_size, -(-records // layout.replicas)))
             if not _tunes(cfg):
-                compiled = cfg.lookahead.compiled_on(next(model.parameters()).device.type)
-                return BatchedDecoder(model, cfg.lookahead, lanes, team, compile=compiled)
+                compiled = lookahead.compiled_on(next(model.parameters()).device.type)
+                return BatchedDecoder(model, lookahead, lanes, team, compile=compiled)
             arm, chooser = choose_for_batch(model, cfg.lookahead, lanes, share, team)
             if explain is not None:
                 explain(f"self-tuning a batch of {lanes}, {share} tokens to go: {chooser.why(share)}")
@@ -677,7 +688,7 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list,
             return decoder
         if _tunes(cfg):
             return AutoDecoder(model, cfg.lookahead, job_tokens=share, team=team)
-        return Decoder(model, cfg.lookahead, team=team)
+        return Decoder(model, lookahead, team=team)
     except ValueError as exc:  # encoder-decoder or sliding-window models: the same answer on every rank
         raise UsageError(_one_line(exc)) from None
 
