@@ -6,11 +6,17 @@ Lookup returns the newest first. The table is [vocab, G, N-1] (61 MB for a 128k 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .ngram_pool import NGramPool
 
-HITS_MAX, HITS_TRUST = 8, 4  # a key's running average of paying full steps: its top, and the least still tried
+# A key's running average of the tokens a full step from it committed, in eighths (integers: exact on every device):
+# where it starts (2 tokens: trusted), the most one step adds (bounds the sum), and the default bar (1.5 tokens)
+# until the decoder has timed a full step against a plain one (`trust_at`: a full step pays where it commits at
+# least as many tokens as the plain steps its time would have run).
+GAIN_SCALE, GAIN_START, GAIN_CAP, TRUST_AT = 8, 16, 16, 12
 
 
 class DevicePool:
@@ -23,11 +29,12 @@ class DevicePool:
         self.tokens = torch.zeros(vocab + 1, rings, length, dtype=torch.long, device=device)
         self.count = torch.zeros(vocab + 1, dtype=torch.long, device=device)
         self.next = torch.zeros(vocab + 1, dtype=torch.long, device=device)
-        # a job's memory: which generation last stored under a key, and whether full steps from the key have paid
-        # (an integer running average, HITS_MAX = every recent one accepted a candidate; it starts trusting)
+        # a job's memory: which generation last stored under a key, and what full steps from the key committed (a
+        # running average in eighths of a token, GAIN_START at first: trusted), against the bar `trust_at`
         self.stamp = torch.full((vocab + 1,), -1, dtype=torch.long, device=device)
-        self.hits = torch.full((vocab + 1,), HITS_MAX, dtype=torch.long, device=device)
-        for t in (self.tokens, self.count, self.next, self.stamp, self.hits):
+        self.gain = torch.full((vocab + 1,), GAIN_START, dtype=torch.long, device=device)
+        self.trust_at = torch.full((), TRUST_AT, dtype=torch.long, device=device)
+        for t in (self.tokens, self.count, self.next, self.stamp, self.gain, self.trust_at):
             torch._dynamo.mark_static_address(t)
 
     def load(self, pool: NGramPool, keys, keep: bool = False, generation: int = 0) -> None:
@@ -40,7 +47,7 @@ class DevicePool:
         self.count.zero_()
         self.next.zero_()
         self.stamp.fill_(-1)
-        self.hits.fill_(HITS_MAX)
+        self.gain.fill_(GAIN_START)
         rows, slots, values, counts = [], [], [], []
         for key in dict.fromkeys(keys):
             entries = pool.candidates(key, self.guess)  # newest first
@@ -92,17 +99,23 @@ class DevicePool:
 
     def worth_a_step(self, key: torch.Tensor, generation: torch.Tensor) -> torch.Tensor:
         """Whether the entries under `key` ([1]) deserve a full step (0-d bool): there are some, and either this
-        generation stored some of them or full steps from this key have paid lately (a job's memory is tried, and
-        given up on where it keeps failing)."""
+        generation stored some of them or full steps from this key have lately committed enough tokens to pay for
+        their cost (`trust_at`; a job's memory is tried, and given up on where it does not pay)."""
         stored = self.count.index_select(0, key)[0] > 0
         mine = self.stamp.index_select(0, key)[0] == generation
-        trusted = self.hits.index_select(0, key)[0] >= HITS_TRUST
+        trusted = self.gain.index_select(0, key)[0] >= self.trust_at
         return stored & (mine | trusted)
 
-    def record_hit(self, key: torch.Tensor, hit: torch.Tensor) -> None:
-        """A full step from `key` ([1]) accepted a candidate (`hit`, 0-d bool) or not: update its running average."""
-        before = self.hits.index_select(0, key)
-        self.hits.index_put_((key,), (3 * before + HITS_MAX * hit.long()) // 4)
+    def record_gain(self, key: torch.Tensor, committed: torch.Tensor) -> None:
+        """A full step from `key` ([1]) committed `committed` tokens (0-d, at least 1): update its running average
+        (3/4 the old one, 1/4 this step)."""
+        before = self.gain.index_select(0, key)
+        self.gain.index_put_((key,), (3 * before + GAIN_SCALE * committed.clamp(max=GAIN_CAP)) // 4)
+
+    def set_cost_ratio(self, full_over_plain: float) -> None:
+        """Tell the pool what a full step costs in plain steps: the bar its keys' running averages must reach (a
+        fill from the host, no read)."""
+        self.trust_at.fill_(max(GAIN_SCALE, math.ceil(GAIN_SCALE * full_over_plain)))
 
     def lookup(self, key: torch.Tensor, first: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Entries first..first+size-1 (newest first) under `key` (0-d): tokens [size, N-1] and valid [size]."""

@@ -64,6 +64,9 @@ class FastDecoder(Decoder):
         self.notify: Callable[[str], None] | None = None  # told before a cache size's step compiles (the command line)
         self.host_reads = 0  # device-to-host copies made by the step loop (one per step)
         self.compile_time_s = 0.0  # spent compiling steps, all buckets together
+        self._step_s: dict[str, float] = {}  # running averages of full and plain steps' seconds (plain steps on)
+        self._timed_steps = 0
+        self.cost_ratio: float | None = None  # what a full step costs in plain ones, as last told to the pool
         cfg, team = self.config, self.team
         kv_sync = "none" if team.size == 1 else team.kv_sync
         depth = cfg.tree_depth
@@ -145,8 +148,11 @@ class FastDecoder(Decoder):
         ready = True  # the first step runs whole; then each step's output says whether the next tree has candidates
         while len(stats.token_ids) < limit:
             full = ready or plain is None
+            began, compiled_so_far = time.perf_counter(), self.compile_time_s
             with torch.inference_mode():
                 count, accepted, diverged, ready = self._read(run() if full else plain())
+            if plain is not None and stats.steps and self.compile_time_s == compiled_so_far:
+                self._time_step(step, full, time.perf_counter() - began)
             if diverged:
                 raise DivergenceError("ranks disagree on the committed tokens/window/pool; the replicas are not "
                                       "identical (same model, dtype and config on every rank?)")
@@ -160,6 +166,18 @@ class FastDecoder(Decoder):
                 break
         stats.compiled = self.compile and self.compile_error is None
         self._remember_text(prompt, stats.token_ids)
+
+    def _time_step(self, step: FastStep, full: bool, seconds: float) -> None:
+        """Keep a running average of full and plain steps' seconds; every few steps tell the pool what a full step
+        costs in plain ones (the bar a job's memory must clear for a full step: DevicePool.worth_a_step)."""
+        kind = "full" if full else "plain"
+        before = self._step_s.get(kind)
+        self._step_s[kind] = seconds if before is None else 0.9 * before + 0.1 * seconds
+        self._timed_steps += 1
+        if self._timed_steps % 8 == 0 and len(self._step_s) == 2:
+            self.cost_ratio = self._step_s["full"] / self._step_s["plain"]
+            with torch.inference_mode():  # the pool's tensors are inference tensors
+                step.pool.set_cost_ratio(self.cost_ratio)
 
     def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool, bool]:
         """The step's one device-to-host copy: count, accepted tokens, diverged, ready (the next tree has a

@@ -343,8 +343,8 @@ class FastStep:
                 keys, values = layer.row(self.lane)
                 entries = torch.cat([keys.index_select(2, slots), values.index_select(2, slots)], -1)
                 self.kv_buffer[i].copy_(torch.where(won, entries, 0))
-        if shape.plain:  # the plain-or-full choice learns whether full steps from this key pay
-            self.pool.record_hit(root, count > 1)
+        if shape.plain:  # the plain-or-full choice learns what full steps from this key commit
+            self.pool.record_gain(root, count)
         self.pending.copy_(pending)
         self.pending_count.copy_(next_count)
         top = table.flatten()[self.top_index]

@@ -1,6 +1,7 @@
 """A job's memory: a decoder's n-gram pool lives on from one record to the next (LookaheadConfig.memory="job", the
 default), so the later records of a job take fewer steps. Whatever it holds (another model's text, random tokens,
 full rings), no token changes, on either engine, in batches of lanes sharing it and on every rank of a team."""
+import math
 import random
 
 import torch
@@ -106,13 +107,38 @@ def test_a_jobs_memory_earns_full_steps_under_a_key_until_it_keeps_failing_there
     pool.insert_all([[1, 2, 3]], generation=1)  # an earlier record's n-gram
     assert pool.worth_a_step(key, earlier)  # its own record always tries it
     verdicts = []
-    for paid in (False, False, False, True):  # full steps from key 1 in a later record
+    for committed in (1, 1, 1, 2):  # full steps from key 1 in a later record: 3 accept nothing, then one a token
         verdicts.append(bool(pool.worth_a_step(key, now)))
-        pool.record_hit(key, torch.tensor(paid))
+        pool.record_gain(key, torch.tensor(committed))
     assert verdicts == [True, True, True, False]  # tried until three misses...
     assert pool.worth_a_step(key, now)  # ...and trusted again once one paid (a step its own record ran)
     pool.insert_all([[1, 4, 5]], generation=2)
     assert pool.worth_a_step(key, now)  # what this record stored is always worth a step
+
+
+def test_a_jobs_memory_earns_full_steps_only_where_they_commit_what_their_cost_would_buy_in_plain_steps():
+    import torch
+    from lp.device_pool import DevicePool
+    pool = DevicePool(vocab=10, guess=2, length=2, device=torch.device("cpu"))
+    key, now = torch.tensor([1]), torch.tensor(2)
+    pool.insert_all([[1, 2, 3]], generation=1)  # an earlier record's n-gram
+    for _ in range(12):  # full steps from key 1 commit 2 tokens each, lately
+        pool.record_gain(key, torch.tensor(2))
+    pool.set_cost_ratio(1.8)  # a full step costs 1.8 plain ones: 2 tokens pay for it
+    assert pool.worth_a_step(key, now)
+    pool.set_cost_ratio(3.0)  # 3 plain steps would commit 3 tokens: 2 do not pay
+    assert not pool.worth_a_step(key, now)
+    pool.insert_all([[1, 4, 5]], generation=2)
+    assert pool.worth_a_step(key, now)  # what this record stored is still always worth a step
+
+
+def test_the_fast_path_tells_its_pool_what_a_full_step_costs_in_plain_ones():
+    model = tiny_model("llama", seed=5)
+    prompt = [random.Random(3).randrange(VOCAB) for _ in range(40)]
+    decoder = FastDecoder(model, lp.LookaheadConfig(7, 4, 7, plain_steps=True), compile=False)
+    assert decoder.generate(prompt, 60).token_ids == hf_greedy(model, prompt, 60)
+    assert decoder.cost_ratio is not None  # it timed both kinds of step ...
+    assert int(decoder.job_pool().trust_at) == max(8, math.ceil(8 * decoder.cost_ratio))  # ... and set the bar
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
