@@ -13,10 +13,10 @@ import torch
 from .ngram_pool import NGramPool
 
 # A key's running average of the tokens a full step from it committed, in eighths (integers: exact on every device):
-# where it starts (2 tokens: trusted), the most one step adds (bounds the sum), and the default bar (1.5 tokens)
-# until the decoder has timed a full step against a plain one (`trust_at`: a full step pays where it commits at
-# least as many tokens as the plain steps its time would have run).
-GAIN_SCALE, GAIN_START, GAIN_CAP, TRUST_AT = 8, 16, 16, 12
+# where it starts (4 tokens: a memory is tried first, wherever a full step costs up to 4 plain ones), the most one
+# step adds (bounds the sum), and the bar (1.5 tokens) until the decoder has timed a full step against a plain one
+# (`trust_at`: a full step pays where it commits at least as many tokens as the plain steps its time would have run).
+GAIN_SCALE, GAIN_START, GAIN_CAP, TRUST_AT = 8, 32, 16, 12
 
 
 class DevicePool:
