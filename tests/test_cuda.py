@@ -39,20 +39,16 @@ def test_compiled_cuda_fast_path_equals_hf_greedy_on_the_default_model(code_mode
     assert len(decoder._graphs) >= 1  # the step ran from a captured CUDA graph
 
 
-def test_the_eager_fast_path_replayed_from_a_cuda_graph_equals_hf_greedy(code_model):
+def test_cuda_takes_the_split_compiled_step_by_default_and_warns_of_the_whole_one(code_model, caplog):
+    from lp.fast_decoding import CUDA_WHOLE_STEP_WARNING
     model, prompts = code_model
-    decoder = FastDecoder(model, lp.LookaheadConfig(**GPU_SHAPE, cuda_graphs=True), compile=False)
-    for prompt in prompts:
-        assert decoder.generate(prompt, 96).token_ids == hf_greedy(model, prompt, 96)
-    assert len(decoder._graphs) >= 1
-
-
-def test_compiled_cuda_batch_lanes_each_equal_hf_greedy(code_model):
-    model, prompts = code_model
-    decoder = BatchedDecoder(model, lp.LookaheadConfig(7, 5, 7), 2, compile=True)
-    results = decoder.generate_many(prompts, 64)
-    assert [r.token_ids for r in results] == [hf_greedy(model, p, 64) for p in prompts]
-    assert decoder.compile_error is None
+    with caplog.at_level("WARNING", logger="lp"):
+        decoder = lp.Decoder(model)  # no settings: the fast path, its step split around the forward
+        assert type(decoder) is FastDecoder and decoder.compile and decoder.split
+        assert decoder.generate(prompts[0], 32).token_ids == hf_greedy(model, prompts[0], 32)
+        assert CUDA_WHOLE_STEP_WARNING not in caplog.text
+        FastDecoder(model, lp.LookaheadConfig(step_graphs="whole"), compile=True)
+    assert CUDA_WHOLE_STEP_WARNING in caplog.text
 
 
 def test_compiled_cuda_fast_path_samples_the_reference_samplers_tokens(code_model):
@@ -65,21 +61,25 @@ def test_compiled_cuda_fast_path_samples_the_reference_samplers_tokens(code_mode
         assert decoder.generate(prompt, 64).token_ids == reference_sample(model, prompt, 64, settings, 3, rules)
 
 
+def test_compiled_cuda_batch_lanes_each_equal_hf_greedy(code_model):
+    model, prompts = code_model
+    decoder = BatchedDecoder(model, lp.LookaheadConfig(7, 5, 7), 2, compile=True)
+    results = decoder.generate_many(prompts, 64)
+    assert [r.token_ids for r in results] == [hf_greedy(model, p, 64) for p in prompts]
+    assert decoder.compile_error is None
+
+
+def test_the_eager_fast_path_replayed_from_a_cuda_graph_equals_hf_greedy(code_model):
+    model, prompts = code_model
+    decoder = FastDecoder(model, lp.LookaheadConfig(**GPU_SHAPE, cuda_graphs=True), compile=False)
+    for prompt in prompts:
+        assert decoder.generate(prompt, 96).token_ids == hf_greedy(model, prompt, 96)
+    assert len(decoder._graphs) >= 1
+
+
 def test_compiled_first_max_keeps_the_first_of_tied_maxima_on_cuda():
     x = torch.randint(0, 3, (64, 40), device="cuda").double()  # every row has ties
     for rows in (9, 17, 64):  # the tree's rows: reductions over more than 16 went wrong before
         torch._dynamo.reset()
         compiled = torch.compile(first_max, fullgraph=True, dynamic=False)
         assert torch.equal(compiled(x[:rows], 0), x[:rows].argmax(0))  # eager argmax: the first of tied maxima
-
-
-def test_cuda_takes_the_split_compiled_step_by_default_and_warns_of_the_whole_one(code_model, caplog):
-    from lp.fast_decoding import CUDA_WHOLE_STEP_WARNING
-    model, prompts = code_model
-    with caplog.at_level("WARNING", logger="lp"):
-        decoder = lp.Decoder(model)  # no settings: the fast path, its step split around the forward
-        assert type(decoder) is FastDecoder and decoder.compile and decoder.split
-        assert decoder.generate(prompts[0], 32).token_ids == hf_greedy(model, prompts[0], 32)
-        assert CUDA_WHOLE_STEP_WARNING not in caplog.text
-        FastDecoder(model, lp.LookaheadConfig(step_graphs="whole"), compile=True)
-    assert CUDA_WHOLE_STEP_WARNING in caplog.text
