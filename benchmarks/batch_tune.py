@@ -6,9 +6,10 @@ python benchmarks/batch_tune.py --model default --batch-sizes 4,8 --out benchmar
 The job is a suite's records (each to --max-new-tokens), decoded B at a time in one forward a step
 (BatchedDecoder.generate_many). Eager only (`--no-compile`'s menu): on a CPU compiling a batch's step takes
 minutes, which a job of this size never pays back. The methods take turns job by job, --rounds times (each
-round starting one method later), and each method's rate is its tokens over its summed wall time. `auto` runs twice: from an empty step-cost cache (a job's
-first run, measuring the curve included) and from a cached curve (every later run). Every lp method's tokens are
-checked against the default's (all are exact greedy); HF batched greedy's (left padding) are reported beside them.
+round starting one method later), and each method's rate is its tokens over its summed wall time. `auto` runs
+twice: from an empty step-cost cache (a job's first run, measuring the curve included) and from a cached curve
+(every later run). Every lp method's tokens are checked against the default's (all are exact greedy); HF batched
+greedy's (left padding, `throughput.hf_batch`) are reported beside them.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks import loading  # noqa: E402
+from benchmarks.throughput import hf_batch  # noqa: E402
 from lp.auto_tune import batch_menu, choose_for_batch  # noqa: E402
 from lp.batched_decoding import BatchedDecoder  # noqa: E402
 from lp.config import LookaheadConfig  # noqa: E402
@@ -47,24 +49,9 @@ def auto_job(model, lanes: int, prompts, max_new: int, picks: list, store: CostS
 
 
 def hf_job(model, tokenizer, lanes: int, prompts, max_new: int) -> list[list[int]]:
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
-    tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    outs = []
-    for i in range(0, len(prompts), lanes):
-        chunk = prompts[i: i + lanes]
-        width = max(len(p.ids) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p.ids)) + p.ids for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in chunk])
-        with torch.inference_mode():
-            got = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
-                                 pad_token_id=pad)
-        for row in got[:, width:].tolist():
-            outs.append(row[: next((j + 1 for j, t in enumerate(row) if t in eos), len(row))])
-    return outs
+    """HF greedy, `lanes` prompts a generate (left padding), as benchmarks/throughput.py runs it."""
+    return [out for i in range(0, len(prompts), lanes)
+            for out in hf_batch(model, tokenizer, [p.text for p in prompts[i: i + lanes]], max_new)]
 
 
 def main() -> int:

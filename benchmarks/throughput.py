@@ -65,25 +65,30 @@ def prompt_texts(spec: str, count: int, tokenizer) -> list[str]:
     return out
 
 
-def hf_runs(model, tokenizer, texts: list[str], max_new: int, batch_sizes: list[int], compiled: bool = False
-            ) -> tuple[list[dict], dict]:
-    """HF greedy one prompt at a time, then batched with left padding: new tokens (to EOS) over wall time. Compiled:
-    a static cache and torch.compile, each B first run untimed on its longest chunk, so no timed call compiles."""
+def hf_batch(model, tokenizer, texts: list[str], max_new: int, **extra) -> list[list[int]]:
+    """HF greedy on `texts` in one batched generate, left padding: each row's new tokens, cut after EOS."""
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     if tokenizer.pad_token is None:  # the usual choice for decoder-only models without one
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokenizer.padding_side = "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=len(texts) > 1)
+    with torch.inference_mode():
+        got = model.generate(**enc, do_sample=False, max_new_tokens=max_new, pad_token_id=pad, **extra)
+    rows = got[:, enc["input_ids"].shape[1]:].tolist()
+    return [row[: next((j + 1 for j, t in enumerate(row) if t in eos), len(row))] for row in rows]
+
+
+def hf_runs(model, tokenizer, texts: list[str], max_new: int, batch_sizes: list[int], compiled: bool = False
+            ) -> tuple[list[dict], dict]:
+    """HF greedy one prompt at a time, then batched with left padding: new tokens (to EOS) over wall time. Compiled:
+    a static cache and torch.compile, each B first run untimed on its longest chunk, so no timed call compiles."""
     extra = dict(cache_implementation="static", compile_config=hf_compile_config(model)) if compiled else {}
     name = "HF generate compiled (static cache)" if compiled else "HF generate"
 
     def generate(chunk: list[str]) -> list[list[int]]:
-        enc = tokenizer(chunk, return_tensors="pt", padding=len(chunk) > 1)
-        with torch.inference_mode():
-            got = model.generate(**enc, do_sample=False, max_new_tokens=max_new, pad_token_id=pad, **extra)
-        rows = got[:, enc["input_ids"].shape[1]:].tolist()
-        return [row[: next((j + 1 for j, t in enumerate(row) if t in eos), len(row))] for row in rows]
+        return hf_batch(model, tokenizer, chunk, max_new, **extra)
 
     rows, outputs = [], {}
     for b in [1] + batch_sizes:
