@@ -352,8 +352,8 @@ class AutoDecoder:
     @staticmethod
     def _load(decoder: Decoder, grams, corpus) -> None:
         cfg = decoder.config
-        if grams is not None and cfg.guess and len(grams) and grams.shape[1] >= cfg.ngram:
-            decoder.remember_grams(grams[:, : cfg.ngram])
+        if grams is not None and cfg.guess:
+            decoder.remember_grams(grams)  # cut to the arm's N, or left out (lp.memory_file.fit)
         if corpus is not None and len(corpus) and hasattr(decoder, "remember_corpus"):
             decoder.remember_corpus(corpus)
 

@@ -12,6 +12,7 @@ from .config import ConfigError, LookaheadConfig, check_int
 from .distributed.partition import rank_shape, split_step
 from .distributed.team import SoloTeam
 from .greedy_rules import GreedyRules, greedy_rules
+from . import memory_file
 from .kv_cache import InPlaceCache
 from .ngram_pool import NGramPool
 from .sampling import Sampling, sample, sampling_settings
@@ -179,8 +180,9 @@ class Decoder:
         return torch.tensor(rows, dtype=torch.long).view(-1, self.config.ngram)
 
     def remember_grams(self, grams) -> None:
-        """Add n-grams [M, N], each key's oldest first (a saved memory), to the job's memory."""
-        for key, *continuation in torch.as_tensor(grams).tolist():
+        """Add n-grams [M, N'], each key's oldest first (a saved memory), to the job's memory: cut to N when longer,
+        left out when shorter (lp.memory_file.fit)."""
+        for key, *continuation in memory_file.fit(grams, self.config.ngram).tolist():
             self.memory.add(key, continuation)
 
     def memory_corpus(self) -> torch.Tensor:
@@ -436,7 +438,8 @@ def generate(model, input_ids, config: LookaheadConfig | None = None, max_new_to
             raise ValueError("on_tokens streams one sequence; with several prompts read each result's token_ids")
         prompts = [_prompt_ids(p if not isinstance(p, torch.Tensor) else p.reshape(1, -1)) for p in input_ids]
         cfg = config or LookaheadConfig()
-        decoder = BatchedDecoder(model, cfg, batch_size or min(len(prompts), 8) or 1, team, compile=cfg.compiled_on(_device_type(model)))
+        decoder = BatchedDecoder(model, cfg, batch_size or min(len(prompts), 8) or 1, team,
+                                 compile=cfg.compiled_on(_device_type(model)))
         results = decoder.generate_many(prompts, max_new_tokens, [seed] * len(prompts))
         if tokenizer is not None:
             for r in results:

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from . import memory_file
 from .config import LookaheadConfig
 from .cuda_graph import CapturedStep
 from .decoding import Decoder, PromptError, cut_at_eos
@@ -152,7 +153,7 @@ class FastDecoder(Decoder):
             with torch.inference_mode():
                 count, accepted, diverged, ready = self._read(run() if full else plain())
             if plain is not None and stats.steps and self.compile_time_s == compiled_so_far:
-                self._time_step(step, full, time.perf_counter() - began)
+                self._time_step(full, time.perf_counter() - began)
             if diverged:
                 raise DivergenceError("ranks disagree on the committed tokens/window/pool; the replicas are not "
                                       "identical (same model, dtype and config on every rank?)")
@@ -167,7 +168,7 @@ class FastDecoder(Decoder):
         stats.compiled = self.compile and self.compile_error is None
         self._remember_text(prompt, stats.token_ids)
 
-    def _time_step(self, step: FastStep, full: bool, seconds: float) -> None:
+    def _time_step(self, full: bool, seconds: float) -> None:
         """Keep a running average of full and plain steps' seconds; every few steps tell the pool what a full step
         costs in plain ones (the bar a job's memory must clear for a full step: DevicePool.worth_a_step)."""
         kind = "full" if full else "plain"
@@ -177,7 +178,7 @@ class FastDecoder(Decoder):
         if self._timed_steps % 8 == 0 and len(self._step_s) == 2:
             self.cost_ratio = self._step_s["full"] / self._step_s["plain"]
             with torch.inference_mode():  # the pool's tensors are inference tensors
-                step.pool.set_cost_ratio(self.cost_ratio)
+                self.job_pool().set_cost_ratio(self.cost_ratio)
 
     def _read(self, out: torch.Tensor) -> tuple[int, list[int], bool, bool]:
         """The step's one device-to-host copy: count, accepted tokens, diverged, ready (the next tree has a
@@ -254,9 +255,9 @@ class FastDecoder(Decoder):
             return self.job_pool().grams().cpu().clone()
 
     def remember_grams(self, grams) -> None:
-        """Add n-grams [M, N], each key's oldest first (a saved memory), to the job's memory."""
+        """Add n-grams [M, N'], each key's oldest first (a saved memory), to the job's memory (lp.memory_file.fit)."""
         with torch.inference_mode():
-            self.job_pool().insert_all(grams)
+            self.job_pool().insert_all(memory_file.fit(grams, self.config.ngram))
 
     def memory_corpus(self) -> torch.Tensor:
         """The job's corpus on the host: its texts, each after a -1 (empty without one)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import os
 from pathlib import Path
@@ -104,12 +105,13 @@ def new_texts(corpus: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
 
 
 def _texts(corpus: torch.Tensor) -> list[tuple[int, ...]]:
-    texts, current = [], []
-    for token in torch.as_tensor(corpus).tolist() + [-1]:
-        if token < 0:
-            if current:
-                texts.append(tuple(current))
-            current = []
-        else:
-            current.append(token)
-    return texts
+    """A corpus's texts: its runs of tokens between -1s."""
+    runs = itertools.groupby(torch.as_tensor(corpus).tolist(), key=lambda token: token < 0)
+    return [tuple(run) for separator, run in runs if not separator]
+
+
+def fit(grams, ngram: int) -> torch.Tensor:
+    """Saved n-grams [M, N'] as a pool of `ngram`-grams keeps them: cut when longer (a self-tuned job saves its
+    longest), none when shorter."""
+    grams = torch.as_tensor(grams, dtype=torch.long)
+    return grams[:, :ngram] if grams.shape[-1] >= ngram else grams.new_zeros(0, ngram)

@@ -1,7 +1,6 @@
 """A job's memory: a decoder's n-gram pool lives on from one record to the next (LookaheadConfig.memory="job", the
 default), so the later records of a job take fewer steps. Whatever it holds (another model's text, random tokens,
 full rings), no token changes, on either engine, in batches of lanes sharing it and on every rank of a team."""
-import math
 import random
 
 import torch
@@ -125,9 +124,9 @@ def test_a_jobs_memory_earns_full_steps_only_where_they_commit_what_their_cost_w
     for _ in range(12):  # full steps from key 1 commit 2 tokens each, lately
         pool.record_gain(key, torch.tensor(2))
     pool.set_cost_ratio(1.8)  # a full step costs 1.8 plain ones: 2 tokens pay for it
-    assert pool.worth_a_step(key, now)
+    assert pool.worth_a_step(key, now) and int(pool.trust_at) == 15  # the bar in eighths of a token: 14.4, up
     pool.set_cost_ratio(3.0)  # 3 plain steps would commit 3 tokens: 2 do not pay
-    assert not pool.worth_a_step(key, now)
+    assert not pool.worth_a_step(key, now) and int(pool.trust_at) == 24
     pool.insert_all([[1, 4, 5]], generation=2)
     assert pool.worth_a_step(key, now)  # what this record stored is still always worth a step
 
@@ -137,8 +136,12 @@ def test_the_fast_path_tells_its_pool_what_a_full_step_costs_in_plain_ones():
     prompt = [random.Random(3).randrange(VOCAB) for _ in range(40)]
     decoder = FastDecoder(model, lp.LookaheadConfig(7, 4, 7, plain_steps=True), compile=False)
     assert decoder.generate(prompt, 60).token_ids == hf_greedy(model, prompt, 60)
-    assert decoder.cost_ratio is not None  # it timed both kinds of step ...
-    assert int(decoder.job_pool().trust_at) == max(8, math.ceil(8 * decoder.cost_ratio))  # ... and set the bar
+    assert decoder.cost_ratio is not None  # a real generation timed both kinds of step
+    fresh = FastDecoder(model, lp.LookaheadConfig(7, 4, 7, plain_steps=True), compile=False)
+    for _ in range(4):  # full steps of 30 ms and plain ones of 10 ms: a full step costs 3 plain ones
+        fresh._time_step(True, 0.030)
+        fresh._time_step(False, 0.010)
+    assert fresh.cost_ratio == pytest.approx(3.0) and int(fresh.job_pool().trust_at) == 24  # 3 tokens, in eighths
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])

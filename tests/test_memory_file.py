@@ -80,6 +80,14 @@ def test_longer_ngrams_are_cut_to_the_jobs_and_shorter_ones_refused(tmp_path):
         memory_file.load(path, STAMP, VOCAB, 6)
 
 
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_a_decoder_keeps_longer_remembered_ngrams_cut_to_its_own_and_leaves_shorter_ones_out(engine):
+    decoder = decoder_of(engine, tiny_model("llama", seed=1), ngram=3)  # what a self-tuned job's file meets
+    decoder.remember_grams(torch.tensor([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]))
+    decoder.remember_grams(torch.tensor([[11, 12]]))
+    assert by_key(decoder.memory_grams()) == {1: [(2, 3)], 6: [(7, 8)]}
+
+
 def test_a_memory_from_another_tokenizer_or_damaged_is_refused_in_one_line(tmp_path):
     path = tmp_path / "memory.safetensors"
     memory_file.save(path, torch.tensor([[1, 2, 3]]), memory_file.tokenizer_fingerprint(None, VOCAB + 1), VOCAB + 1)

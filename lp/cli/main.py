@@ -349,7 +349,7 @@ class _MemoryFile:
 
     def start(self, decoder, log) -> None:
         if self.grams is not None:
-            decoder.remember_grams(_fit(decoder, self.grams))
+            decoder.remember_grams(self.grams)
             decoder.remember_corpus(self.corpus)
             log(f"starting from the memory in {self.path} ({len(self.grams)} n-grams, "
                 f"{int((self.corpus >= 0).sum())} tokens of earlier texts)")
@@ -365,14 +365,14 @@ class _MemoryFile:
         the texts of its corpus that this one lacks)."""
         if not self.path or not exported:
             return
-        decoder.remember_grams(_fit(decoder, memory_file.unpack(exported["grams"])))
+        decoder.remember_grams(memory_file.unpack(exported["grams"]))
         decoder.remember_corpus(memory_file.new_texts(memory_file.unpack(exported["corpus"]), decoder.memory_corpus()))
 
     def save(self, decoder, log) -> None:
         if not self.path:
             return
         grams = decoder.memory_grams()
-        if self.grams is not None and not isinstance(decoder, AutoDecoder) and not decoder.config.guess:
+        if not len(grams) and self.grams is not None:
             grams = self.grams  # settings that keep no pool (G = 0) leave the file's n-grams as they were
         try:
             memory_file.save(self.path, grams, self.stamp, self.vocab, decoder.memory_corpus())
@@ -380,15 +380,6 @@ class _MemoryFile:
             _error(exc)
             return
         log(f"saved the job's memory to {self.path} ({len(grams)} n-grams)")
-
-
-def _fit(decoder, grams: torch.Tensor) -> torch.Tensor:
-    """Saved n-grams as this decoder keeps them: cut to its N (a self-tuned job's file holds its longest), none when
-    they are shorter. A self-tuning decoder fits them to each of its settings itself."""
-    if isinstance(decoder, AutoDecoder):
-        return grams
-    ngram = decoder.config.ngram
-    return grams[:, :ngram] if grams.shape[1] >= ngram else grams.new_zeros(0, ngram)
 
 
 def _decode_all(args, cfg: RunConfig, launch: Launch, items: list, decoder: Decoder, model, tokenizer, writer,
