@@ -15,6 +15,7 @@ from lp.config import LookaheadConfig
 from lp.decoding import GenerationResult
 from lp.distributed.team import SoloTeam
 from lp.greedy_rules import hf_greedy
+from lp import step_cost
 from lp.step_cost import CostCurve, CostStore, cost_key, step_costs
 from models import tiny_model
 from test_cli import RUN, json_lines, run, save_tiny_model
@@ -139,7 +140,8 @@ def test_what_a_run_observes_replaces_the_curves_guess_for_the_next_run(tmp_path
 # -- the cost curve on disk ------------------------------------------------------------------------------------
 
 
-def test_the_cost_curve_is_measured_once_then_reused_from_the_cache(tmp_path):
+def test_the_cost_curve_is_measured_once_then_reused_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(step_cost, "SLOW_CALL_S", float("inf"))  # every size, however slow this machine is now
     store = CostStore(tmp_path / "costs.json")
     model = tiny_model()
     key, measured = step_costs(model, store)
@@ -149,6 +151,14 @@ def test_the_cost_curve_is_measured_once_then_reused_from_the_cache(tmp_path):
     assert saved["dtype"] == "torch.float64" and "device" in saved and "measured" in saved
     again_key, again = step_costs(model, store)
     assert again_key == key and again.points == measured.points  # a new measurement would time differently
+
+
+def test_a_size_whose_first_call_is_slow_is_the_last_one_measured_and_the_curve_goes_on_linearly(monkeypatch):
+    monkeypatch.setattr(step_cost, "SLOW_CALL_S", 0.0)  # every call counts as slow: a large model on a CPU
+    curve = CostCurve(step_cost.measure(tiny_model()))
+    assert sorted(curve.points) == [1, 4]  # the smallest size always, then the first slow one, no more
+    slope = (curve.points[4] - curve.points[1]) / 3
+    assert curve.latency(64) == pytest.approx(curve.points[4] + 60 * slope)
 
 
 def test_the_cache_is_keyed_by_model_config_and_dtype():
