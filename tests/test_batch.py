@@ -254,6 +254,21 @@ def test_the_lock_is_on_the_file_so_no_other_name_for_it_gets_in(tmp_path):
     JsonlWriter(tmp_path / "link.jsonl").close()
 
 
+def test_a_refusal_names_the_holders_pid_whatever_name_the_second_job_gives_the_file(tmp_path):
+    # the note sits beside the first job's name for the file; a hard link elsewhere has no note beside it
+    out = tmp_path / "out.jsonl"
+    first = JsonlWriter(out)
+    (tmp_path / "elsewhere").mkdir()
+    os.link(out, tmp_path / "elsewhere" / "hard.jsonl")
+    (tmp_path / "out.jsonl.lock").unlink()  # nor does a note that was lost count: the lock itself says who holds it
+    try:
+        for name in ("elsewhere/hard.jsonl", "out.jsonl"):
+            with pytest.raises(InputError, match=f"another lp job \\(pid {os.getpid()}\\)"):
+                JsonlWriter(tmp_path / name)
+    finally:
+        first.close()
+
+
 def test_an_id_that_is_not_text_is_written_escaped_and_resumes_as_the_same_id(tmp_path):
     out = tmp_path / "out.jsonl"
     writer = JsonlWriter(out)

@@ -222,9 +222,9 @@ class JsonlWriter:
     """Appends whole lines: one os.write per record, then fsync, so a kill never leaves half a record.
 
     A regular file is locked for the whole job through the file itself (flock on its inode: a second job on the
-    same file is refused, whatever path, symbolic link or hard link names it, naming the holder's pid from the note
-    `<file>.lock`, which the job removes at its end); a pipe or device (/dev/stdout, >(cmd), /dev/null) is streamed
-    to, with no lock, fsync or resume. When the output is this process's own standard output, records go through
+    same file is refused, whatever path, symbolic link or hard link names it, naming the holder's pid from
+    /proc/locks, else from the note `<file>.lock`, which the job removes at its end); a pipe or device
+    (/dev/stdout, >(cmd), /dev/null) is streamed to, with no lock, fsync or resume. When the output is this process's own standard output, records go through
     that very descriptor (the shell's redirection keeps its offset), and `to_stdout` tells the caller to print
     nothing else there."""
 
@@ -330,16 +330,19 @@ class OutputError(OSError):
 
 def _lock(fd: int, path: Path) -> Path | None:
     """Hold an exclusive flock on the output file's own inode for the whole job, or refuse naming the pid that
-    holds it (from the note `<real path>.lock`, which this job then writes: best effort, the lock is the flock)."""
+    holds it (from /proc/locks, else the note `<real path>.lock`, which this job then writes: best effort, the lock
+    is the flock)."""
     real = Path(os.path.realpath(path))
     note = real.with_name(real.name + ".lock")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        try:
-            holder = note.read_text().strip() or "unknown"
-        except OSError:
-            holder = "unknown"
+        holder = _flock_holder(fd)
+        if holder is None:
+            try:
+                holder = note.read_text().strip() or "unknown"
+            except OSError:
+                holder = "unknown"
         raise InputError(f"another lp job (pid {holder}) is writing {str(path)!r}; wait for it to end or choose "
                          "another --output") from None
     try:
@@ -347,6 +350,22 @@ def _lock(fd: int, path: Path) -> Path | None:
     except OSError:
         return None
     return note
+
+
+def _flock_holder(fd: int) -> str | None:
+    """The pid holding a flock on fd's file, from /proc/locks (Linux), which names the file by device and inode:
+    found whatever path, link or hard link the holder opened it by. None where /proc/locks does not say."""
+    st = os.fstat(fd)
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2343483 0 EOF"; a waiter's line has "->" in it
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode and fields[4].isdigit():
+            return fields[4]
+    return None
 
 
 @dataclass
