@@ -249,6 +249,87 @@ def test_a_live_peer_with_a_skewed_clock_is_not_named_and_a_silent_one_is(monkey
         me.stop()
 
 
+def test_the_end_of_job_wait_gives_a_silent_replica_the_whole_fault_timeout():
+    # it gave up after 2.5 heartbeats (5 s whatever --fault-timeout from 12 s up): a replica stopped for a moment
+    # failed the job of a user who had allowed it 120 s (issue 27, tools/fault_probe.py's lock race)
+    import threading
+    import time
+    import torch.distributed as dist
+    from lp.distributed import parallel
+    store, silent = dist.HashStore(), threading.Event()
+
+    def replica():  # beats until it goes silent
+        beats = 0
+        while not silent.wait(0.05):
+            beats += 1
+            store.set("lp-heartbeat/alive/1", str(beats))
+
+    store.set("lp-heartbeat/alive/1", "0")
+    peer = threading.Thread(target=replica, daemon=True)
+    peer.start()
+    me = parallel._Heartbeat(store, 0, 2, timeout_s=3.0)  # beats every 0.5 s
+    try:
+        while 1 not in me._seen:  # the watcher has seen the replica beat
+            time.sleep(0.01)
+        silent.set()
+        peer.join()
+        went_silent = time.monotonic()
+        store.set("done/0", "{}")
+        with pytest.raises(parallel.RankFailure, match="rank 1 stopped responding"):
+            me.wait_for(store, ["done/0", "done/1"], "finishing its share of the job")
+        assert 3.0 - 0.1 <= time.monotonic() - went_silent < 3.0 + 2.0
+    finally:
+        me.stop()
+
+
+def test_a_rank_that_lost_the_store_host_says_so_without_waiting_on_it():
+    # under mpirun rank 0 hosts the store; stopped, it answers no store call: rank 1's error came 20.7 s after the
+    # stop with --fault-timeout 10 (2 s marking itself diagnosed, 2 s reporting, 6.7 s joining its heartbeat thread)
+    import threading
+    import time
+    import torch.distributed as dist
+    from lp.distributed import parallel
+
+    class Host(dist.Store):  # a store whose host can be stopped: every call then blocks until it goes on
+        def __init__(self):
+            super().__init__()
+            self.data, self.running = {}, threading.Event()
+            self.running.set()
+
+        def set(self, key, value):
+            self.running.wait()
+            self.data[key] = value.encode() if isinstance(value, str) else bytes(value)
+
+        def get(self, key):
+            self.running.wait()
+            return self.data[key]
+
+        def multi_get(self, keys):
+            return [self.get(key) for key in keys]
+
+        def check(self, keys):
+            self.running.wait()
+            return all(key in self.data for key in keys)
+
+    host = Host()
+    host.set("lp-heartbeat/alive/0", "1")
+    me = parallel._Heartbeat(host, 1, 2, timeout_s=1.2)  # beats every 0.2 s
+    try:
+        while 0 not in me._seen:  # the watcher has reached the store
+            time.sleep(0.01)
+        host.running.clear()  # SIGSTOP
+        while time.monotonic() - me._contact <= 2.5 * me.period + 1:  # its own stamps no longer get through
+            time.sleep(0.05)
+        began = time.monotonic()
+        message = me.diagnose("MPI all-gather", TimeoutError("no answer within --fault-timeout 1.2 s"))
+        me.report("RankFailure: " + message)
+        me.stop()
+        assert parallel.STORE_UNREACHABLE in message
+        assert time.monotonic() - began < 1.0
+    finally:
+        host.running.set()  # SIGCONT: the calls left waiting on it return
+
+
 # -- first_index: ties always go to the lowest index ------------------------------------------------------
 
 def test_first_max_breaks_ties_to_the_lowest_index_like_eager_argmax():

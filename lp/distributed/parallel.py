@@ -254,25 +254,34 @@ class _Heartbeat:
         for r, beats in zip(peers, values):
             self._stale(r, beats.decode(), now)
 
-    def _stale(self, peer: int, beats: str, now: float) -> bool:
-        """Note `peer`'s counter as read now; whether it has not moved for 2.5 beats of this host's own clock."""
+    def _stale(self, peer: int, beats: str, now: float, silent_s: float | None = None) -> bool:
+        """Note `peer`'s counter as read now; whether it has not moved for `silent_s` seconds (default 2.5 beats)
+        of this host's own clock."""
         with self._lock:
             last = self._seen.get(peer)
             if last is None or last[0] != beats:
                 self._seen[peer] = (beats, now)
                 return False
-            return now - last[1] > 2.5 * self.period
+            return now - last[1] > (2.5 * self.period if silent_s is None else silent_s)
+
+    def _store_lost(self) -> bool:
+        """Whether this rank's own stamps stopped reaching the store: its host (rank 0 under mpirun or srun) died or
+        hung, and any store call would wait on it."""
+        return self._thread is not None and time.monotonic() - self._contact > 2.5 * self.period + 1
 
     def stop(self) -> None:
-        """Stop stamping and wait for the thread, so no store call is in flight when the group is torn down."""
+        """Stop stamping and wait for the thread, so no store call is in flight when the group is torn down; a
+        thread stuck on a store host that no longer answers is left behind (a daemon: the job is failing)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.period + 5)
+            if not self._store_lost():
+                self._thread.join(timeout=self.period + 5)
             self._thread = None
 
     def report(self, message: str) -> None:
-        """Tell the peers why this rank stops (bounded: the store's host may be the rank that hung)."""
-        if self.store is not None:
+        """Tell the peers why this rank stops (bounded: the store's host may be the rank that hung; not tried when
+        this rank already lost the store)."""
+        if self.store is not None and not self._store_lost():
             _bounded(lambda: self.store.set(f"failed/{self.rank}", message[:500]), 2, None)
 
     def diagnose(self, what: str, error: Exception) -> str:
@@ -281,7 +290,8 @@ class _Heartbeat:
         if self.store is None:
             return f"rank {self.rank}: {what} failed ({detail}); a peer rank failed or stopped answering"
         culprits = self.culprits(wait=True)
-        _bounded(lambda: self.store.set(f"diagnosed/{self.rank}", "1"), 2, None)  # rank 0 may now leave
+        if STORE_UNREACHABLE not in culprits:
+            _bounded(lambda: self.store.set(f"diagnosed/{self.rank}", "1"), 2, None)  # rank 0 may now leave
         if not culprits:
             return f"rank {self.rank}: {what} failed ({detail}); no peer was seen failing"
         return f"rank {self.rank}: {what} failed because " + "; ".join(culprits)
@@ -308,7 +318,7 @@ class _Heartbeat:
 
     def wait_for(self, store, keys: list[str], what: str) -> None:
         """Wait until every rank r has set keys[r] in `store`; a rank that has not, and whose heartbeat has stopped
-        (or that reported a failure), ends the wait with RankFailure naming it."""
+        for the fault timeout (or that reported a failure), ends the wait with RankFailure naming it."""
         while True:
             try:
                 store.wait(keys, datetime.timedelta(seconds=self.period))
@@ -316,18 +326,18 @@ class _Heartbeat:
             except Exception:  # not yet: who is missing, and are they still alive?
                 pass
             missing = [r for r, key in enumerate(keys) if not _bounded(lambda k=key: store.check([k]), 5, True)]
-            culprits = self._culprits(among=missing)
+            culprits = self._culprits(among=missing, silent_s=self.timeout_s)
             if culprits:
                 raise RankFailure(f"rank {self.rank}: waiting for every rank {what}, but " + "; ".join(culprits))
 
-    def _culprits(self, among: list[int] | None = None) -> list[str]:
-        """Peers that reported a failure, never started or stopped beating; each store call bounded, so a store host
-        that is itself stopped cannot hang the diagnosis."""
-        if self._thread is not None and time.monotonic() - self._contact > 2.5 * self.period + 1:
+    def _culprits(self, among: list[int] | None = None, silent_s: float | None = None) -> list[str]:
+        """Peers that reported a failure, never started or stopped beating (for `silent_s`, default 2.5 beats); each
+        store call bounded, so a store host that is itself stopped cannot hang the diagnosis."""
+        if self._store_lost():
             return [STORE_UNREACHABLE]  # this rank's own stamps stopped reaching the store
-        return _bounded(lambda: self._find_culprits(among), 10, [STORE_UNREACHABLE])
+        return _bounded(lambda: self._find_culprits(among, silent_s), 10, [STORE_UNREACHABLE])
 
-    def _find_culprits(self, among: list[int] | None) -> list[str]:
+    def _find_culprits(self, among: list[int] | None, silent_s: float | None = None) -> list[str]:
         found = []
         try:
             self.store.set_timeout(datetime.timedelta(seconds=2))
@@ -338,7 +348,7 @@ class _Heartbeat:
                     found.append(f"rank {r} failed: {self.store.get(f'failed/{r}').decode()}")
                 elif not self.store.check([f"alive/{r}"]):
                     found.append(f"rank {r} never started")
-                elif self._stale(r, self.store.get(f"alive/{r}").decode(), time.monotonic()):
+                elif self._stale(r, self.store.get(f"alive/{r}").decode(), time.monotonic(), silent_s):
                     found.append(f"rank {r} stopped responding (dead or hung)")
                 else:
                     continue
