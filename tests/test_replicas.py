@@ -226,6 +226,22 @@ def test_a_replica_job_holds_its_outputs_lock_until_every_replica_is_merged(tiny
 
 
 @pytest.mark.slow
+def test_a_replica_lost_while_rank_0_waits_at_the_end_is_named_by_rank_0(tiny_dir, tmp_path):  # noqa: F811
+    # rank 0, stopped by torchrun in its end-of-job wait, said only "interrupted" (issue 27 item 10)
+    job, cmd, output, shard, replica = _stop_replica_1_mid_job(tiny_dir, tmp_path, 30)
+    deadline = time.time() + 240  # replica 1 holds its claimed record; rank 0 decodes all the others, then waits
+    while time.time() < deadline and _lines(output) + _lines(shard) < 29:
+        time.sleep(0.05)
+    os.kill(replica, signal.SIGKILL)  # torchrun sees it die and stops rank 0 where it waits
+    _, err = job.communicate(timeout=240)
+    assert job.returncode != 0
+    assert "lp: error: interrupted by the launcher after rank 1 stopped responding (dead or hung)" in err, err[-3000:]
+    rerun = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(r["id"] for r in json_lines(output.read_text())) == sorted(f"r{i}" for i in range(30))
+
+
+@pytest.mark.slow
 def test_replicas_writing_to_a_pipe_deliver_every_record_through_rank_0(tiny_dir, tmp_path):  # noqa: F811
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"id": i, "prompt": f"{i}: ab"}) + "\n" for i in range(8)))

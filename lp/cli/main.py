@@ -749,11 +749,7 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
         if writer:
             writer.close()
         if alive:
-            if isinstance(exc, Terminated) and rank0:  # torchrun ends the job when a rank exits: find which and why
-                exc.why = "; ".join(alive.culprits(wait=True))
-            elif not isinstance(exc, KeyboardInterrupt):  # tell rank 0, which the launcher is about to stop
-                cause = _one_line(exc).split("; ")[0]  # what went wrong, not what to do about it
-                alive.report(cause if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {cause}")
+            _explain_stop(exc, alive, rank0)
             alive.stop()
         raise
     if writer and not rank0:
@@ -773,6 +769,10 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
                         writer.write(line)
                     memory.absorb(decoder, report["memory"])
             progress.update(totals.records - progress.n)
+    except BaseException as exc:  # rank 0 waiting for the others may be stopped by torchrun too
+        if alive:
+            _explain_stop(exc, alive, rank0)
+        raise
     finally:
         progress.close()
         if writer and rank0:
@@ -787,6 +787,16 @@ def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: li
                        prompts_per_second=round(summary["ok"] / wall, 3) if wall > 0 else 0.0)
         _report(summary, args, cfg)
     return _exit_code(args, totals, launch)
+
+
+def _explain_stop(exc: BaseException, alive, rank0: bool) -> None:
+    """A replica job's rank stops on `exc`: rank 0 stopped by torchrun (which ends the job when a rank exits) finds
+    which rank failed and why; a rank failing itself tells rank 0, which the launcher is about to stop."""
+    if isinstance(exc, Terminated) and rank0:
+        exc.why = "; ".join(alive.culprits(wait=True))
+    elif not isinstance(exc, KeyboardInterrupt):
+        cause = _one_line(exc).split("; ")[0]  # what went wrong, not what to do about it
+        alive.report(cause if isinstance(exc, USER_ERRORS) else f"{type(exc).__name__}: {cause}")
 
 
 class _Lines:
