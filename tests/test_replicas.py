@@ -182,6 +182,26 @@ def test_a_replica_killed_mid_job_stops_the_job_and_the_rerun_loses_and_repeats_
     assert _by_id(output) == expected
 
 
+@pytest.mark.slow
+def test_a_team_rank_killed_under_torchrun_is_named_by_rank_0(tiny_dir, tmp_path):  # noqa: F811
+    # one team of 2 ranks: torchrun stops rank 0 before its next collective fails, and it said only "interrupted"
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": f"{i}: ab ab"}) + "\n" for i in range(200)))
+    output = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(RUN),
+           *base_args(tiny_dir, "--input", source, "--output", str(output), "--fault-timeout", "10")]
+    job = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True)
+    victim = _rank_pid(job, 1)
+    deadline = time.time() + 240
+    while time.time() < deadline and _lines(output) < 3:
+        time.sleep(0.01)
+    os.kill(victim, signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert "lp: error: interrupted by the launcher after rank 1 stopped responding (dead or hung)" in err, err[-3000:]
+
+
 def _lines(path: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 

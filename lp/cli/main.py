@@ -329,6 +329,10 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
         if rank0:
             memory.save(decoder, log)
         return code
+    except Terminated as exc:  # torchrun stops a team when one of its ranks exits: rank 0 finds which and why
+        if rank0 and not exc.why and layout.replicas == 1 and hasattr(decoder.team, "culprits"):
+            exc.why = "; ".join(decoder.team.culprits())
+        raise
     finally:
         if hasattr(decoder.team, "close"):
             decoder.team.close()

@@ -144,6 +144,11 @@ class ProcessGroupTeam:
         setting a self-tuning team runs next (lp.auto_tune), made from rank 0's own measurements."""
         return int(self._all_gather(torch.tensor([value], dtype=torch.int64))[0, 0])
 
+    def culprits(self) -> list[str]:
+        """The peers that failed or stopped, giving one that just died a moment to be seen stale (ranks of this
+        team's group)."""
+        return self._heartbeat.culprits(wait=True)
+
     def report_failure(self, message: str) -> None:
         """Tell the peers (through the store) why this rank is about to stop."""
         self._heartbeat.report(message)
