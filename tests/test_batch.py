@@ -324,6 +324,26 @@ def test_records_on_stdout_go_there_once_and_everything_else_to_stderr(tiny_dir,
     assert not (tmp_path / "res.jsonl.lock").exists()
 
 
+def test_a_huge_record_budget_counts_for_the_tuner_as_what_the_context_lets_it_make(tiny_dir, tmp_path, monkeypatch):
+    # a record's max_new_tokens 10**30 (clamped to the context when decoded) made a batch job of 3 short records
+    # expect 10**30 tokens and compile for 45 s (tools/fault_probe.py's 9_record_huge_batch2)
+    cli = sys.modules["lp.cli.main"]
+    real, asked = cli.choose_for_batch, []
+
+    def spy(model, base, lanes, job_tokens, *args, **kwargs):
+        asked.append(job_tokens)
+        return real(model, base, lanes, job_tokens, *args, **kwargs)
+    monkeypatch.setattr(cli, "choose_for_batch", spy)
+    source = write_lines(tmp_path / "in.jsonl", '{"id": 1, "prompt": "ab ab"}',
+                         '{"id": 2, "prompt": "cd cd", "max_new_tokens": ' + str(10 ** 30) + '}')
+    out = tmp_path / "out.jsonl"
+    args = ["--model", tiny_dir, "--dtype", "float64", "--max-new-tokens", "4", "--batch-size", "2", "--input",
+            source, "--output", str(out)]  # self-tuned: no shape setting
+    assert main(args) == 0
+    assert asked == [4 + (512 - 5)]  # the second record's room in the model's 512 positions, after its 5 tokens
+    assert json_lines(out.read_text())[-1]["stop_reason"] == "context"
+
+
 def test_a_batch_job_whose_every_record_failed_exits_3_for_the_scheduler(tiny_dir, tmp_path, capsys):
     source = write_lines(tmp_path / "in.jsonl", '{"id": 1, "prompt": "' + "x" * 600 + '"}', '{"id": 2}')
     out = tmp_path / "out.jsonl"

@@ -25,7 +25,7 @@ import torch
 from ..config import ConfigError, LookaheadConfig
 from ..auto_tune import AutoDecoder, choose_for_batch
 from ..batched_decoding import BatchedDecoder, Work
-from ..decoding import Decoder, GenerationResult, PromptError
+from ..decoding import Decoder, GenerationResult, PromptError, context_length
 from ..distributed import bootstrap
 from ..distributed.bootstrap import BootstrapError, Launch
 from ..distributed.parallel import (KV_SYNC, DivergenceError, ProcessGroupTeam, RankFailure, default_store,
@@ -669,7 +669,7 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list,
                                 store=store)
     lookahead = engine_settings(cfg)
     try:
-        share = sum(item["max_new_tokens"] for item in items) // layout.replicas
+        share = _job_tokens(items, model) // layout.replicas
         if cfg.batch_size > 1:
             lanes = max(1, min(cfg.batch_size, -(-records // layout.replicas)))
             if not _tunes(cfg):
@@ -686,6 +686,15 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list,
         return Decoder(model, lookahead, team=team)
     except ValueError as exc:  # encoder-decoder or sliding-window models: the same answer on every rank
         raise UsageError(_one_line(exc)) from None
+
+
+def _job_tokens(items: list, model) -> int:
+    """The new tokens the items may make: each budget within the room its prompt leaves in the model's context (a
+    budget of 10**30 is decoded to the context, and must not have the tuner expect, and compile for, that many)."""
+    context = context_length(model.config)
+    return sum(item["max_new_tokens"] if context is None else max(0, min(item["max_new_tokens"],
+                                                                         context - len(item["ids"])))
+               for item in items)
 
 
 def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: list, decoder, model, tokenizer,
