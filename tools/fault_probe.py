@@ -1,7 +1,7 @@
 """Issue 27's fault cases, run again: kills and resumes, stopped ranks, lock races, odd outputs, odd values, bad
 records and bad flags, each against launch/run.py on a tiny saved model, each checked automatically.
 
-    python tools/fault_probe.py --out benchmarks/results/fault_probe.json          # every family, ~20 min on 2 CPUs
+    python tools/fault_probe.py --out benchmarks/results/fault_probe.json          # every family, ~22 min on 2 CPUs
     python tools/fault_probe.py --only kill,flags                                 # a subset
 
 A case passes when nothing is lost or duplicated (every id exactly once, whole lines, the tokens of an uninterrupted
