@@ -213,6 +213,19 @@ def test_every_arm_a_tuned_job_switches_to_gives_greedys_tokens(tmp_path):
     assert set(CostStore(tmp_path / "costs.json").read()[auto.key]["observed"]) == {"a", "b", "c"}
 
 
+def test_a_budget_past_the_context_counts_only_the_room_the_prompt_leaves(tmp_path):
+    """A record's max_new_tokens of 10**30 is decoded to the context: the tuner must not expect (and compile for)
+    10**30 tokens."""
+    model = tiny_model()
+    auto = AutoDecoder(model, store=CostStore(tmp_path / "costs.json"), arms=REFERENCE[:1])
+    asked, choose = [], auto.chooser.choose
+    auto.chooser.choose = lambda tokens_left, current=None: asked.append(tokens_left) or choose(tokens_left, current)
+    prompt = [5, 6, 7, 8]
+    result = auto.generate(prompt, 10**30)
+    room = model.config.max_position_embeddings - len(prompt)
+    assert asked == [room] and result.new_tokens <= room
+
+
 def test_a_team_runs_the_arm_rank_0_picked_whatever_this_ranks_chooser_says(tmp_path):
     class RankZeroSaysLast(SoloTeam):
         def pick(self, value: int) -> int:
