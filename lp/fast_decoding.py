@@ -28,6 +28,7 @@ from .fast_step import FastShape, FastStep
 from .graph_check import StaleReadCheck
 from .job_corpus import JobCorpus
 from .ngram_pool import NGramPool
+from .progress import ticking
 from .step_layout import tokens_fed
 
 log = logging.getLogger("lp")
@@ -405,7 +406,8 @@ class _FallBack:
             return self.compiled(*args)
         began = time.perf_counter()
         try:
-            out = self.compiled(*args)
+            with ticking(self.owner.notify, "still compiling the fast path's step"):
+                out = self.compiled(*args)
         except Exception as error:  # dynamo/inductor cannot take this model: stay exact, run eagerly
             first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             self.owner.compile_error = f"{type(error).__name__}: {first}"

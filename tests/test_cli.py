@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -370,3 +371,13 @@ def test_torchrun_with_tp_2_shards_one_replica_and_still_matches_greedy(tiny_dir
     assert out.returncode == 0, out.stderr[-2000:]
     [record] = json_lines(out.stdout)
     assert record["greedy_match"] is True and record["new_tokens"] == 12
+
+
+@pytest.mark.slow
+def test_compile_says_what_it_compiles_and_keeps_saying_it_is_still_compiling(tiny_dir, capsys, monkeypatch):
+    from lp import progress
+    monkeypatch.setattr(progress, "PROGRESS_S", 0.2)  # a line every 0.2 s instead of every 30
+    assert main(base_args(tiny_dir, "--prompt", "abcabcabc", "--compile", "--lookup", "1", "--json")) == 0
+    err = capsys.readouterr().err
+    assert "compiling the fast path's step for a" in err and "later prompts of this size reuse it" in err
+    assert re.search(r"still compiling the fast path's step: \d+ s so far", err)
