@@ -14,13 +14,10 @@ from .ngram_pool import NGramPool
 from .source_stats import SourceStats
 
 # A key's running average of the tokens a full step from it committed, in eighths (integers: exact on every device):
-# where the job's prior starts (4 tokens: a memory is tried first, wherever a full step costs up to 4 plain ones), the
-# most one step adds (bounds the sum), and the bar (1.5 tokens) until the decoder has timed a full step against a
-# plain one (`trust_at`: a full step pays where it commits at least as many tokens as the plain steps its time would
-# have run). A key no full step has run from yet takes the prior: the running average of what the first full step
-# from each key committed, so a job whose memory does not pay stops trying every new key of it.
+# where it starts (4 tokens: a memory is tried first, wherever a full step costs up to 4 plain ones), the most one
+# step adds (bounds the sum), and the bar (1.5 tokens) until the decoder has timed a full step against a plain one
+# (`trust_at`: a full step pays where it commits at least as many tokens as the plain steps its time would have run).
 GAIN_SCALE, GAIN_START, GAIN_CAP, TRUST_AT = 8, 32, 16, 12
-UNMEASURED = -1
 
 
 class DevicePool:
@@ -33,14 +30,12 @@ class DevicePool:
         self.tokens = torch.zeros(vocab + 1, rings, length, dtype=torch.long, device=device)
         self.count = torch.zeros(vocab + 1, dtype=torch.long, device=device)
         self.next = torch.zeros(vocab + 1, dtype=torch.long, device=device)
-        # a job's memory: which generation last stored under a key, what full steps from the key committed (a
-        # running average in eighths of a token; UNMEASURED until one ran), the prior for keys not yet measured
-        # (GAIN_START at first: trusted), and the bar `trust_at` they must reach
+        # a job's memory: which generation last stored under a key, and what full steps from the key committed (a
+        # running average in eighths of a token, GAIN_START at first: trusted), against the bar `trust_at`
         self.stamp = torch.full((vocab + 1,), -1, dtype=torch.long, device=device)
-        self.gain = torch.full((vocab + 1,), UNMEASURED, dtype=torch.long, device=device)
-        self.prior = torch.full((), GAIN_START, dtype=torch.long, device=device)
+        self.gain = torch.full((vocab + 1,), GAIN_START, dtype=torch.long, device=device)
         self.trust_at = torch.full((), TRUST_AT, dtype=torch.long, device=device)
-        for t in (self.tokens, self.count, self.next, self.stamp, self.gain, self.prior, self.trust_at):
+        for t in (self.tokens, self.count, self.next, self.stamp, self.gain, self.trust_at):
             torch._dynamo.mark_static_address(t)
         self.source_stats = SourceStats(guess, device)  # how often each candidate source was right, which ranks the tree
 
@@ -54,8 +49,7 @@ class DevicePool:
         self.count.zero_()
         self.next.zero_()
         self.stamp.fill_(-1)
-        self.gain.fill_(UNMEASURED)
-        self.prior.fill_(GAIN_START)
+        self.gain.fill_(GAIN_START)
         self.source_stats.reset()
         rows, slots, values, counts = [], [], [], []
         for key in dict.fromkeys(keys):
@@ -108,24 +102,18 @@ class DevicePool:
 
     def worth_a_step(self, key: torch.Tensor, generation: torch.Tensor) -> torch.Tensor:
         """Whether the entries under `key` ([1]) deserve a full step (0-d bool): there are some, and either this
-        generation stored some of them or full steps from this key (the job's prior, for a key none ran from yet)
-        have lately committed enough tokens to pay for their cost (`trust_at`; a job's memory is tried, and given
-        up on where it does not pay)."""
+        generation stored some of them or full steps from this key have lately committed enough tokens to pay for
+        their cost (`trust_at`; a job's memory is tried, and given up on where it does not pay)."""
         stored = self.count.index_select(0, key)[0] > 0
         mine = self.stamp.index_select(0, key)[0] == generation
-        gain = self.gain.index_select(0, key)[0]
-        trusted = torch.where(gain == UNMEASURED, self.prior, gain) >= self.trust_at
+        trusted = self.gain.index_select(0, key)[0] >= self.trust_at
         return stored & (mine | trusted)
 
     def record_gain(self, key: torch.Tensor, committed: torch.Tensor) -> None:
         """A full step from `key` ([1]) committed `committed` tokens (0-d, at least 1): update its running average
-        (3/4 the old one, or the prior's for a first step, and 1/4 this step); a first step from a key also moves
-        the prior (7/8 the old prior, 1/8 this step)."""
+        (3/4 the old one, 1/4 this step)."""
         before = self.gain.index_select(0, key)
-        first = before == UNMEASURED
-        step = GAIN_SCALE * committed.clamp(max=GAIN_CAP)
-        self.gain.index_put_((key,), (3 * torch.where(first, self.prior, before) + step) // 4)
-        self.prior.copy_(torch.where(first[0], (7 * self.prior + step) // 8, self.prior))
+        self.gain.index_put_((key,), (3 * before + GAIN_SCALE * committed.clamp(max=GAIN_CAP)) // 4)
 
     def set_cost_ratio(self, full_over_plain: float) -> None:
         """Tell the pool what a full step costs in plain steps: the bar its keys' running averages must reach (a

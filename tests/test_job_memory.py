@@ -131,41 +131,6 @@ def test_a_jobs_memory_earns_full_steps_only_where_they_commit_what_their_cost_w
     assert pool.worth_a_step(key, now)  # what this record stored is still always worth a step
 
 
-def test_a_key_no_full_step_ran_from_yet_is_tried_as_the_jobs_first_steps_from_other_keys_paid():
-    import torch
-    from lp.device_pool import DevicePool
-
-    def fresh_key_tried(first_steps_commit: int) -> list[bool]:
-        pool = DevicePool(vocab=20, guess=2, length=2, device=torch.device("cpu"))
-        pool.insert_all([[k, 2, 3] for k in range(1, 20)], generation=1)  # an earlier record stored under every key
-        pool.set_cost_ratio(3.0)  # a full step pays from 3 tokens on (24 eighths)
-        now, tried = torch.tensor(2), []
-        for k in range(1, 8):  # the first full step from each of keys 1..7, then: would key 19 be tried?
-            pool.record_gain(torch.tensor([k]), torch.tensor(first_steps_commit))
-            tried.append(bool(pool.worth_a_step(torch.tensor([19]), now)))
-        return tried
-
-    # memory that does not pay (1 token a first step): new keys stop being tried after three such steps
-    assert fresh_key_tried(1) == [True, True] + [False] * 5
-    # memory that pays (4 tokens a first step, a templated job): every new key is tried
-    assert fresh_key_tried(4) == [True] * 7
-
-
-def test_a_record_alone_starts_from_the_prior_again():
-    import torch
-    from lp.device_pool import DevicePool
-    from lp.ngram_pool import NGramPool
-    pool = DevicePool(vocab=10, guess=2, length=2, device=torch.device("cpu"))
-    pool.insert_all([[1, 2, 3]], generation=1)
-    pool.set_cost_ratio(3.0)
-    for _ in range(2):
-        pool.record_gain(torch.tensor([1]), torch.tensor(1))
-    assert not pool.worth_a_step(torch.tensor([1]), torch.tensor(2))
-    pool.load(NGramPool(2, 2), [], generation=2)  # a record on its own (memory=record): nothing learnt carries over
-    pool.insert_all([[1, 2, 3]], generation=1)
-    assert pool.worth_a_step(torch.tensor([1]), torch.tensor(2))
-
-
 def test_the_fast_path_tells_its_pool_what_a_full_step_costs_in_plain_ones():
     model = tiny_model("llama", seed=5)
     prompt = [random.Random(3).randrange(VOCAB) for _ in range(40)]
