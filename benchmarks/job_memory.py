@@ -33,44 +33,33 @@ MEMORIES = ("record", "pool", "job")  # each record alone; the job's n-gram pool
 SETTINGS = {"record": dict(memory="record"), "pool": dict(memory="job", memory_tokens=0), "job": dict(memory="job")}
 
 
-def decode_in_turn(model, prompts, decoders: dict, args) -> tuple[dict, bool, bool | None]:
-    """The records in order, each decoded by every decoder in turn: per decoder its figures (`figures`), whether they
-    all gave the same tokens, and (--check-greedy) whether those equal transformers' greedy."""
-    rows = {name: [] for name in decoders}
-    same, greedy = True, True
-    for prompt in prompts:
-        got = []
-        for name, decoder in decoders.items():
-            result = decoder.generate(prompt.ids, args.max_new_tokens)
-            got.append(result.token_ids)
-            rows[name].append(dict(id=prompt.id, new_tokens=result.new_tokens, steps=result.steps,
-                                   seconds=round(result.wall_time_s, 4)))
-        same &= all(tokens == got[0] for tokens in got)
-        if args.check_greedy:
-            greedy &= got[0] == hf_greedy(model, prompt.ids, args.max_new_tokens)
-    return {name: figures(records) for name, records in rows.items()}, same, greedy if args.check_greedy else None
-
-
-def figures(records: list[dict]) -> dict:
-    """A decoder's job: tokens per step (all new tokens over all steps), ms per token, and the curve of tokens per
-    step over the records decoded so far."""
-    tokens, steps = sum(r["new_tokens"] for r in records), sum(r["steps"] for r in records)
-    seconds = sum(r["seconds"] for r in records)
-    curve, t, s = [], 0, 0
-    for r in records:
-        t, s = t + r["new_tokens"], s + r["steps"]
-        curve.append(round(t / s, 3))
-    return dict(tokens_per_step=round(tokens / steps, 3), ms_per_token=round(1e3 * seconds / tokens, 3),
-                curve=curve, records=records)
-
-
 def run_job(model, prompts, wng, args) -> dict:
-    """The three memories over the records in order, interleaved; per memory its figures."""
+    """Both memories over the records in order, interleaved; per memory its per-record figures."""
     decoders = {m: FastDecoder(model, LookaheadConfig(*wng, **SETTINGS[m]), compile=args.compile) for m in MEMORIES}
-    by_memory, same, greedy = decode_in_turn(model, prompts, decoders, args)
-    out = dict(config=":".join(map(str, wng)), same_tokens=same, greedy=greedy, **by_memory)
+    rows = {m: [] for m in MEMORIES}
+    same = True
+    greedy = True
+    for prompt in prompts:
+        got = {}
+        for memory, decoder in decoders.items():
+            result = decoder.generate(prompt.ids, args.max_new_tokens)
+            got[memory] = result.token_ids
+            rows[memory].append(dict(id=prompt.id, new_tokens=result.new_tokens, steps=result.steps,
+                                     seconds=round(result.wall_time_s, 4)))
+        same &= got["job"] == got["record"] == got["pool"]
+        if args.check_greedy:
+            greedy &= got["job"] == hf_greedy(model, prompt.ids, args.max_new_tokens)
+    out = dict(config=":".join(map(str, wng)), same_tokens=same, greedy=greedy if args.check_greedy else None)
     for memory in MEMORIES:
-        out[memory]["compile_s"] = round(decoders[memory].compile_time_s, 1)
+        records = rows[memory]
+        tokens, steps = sum(r["new_tokens"] for r in records), sum(r["steps"] for r in records)
+        seconds = sum(r["seconds"] for r in records)
+        curve, t, s = [], 0, 0
+        for r in records:
+            t, s = t + r["new_tokens"], s + r["steps"]
+            curve.append(round(t / s, 3))
+        out[memory] = dict(tokens_per_step=round(tokens / steps, 3), ms_per_token=round(1e3 * seconds / tokens, 3),
+                           curve=curve, records=records, compile_s=round(decoders[memory].compile_time_s, 1))
     for memory in ("pool", "job"):
         suffix = "" if memory == "job" else "_pool"
         out["tokens_per_step_ratio" + suffix] = round(out[memory]["tokens_per_step"] / out["record"]["tokens_per_step"], 3)
@@ -78,51 +67,35 @@ def run_job(model, prompts, wng, args) -> dict:
     return out
 
 
-def add_job_arguments(p, default_model: str, default_tokens: int) -> None:
-    """The job a benchmark of this kind decodes, and how."""
-    loading.add_suite_arguments(p, default_model)
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    loading.add_suite_arguments(p, "stories260k")
     p.add_argument("--configs", default="15:5:15,7:5:7")
-    p.add_argument("--max-new-tokens", type=int, default=default_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--compile", action="store_true", help="the compiled fast path (else the same step eagerly)")
     p.add_argument("--check-greedy", action="store_true", help="also compare every output with HF greedy")
     p.add_argument("--threads", type=int, default=1)
-
-
-def save_json(out: Path, args, suite: str, records: int, rows: list[dict], began: float) -> None:
-    """OUT.json: the environment, the settings and every row."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(torch=torch.__version__, threads=args.threads, seconds=round(time.time() - began, 1),
-               command=" ".join(sys.argv), date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    settings = dict(vars(args), prompts=suite, records=records)
-    out.with_suffix(".json").write_text(json.dumps(dict(environment=env, settings=settings, rows=rows), indent=1))
-
-
-def run_suite(args, run_job, summary) -> tuple[str, list, list[dict]]:
-    """Load the suite, run `run_job` for each W:N:G of --configs (printing `summary(row)` as each ends), save OUT.json;
-    returns the suite's name, its prompts and the rows."""
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "job_memory"))
+    args = p.parse_args()
     torch.set_num_threads(args.threads)
     began = time.time()
     model, tokenizer, suite, prompts = loading.load_suite(args)
     rows = []
     for text in args.configs.split(","):
-        rows.append(run_job(model, prompts, tuple(map(int, text.split(":"))), args))
-        print(f"{args.model} {rows[-1]['config']}: {summary(rows[-1])}", flush=True)
-    save_json(Path(args.out), args, suite, len(prompts), rows, began)
-    return suite, prompts, rows
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_job_arguments(p, "stories260k", 200)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "job_memory"))
-    args = p.parse_args()
-    suite, prompts, rows = run_suite(args, run_job, lambda row: (
-        f"tokens/step record {row['record']['tokens_per_step']} pool {row['pool']['tokens_per_step']} job "
-        f"{row['job']['tokens_per_step']} ({row['tokens_per_step_ratio']}x); ms/token record "
-        f"{row['record']['ms_per_token']} pool {row['pool']['ms_per_token']} job {row['job']['ms_per_token']} "
-        f"({row['ms_per_token_ratio']}x); same tokens {row['same_tokens']}"))
+        row = run_job(model, prompts, tuple(map(int, text.split(":"))), args)
+        rows.append(row)
+        print(f"{args.model} {row['config']}: tokens/step record {row['record']['tokens_per_step']} pool "
+              f"{row['pool']['tokens_per_step']} job {row['job']['tokens_per_step']} ({row['tokens_per_step_ratio']}x); "
+              f"ms/token record {row['record']['ms_per_token']} pool {row['pool']['ms_per_token']} job "
+              f"{row['job']['ms_per_token']} ({row['ms_per_token_ratio']}x); same tokens {row['same_tokens']}",
+              flush=True)
     out = Path(args.out)
-    lines = [f"{args.model}, {len(prompts)} records of `{suite}`, {args.max_new_tokens} new tokens each, "
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(torch=torch.__version__, threads=args.threads, seconds=round(time.time() - began, 1),
+               command=" ".join(sys.argv), date_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    settings = dict(vars(args), prompts=suite, records=len(prompts))
+    out.with_suffix(".json").write_text(json.dumps(dict(environment=env, settings=settings, rows=rows), indent=1))
+    lines = [f"{args.model}, {len(prompts)} records of `{settings['prompts']}`, {args.max_new_tokens} new tokens each, "
              f"{'compiled' if args.compile else 'eager'} fast path", "",
              "(pool: the job's n-gram pool alone; job: the pool and the corpus of earlier texts that prompt lookup "
              "searches, the default)", "",

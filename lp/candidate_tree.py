@@ -17,7 +17,7 @@ from .first_index import first_max, first_true
 MAX_MATCH = 4  # longest suffix that prompt lookup matches (a longer match ranks first)
 # Estimated chance that a candidate's next token is right, which orders the tree's nodes when the budget binds:
 # prompt lookup's by match length (0..MAX_MATCH), the pool's newest entry and the factor per older one. Hand-set
-# guesses: the prior that lp.source_stats's measured chances start from.
+# guesses, not fitted.
 LOOKUP_STRENGTH = (0.5, 0.6, 0.75, 0.85, 0.9)
 POOL_STRENGTH, POOL_DECAY = 0.45, 0.97
 

@@ -11,7 +11,6 @@ import math
 import torch
 
 from .ngram_pool import NGramPool
-from .source_stats import SourceStats
 
 # A key's running average of the tokens a full step from it committed, in eighths (integers: exact on every device):
 # where it starts (4 tokens: a memory is tried first, wherever a full step costs up to 4 plain ones), the most one
@@ -37,7 +36,6 @@ class DevicePool:
         self.trust_at = torch.full((), TRUST_AT, dtype=torch.long, device=device)
         for t in (self.tokens, self.count, self.next, self.stamp, self.gain, self.trust_at):
             torch._dynamo.mark_static_address(t)
-        self.source_stats = SourceStats(guess, device)  # how often each candidate source was right, which ranks the tree
 
     def load(self, pool: NGramPool, keys, keep: bool = False, generation: int = 0) -> None:
         """Start generation `generation` from a host pool whose keys are among `keys` (the prompt's n-grams, in its
@@ -50,7 +48,6 @@ class DevicePool:
         self.next.zero_()
         self.stamp.fill_(-1)
         self.gain.fill_(GAIN_START)
-        self.source_stats.reset()
         rows, slots, values, counts = [], [], [], []
         for key in dict.fromkeys(keys):
             entries = pool.candidates(key, self.guess)  # newest first

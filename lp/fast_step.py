@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .candidate_tree import build_tree, has_match, prompt_lookup, verify
+from .candidate_tree import LOOKUP_STRENGTH, POOL_DECAY, POOL_STRENGTH, build_tree, has_match, prompt_lookup, verify
 from .device_pool import DevicePool
 from .device_rules import DeviceRules
 from .ngram_pool import NGramPool
@@ -168,7 +168,10 @@ class FastStep:
         self.keep_rows = torch.tensor(keep, **to)
         # the tree's candidate rows: prompt lookup's, then the pool's; this rank's share (FastShape.rows_of)
         self.tree_rows = torch.tensor(shape.tree_rows, **to)
-        self.pool_classes = pool.source_stats.pool_class(shape.guess, shape.chain)  # newest first; chained rows as theirs
+        self.lookup_strength = torch.tensor(LOOKUP_STRENGTH, dtype=torch.float64, device=device)
+        # the pool's candidates, newest first; a chained row ranks as its candidate does
+        newest_first = POOL_DECAY ** torch.arange(shape.guess, dtype=torch.float64, device=device)
+        self.pool_strength = (POOL_STRENGTH * newest_first).repeat_interleave(shape.chain or 1)
         row = shape.row_size  # where every rank's window outputs sit in the flattened exchange table
         self.top_index = torch.tensor([r * row + 1 + a + c for r, s in enumerate(shape.slices) for c in range(s.columns)],
                                       **to)
@@ -245,12 +248,9 @@ class FastStep:
         self.fingerprint.copy_(self._memory_hash())
 
     def _memory_hash(self) -> torch.Tensor:
-        """A number every rank of a team computes alike from the job's memory (the pool's counts and ring heads, its
-        candidate statistics, the corpus): it starts a generation's fingerprint, so the first exchange catches
-        memories that drifted apart."""
-        stats = self.pool.source_stats
-        parts = [self.pool.count, self.pool.next, stats.hits, stats.tries] + (
-            [self.corpus.tokens] if self.corpus is not None else [])
+        """A number every rank of a team computes alike from the job's memory (the pool's counts and ring heads, the
+        corpus): it starts a generation's fingerprint, so the first exchange catches memories that drifted apart."""
+        parts = [self.pool.count, self.pool.next] + ([self.corpus.tokens] if self.corpus is not None else [])
         return sum((t * torch.arange(1, t.numel() + 1, device=self.device)).sum() for t in parts)
 
     # -- the step -----------------------------------------------------------------------------------------
@@ -334,8 +334,6 @@ class FastStep:
             next_count = torch.ones_like(count)
         j = torch.arange(shape.pending, device=self.device)
         pending = accepted[(count - shape.pending + j).clamp(0, a - 1)]
-        if shape.lookup or shape.guess:  # how each source's candidates fared, from the agreed tokens, on every rank
-            self.pool.source_stats.update(*self._candidates(), accepted, count)  # (a rank with no tree slots too)
 
         for layer in self.cache.layers:
             layer.keep(cached, keep_slots, self.lane)
@@ -453,17 +451,16 @@ class FastStep:
             ready = ready | self.pool.worth_a_step(self.pending[-1:], self.generation)
         return ready
 
-    def _candidates(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every rank's prompt-lookup and pool candidates [R, depth], valid [R, depth], and each one's source class
-        (lp.source_stats) [R]: the same on every rank of a team."""
+    def _tree(self):
+        """This rank's verification tree: its share of the prompt-lookup and pool candidates, merged."""
         shape, depth = self.shape, self.shape.depth
-        parts, valid, classes = [], [], []
+        parts, valid, strength = [], [], []
         if shape.lookup:
             tokens, ok, match = prompt_lookup(self.history, self.history_len, shape.lookup, shape.lookup_len,
                                               self.corpus and self.corpus.searched)
             parts.append(tokens)
             valid.append(ok)
-            classes.append(match)  # lookup's classes are its match lengths
+            strength.append(self.lookup_strength[match])
         if shape.guess:
             tokens, ok = self.pool.lookup(self.pending[-1], 0, shape.guess)
             ok = ok[:, None].expand_as(tokens)
@@ -471,17 +468,11 @@ class FastStep:
                 tokens, ok = self.pool.chained(tokens, ok, shape.chain, shape.chain_room)
             parts.append(tokens)
             valid.append(ok)
-            classes.append(self.pool_classes)
+            strength.append(self.pool_strength)
         candidates = torch.cat([torch.nn.functional.pad(t, (0, depth - t.shape[1])) for t in parts])
         ok = torch.cat([torch.nn.functional.pad(v, (0, depth - v.shape[1])) for v in valid])
-        return candidates, ok, torch.cat(classes)
-
-    def _tree(self):
-        """This rank's verification tree: its share of the candidates, merged, the likeliest first as the job's
-        statistics rank their sources when the budget binds."""
-        candidates, ok, classes = self._candidates()
         rows = self.tree_rows
-        return build_tree(candidates[rows], ok[rows], self.budget, self.pool.source_stats.chances()[classes[rows]])
+        return build_tree(candidates[rows], ok[rows], self.budget, torch.cat(strength)[rows])
 
     def _mask(self, cached: torch.Tensor, shift: torch.Tensor, tree) -> torch.Tensor:
         """Additive mask [1, 1, T, capacity]: the committed cache is visible, the step's tree applies within it,

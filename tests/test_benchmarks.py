@@ -342,16 +342,3 @@ def test_gpu_auto_tune_smoke_predicts_and_measures_every_eager_setting(tmp_path)
     assert [row["arm"] for row in result["arms"]] == ["reference 2,3,2", "reference 3,3,3", "reference 5,4,5",
                                                       "reference 7,5,7", "reference 15,5,15"]
     assert all(row["predicted_ms"] > 0 and row["measured_ms"] > 0 and row["steps"] > 0 for row in result["arms"])
-
-
-@pytest.mark.slow
-def test_candidate_ranking_decodes_one_job_with_measured_and_prior_chances_to_the_same_tokens(tmp_path):
-    out = tmp_path / "ranking"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "candidate_ranking.py"), "--model", "default", "--limit", "3",
-           "--configs", "7:5:7", "--max-new-tokens", "24", "--no-plain-steps", "--check-greedy", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert done.returncode == 0, done.stderr[-3000:]
-    row, = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert row["same_tokens"] and row["greedy"]
-    assert len(row["chances"]) == 5 + 7 and sum(row["tries"]) > 0  # 5 lookup match lengths, 7 pool entry ages
-    assert [len(row[r]["records"]) for r in ("prior", "measured")] == [3, 3]
