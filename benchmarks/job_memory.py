@@ -8,7 +8,8 @@ python benchmarks/job_memory.py --model stories260k --configs 15:5:15,7:5:7 --ma
 
 For each W:N:G it reports, per memory, the job's tokens per step (all new tokens over all steps), ms per token
 (decoding wall time over new tokens, compiling left out) and the curve of tokens per step over the records decoded
-so far; then job / record ratios. Every output is checked against the other decoder's (the same tokens: memory
+so far, its full and plain steps (a full step feeds the window and tree; a plain one, CPUs only, the last token) and
+what a full step cost in plain ones as the decoder measured it; then job / record ratios. Every output is checked against the other decoder's (the same tokens: memory
 changes steps only) and, with --check-greedy, against transformers' greedy. The fast path (compiled with
 --compile, the CPU's default settings otherwise), one torch thread by default.
 """
@@ -44,7 +45,9 @@ def run_job(model, prompts, wng, args) -> dict:
         for memory, decoder in decoders.items():
             result = decoder.generate(prompt.ids, args.max_new_tokens)
             got[memory] = result.token_ids
+            full = [n for n, fed in zip(result.accepted_per_step, result.tokens_fed_per_step) if fed > 1]
             rows[memory].append(dict(id=prompt.id, new_tokens=result.new_tokens, steps=result.steps,
+                                     full_steps=len(full), full_step_tokens=sum(full),
                                      seconds=round(result.wall_time_s, 4)))
         same &= got["job"] == got["record"] == got["pool"]
         if args.check_greedy:
@@ -58,7 +61,11 @@ def run_job(model, prompts, wng, args) -> dict:
         for r in records:
             t, s = t + r["new_tokens"], s + r["steps"]
             curve.append(round(t / s, 3))
+        full, full_tokens = sum(r["full_steps"] for r in records), sum(r["full_step_tokens"] for r in records)
         out[memory] = dict(tokens_per_step=round(tokens / steps, 3), ms_per_token=round(1e3 * seconds / tokens, 3),
+                           full_steps=full, plain_steps=steps - full,
+                           tokens_per_full_step=round(full_tokens / full, 3) if full else None,
+                           cost_ratio=decoders[memory].cost_ratio and round(decoders[memory].cost_ratio, 2),
                            curve=curve, records=records, compile_s=round(decoders[memory].compile_time_s, 1))
     for memory in ("pool", "job"):
         suffix = "" if memory == "job" else "_pool"
@@ -105,6 +112,9 @@ def main() -> int:
               f"{r['job']['tokens_per_step']} | {r['tokens_per_step_ratio_pool']} | {r['tokens_per_step_ratio']} | "
               f"{r['record']['ms_per_token']} | {r['pool']['ms_per_token']} | {r['job']['ms_per_token']} | "
               f"{r['ms_per_token_ratio_pool']} | {r['ms_per_token_ratio']} | {r['same_tokens']} |" for r in rows]
+    lines += ["", "full steps / plain steps, tokens a full step, and a full step's measured cost in plain steps:"]
+    lines += [f"- {r['config']} {m}: {r[m]['full_steps']} / {r[m]['plain_steps']}, {r[m]['tokens_per_full_step']}, "
+              f"{r[m]['cost_ratio']}" for r in rows for m in MEMORIES]
     lines += ["", "tokens/step of the job so far, record by record:"]
     lines += [f"- {r['config']} job: {r['job']['curve']}; pool: {r['pool']['curve']}; record: {r['record']['curve']}"
               for r in rows]
