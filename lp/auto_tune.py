@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .config import LookaheadConfig
-from .decoding import Decoder, GenerationResult, context_length
+from .decoding import Decoder, GenerationResult, context_length, prompt_ids, within_context
 from .step_cost import CostCurve, CostStore, remember_observed, step_costs
 
 log = logging.getLogger("lp")
@@ -294,9 +294,7 @@ class AutoDecoder:
 
     def generate(self, input_ids, max_new_tokens: int | None = None, tokenizer=None, on_tokens=None,
                  seed: int | None = None) -> GenerationResult:
-        context = context_length(self.model.config)  # a budget past the context is decoded to it: count only that
-        room = context - len(input_ids) if context is not None else None
-        budget = max(0, min(max_new_tokens or 0, room)) if room is not None else max_new_tokens or 0
+        budget = within_context(max_new_tokens or 0, len(prompt_ids(input_ids)), context_length(self.model.config))
         left = self._tokens_left(budget)
         arm = self.chooser.choose(left, self.current)
         if self.shared_team is not None:  # rank 0's choice on every rank

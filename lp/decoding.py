@@ -94,7 +94,13 @@ def cache_argument(model) -> str:
     return "past_key_values"
 
 
-def _prompt_ids(input_ids) -> list[int]:
+def within_context(budget: int, prompt_len: int, context: int | None) -> int:
+    """The new tokens a generation may make: its budget, within the room its prompt leaves in the model's context
+    (a budget of 10**30 is decoded to the context)."""
+    return budget if context is None else max(0, min(budget, context - prompt_len))
+
+
+def prompt_ids(input_ids) -> list[int]:
     if isinstance(input_ids, torch.Tensor):
         if input_ids.dim() == 2:
             if input_ids.shape[0] != 1:
@@ -217,7 +223,7 @@ class Decoder:
 
     def check_prompt(self, input_ids) -> list[int]:
         """The prompt as a list of ids, or PromptError saying what to change (empty, batched, no room left)."""
-        prompt = _prompt_ids(input_ids)
+        prompt = prompt_ids(input_ids)
         if self.context is not None and len(prompt) >= self.context:
             raise PromptError(f"the prompt has {len(prompt)} tokens but the model's context is {self.context}; "
                               f"shorten it to at most {self.context - 1} tokens")
@@ -226,10 +232,7 @@ class Decoder:
     def plan(self, prompt: list[int], max_new_tokens: int | None) -> tuple[GreedyRules, int]:
         """The generation's rules, and how many new tokens it may make: its budget, within the model's context."""
         rules = greedy_rules(self.model.generation_config, len(prompt), max_new_tokens)
-        limit = rules.max_new_tokens
-        if self.context is not None:
-            limit = min(limit, self.context - len(prompt))
-        return rules, limit
+        return rules, within_context(rules.max_new_tokens, len(prompt), self.context)
 
     def _decode(self, prompt: list[int], rules: GreedyRules, limit: int, stats: GenerationResult
                 ) -> Iterator[list[int]]:
@@ -436,7 +439,7 @@ def generate(model, input_ids, config: LookaheadConfig | None = None, max_new_to
 
         if on_tokens is not None:
             raise ValueError("on_tokens streams one sequence; with several prompts read each result's token_ids")
-        prompts = [_prompt_ids(p if not isinstance(p, torch.Tensor) else p.reshape(1, -1)) for p in input_ids]
+        prompts = [prompt_ids(p if not isinstance(p, torch.Tensor) else p.reshape(1, -1)) for p in input_ids]
         cfg = config or LookaheadConfig()
         decoder = BatchedDecoder(model, cfg, batch_size or min(len(prompts), 8) or 1, team,
                                  compile=cfg.compiled_on(_device_type(model)))

@@ -224,6 +224,8 @@ def test_a_budget_past_the_context_counts_only_the_room_the_prompt_leaves(tmp_pa
     result = auto.generate(prompt, 10**30)
     room = model.config.max_position_embeddings - len(prompt)
     assert asked == [room] and result.new_tokens <= room
+    auto.generate(torch.tensor([prompt]), 10**30)  # a [1, T] tensor holds T tokens, not one
+    assert asked == [room, room]
 
 
 def test_a_team_runs_the_arm_rank_0_picked_whatever_this_ranks_chooser_says(tmp_path):

@@ -25,7 +25,7 @@ import torch
 from ..config import ConfigError, LookaheadConfig
 from ..auto_tune import AutoDecoder, choose_for_batch
 from ..batched_decoding import BatchedDecoder, Work
-from ..decoding import Decoder, GenerationResult, PromptError, context_length
+from ..decoding import Decoder, GenerationResult, PromptError, context_length, within_context
 from ..distributed import bootstrap
 from ..distributed.bootstrap import BootstrapError, Launch
 from ..distributed.parallel import (KV_SYNC, DivergenceError, ProcessGroupTeam, RankFailure, default_store,
@@ -692,9 +692,7 @@ def _job_tokens(items: list, model) -> int:
     """The new tokens the items may make: each budget within the room its prompt leaves in the model's context (a
     budget of 10**30 is decoded to the context, and must not have the tuner expect, and compile for, that many)."""
     context = context_length(model.config)
-    return sum(item["max_new_tokens"] if context is None else max(0, min(item["max_new_tokens"],
-                                                                         context - len(item["ids"])))
-               for item in items)
+    return sum(within_context(item["max_new_tokens"], len(item["ids"]), context) for item in items)
 
 
 def _drain_queue(args, cfg: RunConfig, launch: Launch, layout: Layout, items: list, decoder, model, tokenizer,
