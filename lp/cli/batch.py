@@ -224,9 +224,9 @@ class JsonlWriter:
     A regular file is locked for the whole job through the file itself (flock on its inode: a second job on the
     same file is refused, whatever path, symbolic link or hard link names it, naming the holder's pid from
     /proc/locks, else from the note `<file>.lock`, which the job removes at its end); a pipe or device
-    (/dev/stdout, >(cmd), /dev/null) is streamed to, with no lock, fsync or resume. When the output is this process's own standard output, records go through
-    that very descriptor (the shell's redirection keeps its offset), and `to_stdout` tells the caller to print
-    nothing else there."""
+    (/dev/stdout, >(cmd), /dev/null) is streamed to, with no lock, fsync or resume. When the output is this
+    process's own standard output, records go through that very descriptor (the shell's redirection keeps its
+    offset), and `to_stdout` tells the caller to print nothing else there."""
 
     def __init__(self, path: str | Path, lock: bool = True):
         path = Path(path)
@@ -337,12 +337,7 @@ def _lock(fd: int, path: Path) -> Path | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _flock_holder(fd)
-        if holder is None:
-            try:
-                holder = note.read_text().strip() or "unknown"
-            except OSError:
-                holder = "unknown"
+        holder = _flock_holder(fd) or _noted_holder(note)
         raise InputError(f"another lp job (pid {holder}) is writing {str(path)!r}; wait for it to end or choose "
                          "another --output") from None
     try:
@@ -350,6 +345,14 @@ def _lock(fd: int, path: Path) -> Path | None:
     except OSError:
         return None
     return note
+
+
+def _noted_holder(note: Path) -> str:
+    """The pid a job wrote into its lock note, or "unknown"."""
+    try:
+        return note.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def _flock_holder(fd: int) -> str | None:
