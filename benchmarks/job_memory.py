@@ -34,9 +34,13 @@ MEMORIES = ("record", "pool", "job")  # each record alone; the job's n-gram pool
 SETTINGS = {"record": dict(memory="record"), "pool": dict(memory="job", memory_tokens=0), "job": dict(memory="job")}
 
 
+SHAPE = ("window", "ngram", "guess", "lookup", "lookup_len", "budget")  # --configs W:N:G[:LOOKUP:LEN:BUDGET]
+
+
 def run_job(model, prompts, wng, args) -> dict:
     """Both memories over the records in order, interleaved; per memory its per-record figures."""
-    decoders = {m: FastDecoder(model, LookaheadConfig(*wng, **SETTINGS[m]), compile=args.compile) for m in MEMORIES}
+    shape = dict(zip(SHAPE, wng))
+    decoders = {m: FastDecoder(model, LookaheadConfig(**shape, **SETTINGS[m]), compile=args.compile) for m in MEMORIES}
     rows = {m: [] for m in MEMORIES}
     same = True
     greedy = True
@@ -77,7 +81,8 @@ def run_job(model, prompts, wng, args) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     loading.add_suite_arguments(p, "stories260k")
-    p.add_argument("--configs", default="15:5:15,7:5:7")
+    p.add_argument("--configs", default="15:5:15,7:5:7",
+                   help="comma-separated W:N:G[:LOOKUP:LEN:BUDGET] (1:2:0:1:10:10 = what the tuner picks on CPUs)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--compile", action="store_true", help="the compiled fast path (else the same step eagerly)")
     p.add_argument("--check-greedy", action="store_true", help="also compare every output with HF greedy")
