@@ -111,16 +111,19 @@ def batch_menu(device_type: str, compile: bool | None, ranks: int = 1) -> list[A
 
 
 def choose_for_batch(model, base: LookaheadConfig, lanes: int, job_tokens: int, team=None,
-                     store: CostStore | None = None) -> tuple[Arm, "Chooser"]:
+                     store: CostStore | None = None, agree=None, shards: int = 1) -> tuple[Arm, "Chooser"]:
     """The arm a batch of `lanes` runs for its whole job (a batch builds one step shape; lanes x its fed tokens
-    price each step), by the cost curve and the priors; in a team, rank 0's choice on every rank."""
+    price each step), by the cost curve and the priors; in a team, rank 0's choice on every rank (`agree`, for a
+    model sharded over `shards` tensor-parallel ranks: the replica's first rank's, lp.distributed.agreement)."""
     device_type = next(model.parameters()).device.type
     ranks = team.size if team is not None else 1
-    _, curve = step_costs(model, store or CostStore())
+    _, curve = step_costs(model, store or CostStore(), agree=agree, shards=shards)
     arms = batch_menu(device_type, base.compile, ranks)
     chooser = Chooser(arms, curve, base, device_type, prior_compile_s(model, device_type), ranks, lanes)
     arm = chooser.choose(max(job_tokens, 1))
-    if team is not None:
+    if agree is not None:
+        arm = arms[agree.first(arms.index(arm))]
+    elif team is not None:
         arm = arms[team.pick(arms.index(arm))]
     return arm, chooser
 
@@ -253,18 +256,22 @@ class Chooser:
 class AutoDecoder:
     """A Decoder that tunes itself: runs each generation with the arm the Chooser picks (lp.decoding.Decoder's
     generate, settings, memory and prompt checks, delegated). In a team every rank runs the arm rank 0's chooser
-    picks (team.pick), so the ranks agree whatever their own timings say. A batch chooses once for its job instead
+    picks (team.pick), so the ranks agree whatever their own timings say; a model sharded over `shards`
+    tensor-parallel ranks is timed by them together and runs the arm its replica's first rank picks (`agree`,
+    lp.distributed.agreement, over every rank of the replica). A batch chooses once for its job instead
     (`choose_for_batch`): its lanes share one step shape."""
 
     def __init__(self, model, config: LookaheadConfig | None = None, job_tokens: int = 0,
-                 store: CostStore | None = None, arms: list[Arm] | None = None, team=None):
+                 store: CostStore | None = None, arms: list[Arm] | None = None, team=None, agree=None,
+                 shards: int = 1):
         self.model = model
         self.base = config or LookaheadConfig()
         self.device = next(model.parameters()).device
         self.store = store or CostStore()
         self.shared_team = team  # None: one rank
+        self.agree = agree  # None: the team's pick, or this process alone
         ranks = team.size if team is not None else 1
-        self.key, curve = step_costs(model, self.store)
+        self.key, curve = step_costs(model, self.store, agree=agree, shards=shards)
         arms = arms or menu(self.device.type, self.base.compile, ranks)
         self.chooser = Chooser(arms, curve, self.base, self.device.type, prior_compile_s(model, self.device.type),
                                ranks)
@@ -296,9 +303,7 @@ class AutoDecoder:
                  seed: int | None = None) -> GenerationResult:
         budget = within_context(max_new_tokens or 0, len(prompt_ids(input_ids)), context_length(self.model.config))
         left = self._tokens_left(budget)
-        arm = self.chooser.choose(left, self.current)
-        if self.shared_team is not None:  # rank 0's choice on every rank
-            arm = self.chooser.arms[self.shared_team.pick(self.chooser.arms.index(arm))]
+        arm = self._agreed(self.chooser.choose(left, self.current))
         if self.explain is not None and (arm.name != self.current or not self.chooser.tallies[arm.name].steps):
             self.explain(f"self-tuning, {left:.0f} tokens to go: {self.chooser.why(left)}")
         decoder = self._decoder(arm)
@@ -308,18 +313,29 @@ class AutoDecoder:
         self.job_tokens = max(self.job_tokens - budget, 0)
         self.budget_seen += budget
         self.tokens_seen += result.new_tokens
-        remember_observed(self.store, self.key, self.chooser.curve)
+        if self.agree is None or self.agree.leader:  # the leader's figures are the ones that choose
+            remember_observed(self.store, self.key, self.chooser.curve)
         text = list(decoder.check_prompt(input_ids)) + result.token_ids
         for name, other in self.decoders.items():  # the arms not running learn the job's text too
             if name != arm.name and other.config.job_memory:
                 other.remember(text)
         return result
 
+    def _agreed(self, arm: Arm) -> Arm:
+        """The arm every rank runs: the replica's first rank's (sharded), rank 0's of a team, or this one's."""
+        arms = self.chooser.arms
+        if self.agree is not None:
+            return arms[self.agree.first(arms.index(arm))]
+        if self.shared_team is not None:
+            return arms[self.shared_team.pick(arms.index(arm))]
+        return arm
+
     @property
     def decoder(self) -> Decoder:
         """The arm that ran last (before the first generation: the one the job's budget alone would pick)."""
         if self.current is None:  # every rank alike: no timing of its own counts before the first generation
-            return self._decoder(self.chooser.arms[0] if self.shared_team else self.chooser.choose(self._tokens_left(0)))
+            shared = self.shared_team is not None or self.agree is not None
+            return self._decoder(self.chooser.arms[0] if shared else self.chooser.choose(self._tokens_left(0)))
         return self.decoders[self.current]
 
     @property

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .decoding import cache_argument
+from .distributed.agreement import Alone
 from .slot_cache import SlotCache
 
 log = logging.getLogger("lp")
@@ -49,12 +50,14 @@ def device_name(device: torch.device) -> str:
     return f"{platform.machine()} {platform.processor() or 'cpu'} x{os.cpu_count()} threads={torch.get_num_threads()}"
 
 
-def cost_key(model, device: torch.device, dtype: torch.dtype) -> str:
-    """The cache key of a curve: device name, model config, dtype and torch version (a short hash of them)."""
+def cost_key(model, device: torch.device, dtype: torch.dtype, shards: int = 1) -> str:
+    """The cache key of a curve: device name, model config, dtype, torch version and, for a model sharded over
+    tensor-parallel ranks, their number (a short hash of them)."""
     config = model.config.to_dict()
     config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version", "torch_dtype",
                                                            "dtype", "generation_config")}
-    text = json.dumps([device_name(device), config, str(dtype), torch.__version__], sort_keys=True, default=str)
+    parts = [device_name(device), config, str(dtype), torch.__version__] + ([f"tp={shards}"] if shards > 1 else [])
+    text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -92,13 +95,16 @@ class CostCurve:
         return cls(points, observed)
 
 
-def measure(model, sizes: tuple[int, ...] | None = None, calls: int = CALLS) -> dict[int, float]:
+def measure(model, sizes: tuple[int, ...] | None = None, calls: int = CALLS, agree=None) -> dict[int, float]:
     """Median seconds of an eager forward of T tokens for each T in `sizes` (a static cache of PREFIX entries
     before them, logits for every row, as a fast-path step feeds), in about BUDGET_S at most. The sizes take turns
     call by call, so a burst of load elsewhere slows them alike, and the curve is made non-decreasing from the top
-    (a forward of more tokens never costs less: a size that measured slower than a larger one was disturbed)."""
+    (a forward of more tokens never costs less: a size that measured slower than a larger one was disturbed).
+    `agree` (lp.distributed.agreement): whose clock decides when to stop, for ranks that run a sharded forward
+    together (default: this process's)."""
+    agree = agree or Alone()
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    sizes = sizes or (CPU_SIZES if device.type == "cpu" else ACCEL_SIZES)
+    sizes = sizes or default_sizes(device)
     context = getattr(model.config, "max_position_embeddings", None) or 1 << 20
     sizes = tuple(t for t in sizes if PREFIX + t <= context) or (1,)
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
@@ -120,12 +126,12 @@ def measure(model, sizes: tuple[int, ...] | None = None, calls: int = CALLS) -> 
     with torch.inference_mode():
         for t in sizes:  # the warm-up calls (they also fill each cache's buffers), smallest first
             seconds = _timed(model, calls_of[t], device)
-            if seconds > SLOW_CALL_S and t != sizes[0]:  # a large model on a CPU: larger sizes would take seconds
-                sizes = tuple(x for x in sizes if x <= t)
+            if agree.first(seconds > SLOW_CALL_S and t != sizes[0]):  # a large model on a CPU: larger sizes
+                sizes = tuple(x for x in sizes if x <= t)                # would take seconds
                 break
         started = time.perf_counter()
         for call in range(calls):
-            if call >= 3 and time.perf_counter() - started > BUDGET_S:
+            if call >= 3 and agree.first(time.perf_counter() - started > BUDGET_S):
                 break
             for t in sizes:
                 times[t].append(_timed(model, calls_of[t], device))
@@ -134,6 +140,10 @@ def measure(model, sizes: tuple[int, ...] | None = None, calls: int = CALLS) -> 
         lowest = min(lowest, statistics.median(times[t]))
         out[t] = lowest
     return dict(sorted(out.items()))
+
+
+def default_sizes(device: torch.device) -> tuple[int, ...]:
+    return CPU_SIZES if device.type == "cpu" else ACCEL_SIZES
 
 
 def _timed(model, call: dict, device: torch.device) -> float:
@@ -195,19 +205,29 @@ class CostStore:
             log.warning("lp: cannot write the step-cost cache %s (%s); the next run measures again", self.path, exc)
 
 
-def step_costs(model, store: CostStore | None = None, refresh: bool = False) -> tuple[str, CostCurve]:
+def step_costs(model, store: CostStore | None = None, refresh: bool = False, agree=None,
+               shards: int = 1) -> tuple[str, CostCurve]:
     """This model's key and curve on its device: from the cache, else measured now and cached (`refresh`: measured
-    again, keeping what runs observed)."""
+    again, keeping what runs observed). A model sharded over `shards` tensor-parallel ranks is measured by all of
+    them together, `agree` (lp.distributed.agreement) making every choice from its leader's cache and clock; every
+    rank gets the leader's curve, and only the leader writes the cache."""
+    agree = agree or Alone()
     store = store or CostStore()
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    key = cost_key(model, device, dtype)
-    found = store.curve(key)
-    if found is not None and not refresh:
-        return key, found
-    curve = CostCurve(measure(model), {} if found is None else found.observed)
-    store.write(key, curve, {"device": device_name(device), "dtype": str(dtype), "torch": torch.__version__,
-                             "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
-                             "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
+    key = cost_key(model, device, dtype, shards)
+    found = store.curve(key) if agree.leader else None  # the others follow: their cache may differ (another node)
+    cached = agree.first(found is not None and not refresh)
+    points = found.points if cached and found is not None else {} if cached else measure(model, agree=agree)
+    if agree.size > 1:  # the leader's points, size by size (0: not measured)
+        sizes = default_sizes(device)
+        leaders = agree.first_floats([points.get(t, 0.0) for t in sizes])
+        points = {t: v for t, v in zip(sizes, leaders) if v > 0}
+    curve = CostCurve(points, {} if found is None else found.observed)
+    if not cached and agree.leader:
+        store.write(key, curve, {"device": device_name(device), "dtype": str(dtype), "torch": torch.__version__,
+                                 "model": getattr(model.config, "_name_or_path", "") or type(model).__name__,
+                                 **({"tensor_parallel": shards} if shards > 1 else {}),
+                                 "measured": time.strftime("%Y-%m-%d %H:%M:%S")})
     return key, curve
 
 

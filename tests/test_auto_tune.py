@@ -1,6 +1,7 @@
 """Self-tuning: the chooser picks the known best arm on synthetic cost and acceptance curves, counts compile time
 against the job, explores by its prior and keeps by measurement; the cost curve is cached by key, reused and rebuilt
 when damaged; every arm a tuned job runs gives greedy's tokens, and every record says what ran and who chose it."""
+import importlib.util
 import json
 import logging
 import sys
@@ -167,6 +168,59 @@ def test_the_cache_is_keyed_by_model_config_and_dtype():
     assert cost_key(model, cpu, torch.float64) == cost_key(tiny_model(seed=1), cpu, torch.float64)  # weights: no
     assert cost_key(model, cpu, torch.float64) != cost_key(model, cpu, torch.float32)
     assert cost_key(model, cpu, torch.float64) != cost_key(tiny_model(num_hidden_layers=3), cpu, torch.float64)
+
+
+def test_a_sharded_models_curve_is_kept_apart_by_its_tensor_parallel_ranks():
+    cpu = torch.device("cpu")
+    model = tiny_model()
+    assert cost_key(model, cpu, torch.float64, shards=1) == cost_key(model, cpu, torch.float64)
+    assert cost_key(model, cpu, torch.float64, shards=2) != cost_key(model, cpu, torch.float64)
+    assert cost_key(model, cpu, torch.float64, shards=2) != cost_key(model, cpu, torch.float64, shards=4)
+
+
+class Follower:
+    """A rank that is not its group's leader: each decision it is asked for is the leader's, taken from `decisions`
+    in order; `leaders_points` are the leader's curve (lp.distributed.agreement.GroupAgreement's interface)."""
+
+    leader, size = False, 2
+
+    def __init__(self, decisions, leaders_points=None):
+        self.decisions, self.leaders_points, self.asked = list(decisions), leaders_points, []
+
+    def first(self, value: int) -> int:
+        self.asked.append(int(value))
+        return self.decisions.pop(0)
+
+    def first_floats(self, values):
+        return list(self.leaders_points if self.leaders_points is not None else values)
+
+
+def counted_forwards(model) -> list:
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_a_follower_takes_its_leaders_cached_curve_without_measuring_or_writing(tmp_path):
+    """Ranks that shard one forward must run the same forwards: the leader found a curve, so nobody measures."""
+    store = CostStore(tmp_path / "costs.json")  # this rank has none
+    model = tiny_model()
+    forwards = counted_forwards(model)
+    leaders = [0.001 * (i + 1) for i in range(len(SIZES))]
+    _, curve = step_costs(model, store, agree=Follower([1], leaders), shards=2)
+    assert curve.points == dict(zip(SIZES, leaders)) and not forwards and not store.path.exists()
+
+
+def test_a_follower_measures_as_many_calls_as_its_leaders_clock_allows(tmp_path, monkeypatch):
+    """The leader says: no cache, no size is slow, and the time is up at the first call it may stop at (the 4th);
+    so each size gets one warm-up and three timed calls, however fast this rank is."""
+    monkeypatch.setattr(step_cost, "BUDGET_S", float("inf"))  # this rank's own clock would allow every call
+    model = tiny_model()
+    forwards = counted_forwards(model)
+    follower = Follower([0] + [0] * len(SIZES) + [1])
+    _, curve = step_costs(model, CostStore(tmp_path / "costs.json"), agree=follower, shards=2)
+    assert len(forwards) == len(SIZES) * (1 + 3) and not follower.decisions
+    assert sorted(curve.points) == list(SIZES) and not (tmp_path / "costs.json").exists()  # the leader writes it
 
 
 @pytest.mark.parametrize("damage", ["{not json", "[1, 2]", '{"KEY": {"points": {"1": -5}}}'])
@@ -382,6 +436,28 @@ def test_a_torchrun_team_tunes_as_one_and_matches_greedy(tiny_dir):
     records = json_lines(out.stdout)
     assert [r["greedy_match"] for r in records] == [True] * 3
     assert {r["lookahead"]["chosen_by"] for r in records} == {"auto"} and {r["ranks"] for r in records} == {2}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed "
+                    "(pip install 'lp[deepspeed]')")
+@pytest.mark.slow
+def test_a_replica_sharded_with_tp_tunes_as_one_and_matches_greedy(tiny_dir, tmp_path):
+    """Its two ranks time their collective forward together (one curve, kept under the tensor-parallel size) and
+    run the setting the replica's first rank picks; then --tune measures the sharded forward again."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", RUN,
+               "--model", tiny_dir, "--dtype", "float64", "--tp", "2"]
+    out = run(command + ["--max-new-tokens", "24", "--prompt", "abcabc", "--prompt", "xyzxyz", "--json",
+                         "--compare-greedy"], timeout=300, LP_CACHE_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = json_lines(out.stdout)
+    assert [r["greedy_match"] for r in records] == [True] * 2
+    assert {r["lookahead"]["chosen_by"] for r in records} == {"auto"}
+    [(key, entry)] = json.loads((tmp_path / "step_costs.json").read_text()).items()
+    assert entry["tensor_parallel"] == 2 and len(entry["points"]) >= 2 and entry["observed"]
+    tuned = run(command + ["--tune"], timeout=300, LP_CACHE_DIR=str(tmp_path))
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    assert tuned.stdout.count("step cost of one forward on ") == 1 and f"key {key}" in tuned.stdout  # rank 0's
+    assert list(json.loads((tmp_path / "step_costs.json").read_text())) == [key]  # the sharded curve, not a whole one
 
 
 def test_a_tuned_job_keeps_its_memory_in_a_file_and_starts_the_next_from_it(tiny_dir, tmp_path, capsys):

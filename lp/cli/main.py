@@ -27,6 +27,7 @@ from ..auto_tune import AutoDecoder, choose_for_batch
 from ..batched_decoding import BatchedDecoder, Work
 from ..decoding import Decoder, GenerationResult, PromptError, context_length, within_context
 from ..distributed import bootstrap
+from ..distributed.agreement import GroupAgreement
 from ..distributed.bootstrap import BootstrapError, Launch
 from ..distributed.parallel import (KV_SYNC, DivergenceError, ProcessGroupTeam, RankFailure, default_store,
                                     job_heartbeat)
@@ -303,7 +304,7 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
             writer.close()
         raise UsageError(message)
     if args.tune:
-        return _tune(model, rank0)
+        return _tune(model, cfg, launch, layout)
     args.stdout_taken = bool(writer and writer.to_stdout)  # records go to stdout: everything else to stderr
     # where the other replicas' results go: shard files beside a regular --output, else (a pipe, a device, this
     # process's stdout) to rank 0 at the end, which writes them itself
@@ -318,8 +319,6 @@ def _serve(args, cfg: RunConfig, launch: Launch, device: torch.device, layout: L
             decoder.explain = log
     elif decoder.chosen_by != "auto":
         decoder.chosen_by = "user" if cfg.shape_given else "default"
-        if cfg.chosen_by == "auto":
-            log("self-tuning covers unsharded models (not --tp); this run takes the default settings")
     memory.start(decoder, log)
     try:
         if layout.replicas > 1 or cfg.batch_size > 1:
@@ -617,10 +616,16 @@ def _dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
-def _tune(model, rank0: bool) -> int:
-    """--tune: measure the step-cost curve again (cached for later runs) and print it."""
-    key, curve = step_cost.step_costs(model, refresh=True)
-    if rank0:
+def _tune(model, cfg: RunConfig, launch: Launch, layout: Layout) -> int:
+    """--tune: measure the step-cost curve again (cached for later runs) and print it; with --tp, of the sharded
+    forward, which each replica's ranks time together."""
+    agree = None
+    if cfg.tp > 1:
+        plan = plan_groups(launch.world_size, cfg.tp, layout.lp, layout.replicas)
+        model = shard_model(model, plan.tp_group, plan.tp)
+        agree = GroupAgreement(replica_groups(layout)[layout.replica_of(launch.rank)])
+    key, curve = step_cost.step_costs(model, refresh=True, agree=agree, shards=cfg.tp)
+    if launch.rank == 0:
         print(f"step cost of one forward on {step_cost.device_name(next(model.parameters()).device)} (cache "
               f"{step_cost.CostStore().path}, key {key}):")
         for fed, seconds in sorted(curve.points.items()):
@@ -641,9 +646,10 @@ def engine_settings(cfg: RunConfig) -> LookaheadConfig:
 
 
 def _tunes(cfg: RunConfig) -> bool:
-    """Whether this run's settings tune themselves: auto and an unsharded model (a sharded forward is collective, so
-    its ranks cannot time it alone). One sequence a forward tunes per record, a batch once for its job."""
-    return cfg.chosen_by == "auto" and cfg.tp == 1
+    """Whether this run's settings tune themselves (no shape setting given). One sequence a forward tunes per record,
+    a batch once for its job; a sharded replica's ranks time their collective forward together and follow the
+    replica's first rank."""
+    return cfg.chosen_by == "auto"
 
 
 def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list, explain=None) -> Decoder:
@@ -653,12 +659,14 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list,
     for it) for this replica's share of the job's tokens; a batch, the setting that share is cheapest with at its
     lanes (`explain`, with --verbose, hears the figures)."""
     records = len(items)
-    team = None
+    team = agree = None
     replica = layout.replica_of(launch.rank)
     if cfg.tp > 1:  # DeepSpeed AutoTP inside each model copy, lookahead exchange between a team's copies
         plan = plan_groups(launch.world_size, cfg.tp, layout.lp, layout.replicas)
         model = shard_model(model, plan.tp_group, plan.tp)
         team = make_team(cfg.kv_sync, plan, cfg.fault_timeout)
+        if _tunes(cfg):  # every rank makes every replica's group, in the same order
+            agree = GroupAgreement(replica_groups(layout)[replica])
     elif layout.replicas == 1 and launch.world_size > 1:
         team = ProcessGroupTeam(kv_sync=cfg.kv_sync, fault_timeout_s=cfg.fault_timeout, mpi_comm=launch.mpi_comm)
     elif layout.lp > 1:  # one group per replica; heartbeats under each replica's own store prefix
@@ -675,14 +683,14 @@ def _decoder(model, cfg: RunConfig, launch: Launch, layout: Layout, items: list,
             if not _tunes(cfg):
                 compiled = lookahead.compiled_on(next(model.parameters()).device.type)
                 return BatchedDecoder(model, lookahead, lanes, team, compile=compiled)
-            arm, chooser = choose_for_batch(model, cfg.lookahead, lanes, share, team)
+            arm, chooser = choose_for_batch(model, lookahead, lanes, share, team, agree=agree, shards=cfg.tp)
             if explain is not None:
                 explain(f"self-tuning a batch of {lanes}, {share} tokens to go: {chooser.why(share)}")
-            decoder = BatchedDecoder(model, arm.config(cfg.lookahead), lanes, team, compile=arm.compiled)
+            decoder = BatchedDecoder(model, arm.config(lookahead), lanes, team, compile=arm.compiled)
             decoder.chosen_by, decoder.arm = "auto", arm.name
             return decoder
         if _tunes(cfg):
-            return AutoDecoder(model, cfg.lookahead, job_tokens=share, team=team)
+            return AutoDecoder(model, lookahead, job_tokens=share, team=team, agree=agree, shards=cfg.tp)
         return Decoder(model, lookahead, team=team)
     except ValueError as exc:  # encoder-decoder or sliding-window models: the same answer on every rank
         raise UsageError(_one_line(exc)) from None
