@@ -335,7 +335,8 @@ class AutoDecoder:
         """The arm that ran last (before the first generation: the one the job's budget alone would pick)."""
         if self.current is None:  # every rank alike: no timing of its own counts before the first generation
             shared = self.shared_team is not None or self.agree is not None
-            return self._decoder(self.chooser.arms[0] if shared else self.chooser.choose(self._tokens_left(0)))
+            first = self.chooser.arms[0] if shared else self.chooser.choose(self._tokens_left(0))
+            return self._decoder(first)
         return self.decoders[self.current]
 
     @property

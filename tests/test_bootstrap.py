@@ -73,6 +73,15 @@ def test_cpu_ranks_use_gloo_and_the_flag_wins():
         bootstrap.choose_device("cpu", "nccl", launch)
 
 
+def test_nccl_asked_for_on_a_machine_without_enough_gpus_names_the_backend_not_a_device(monkeypatch):
+    """--backend nccl with no --device: the fix is the backend (the device was only implied by it)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BootstrapError, match=r"nccl backend needs a CUDA device per rank.*use --backend gloo"):
+        bootstrap.choose_device("auto", "nccl", Launch("torchrun", 1, 2, 1, 2))
+    with pytest.raises(BootstrapError, match=r"device cuda:1 does not exist here"):  # a device asked for by name
+        bootstrap.choose_device("cuda", "nccl", Launch("torchrun", 1, 2, 1, 2))
+
+
 def test_free_port_is_free_on_loopback():
     port = bootstrap.free_port()
     with socket.socket() as s:

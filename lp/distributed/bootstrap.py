@@ -154,6 +154,7 @@ def choose_backend(requested: str, launch: Launch) -> str:
 
 def choose_device(requested: str, backend: str, launch: Launch) -> torch.device:
     """cuda:LOCAL_RANK under NCCL (or 'cuda' asked for), cpu when there is no GPU, else what was asked for."""
+    for_nccl = requested == "auto" and backend == "nccl"  # the device follows from the backend asked for
     if requested == "auto":
         requested = "cuda" if backend == "nccl" or (launch.world_size == 1 and torch.cuda.is_available()) else "cpu"
     if requested == "cuda":
@@ -166,6 +167,10 @@ def choose_device(requested: str, backend: str, launch: Launch) -> torch.device:
         raise BootstrapError(f"lp decodes on cpu or cuda, not {requested!r}; use --device cpu, cuda or cuda:N")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count and for_nccl:
+            raise BootstrapError(f"the nccl backend needs a CUDA device per rank, and rank {launch.rank} has none "
+                                 f"({count} CUDA devices here); use --backend gloo (or leave --backend out) for "
+                                 "CPU runs")
         if (device.index or 0) >= count:
             raise BootstrapError(f"device {device} does not exist here ({count} CUDA devices); "
                                  "use --device cpu or fewer ranks per node")
