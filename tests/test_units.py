@@ -282,13 +282,10 @@ def test_the_end_of_job_wait_gives_a_silent_replica_the_whole_fault_timeout():
         me.stop()
 
 
-def test_a_rank_that_lost_the_store_host_says_so_without_waiting_on_it():
-    # under mpirun rank 0 hosts the store; stopped, it answers no store call: rank 1's error came 20.7 s after the
-    # stop with --fault-timeout 10 (2 s marking itself diagnosed, 2 s reporting, 6.7 s joining its heartbeat thread)
+def stoppable_store():
+    """A store whose host can be stopped (SIGSTOP): every call then blocks until it goes on (running.set())."""
     import threading
-    import time
     import torch.distributed as dist
-    from lp.distributed import parallel
 
     class Host(dist.Store):  # a store whose host can be stopped: every call then blocks until it goes on
         def __init__(self):
@@ -311,7 +308,16 @@ def test_a_rank_that_lost_the_store_host_says_so_without_waiting_on_it():
             self.running.wait()
             return all(key in self.data for key in keys)
 
-    host = Host()
+    return Host()
+
+
+def test_a_rank_that_lost_the_store_host_says_so_without_waiting_on_it():
+    # under mpirun rank 0 hosts the store; stopped, it answers no store call: rank 1's error came 20.7 s after the
+    # stop with --fault-timeout 10 (2 s marking itself diagnosed, 2 s reporting, 6.7 s joining its heartbeat thread)
+    import time
+    from lp.distributed import parallel
+
+    host = stoppable_store()
     host.set("lp-heartbeat/alive/0", "1")
     me = parallel._Heartbeat(host, 1, 2, timeout_s=1.2)  # beats every 0.2 s
     try:
@@ -328,6 +334,27 @@ def test_a_rank_that_lost_the_store_host_says_so_without_waiting_on_it():
         assert time.monotonic() - began < 1.0
     finally:
         host.running.set()  # SIGCONT: the calls left waiting on it return
+
+
+def test_a_diagnosis_right_after_the_store_host_stopped_waits_no_longer_than_a_short_fault_timeout_allows():
+    # the store calls of a diagnosis were bounded at 10 s whatever --fault-timeout said: with --fault-timeout 0.5,
+    # a store host stopped a moment before (its stamps not yet seen missing) held the error line back 10 s
+    import time
+    from lp.distributed import parallel
+    host = stoppable_store()
+    host.set("lp-heartbeat/alive/0", "1")
+    me = parallel._Heartbeat(host, 1, 2, timeout_s=0.5)
+    try:
+        while 0 not in me._seen:
+            time.sleep(0.01)
+        host.running.clear()  # SIGSTOP, and at once a collective fails
+        began = time.monotonic()
+        message = me.diagnose("all-gather", TimeoutError("no answer within --fault-timeout 0.5 s"))
+        assert parallel.STORE_UNREACHABLE in message
+        assert time.monotonic() - began < 5.0
+    finally:
+        host.running.set()
+        me.stop()
 
 
 # -- first_index: ties always go to the lowest index ------------------------------------------------------

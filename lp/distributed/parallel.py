@@ -340,7 +340,8 @@ class _Heartbeat:
         store call bounded, so a store host that is itself stopped cannot hang the diagnosis."""
         if self._store_lost():
             return [STORE_UNREACHABLE]  # this rank's own stamps stopped reaching the store
-        return _bounded(lambda: self._find_culprits(among, silent_s), 10, [STORE_UNREACHABLE])
+        bound = min(10.0, max(3.0, self.timeout_s))  # a store host stopped a moment ago: within the fault timeout
+        return _bounded(lambda: self._find_culprits(among, silent_s), bound, [STORE_UNREACHABLE])
 
     def _find_culprits(self, among: list[int] | None, silent_s: float | None = None) -> list[str]:
         found = []
