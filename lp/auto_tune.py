@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -25,6 +26,9 @@ log = logging.getLogger("lp")
 MAX_ARMS = 3  # shapes a job may build (each compiled one costs its compile time)
 TRIAL_TOKENS = 64  # tokens an arm decodes before it may be left (a switch on one record's noise wastes a compile)
 OWN_TOKENS = 2048  # tokens of its own after which an arm's acceptance counts as much as the job's pooled one
+PRIOR_HAZARD = 0.8  # before a job shows its own: the chance a candidate right to depth d is right at d + 1 too
+# (0.72-0.80 on stories260k, 0.80-0.93 on the default model's code, every reference arm of the menu)
+PSEUDO_TRIES = 8  # a job's depth statistics are drawn toward the priors by this many tries of them
 SHAPE_KEYS = ("window", "ngram", "guess", "lookup", "lookup_len", "chain", "budget", "plain_steps")
 
 
@@ -53,6 +57,27 @@ class Arm:
         fast = self.compiled or cfg.fast_path_only  # an eager batch arm runs the fast path's step too
         tree = cfg.tree_budget(device_type) if fast else cfg.guess * cfg.levels
         return 1 + (cfg.window * cfg.levels + tree) / ranks
+
+    def family(self) -> str:
+        """Arms whose candidates come from the same sources, and so continue alike with depth: the reference
+        engine's pool; the fast path's pool, prompt lookup, or both."""
+        cfg = self.config(LookaheadConfig())
+        if not (self.compiled or cfg.fast_path_only):
+            return "reference"
+        return f"fast pool={bool(cfg.guess)} lookup={bool(cfg.lookup_count)}"
+
+    def depth(self, base: LookaheadConfig, device_type: str) -> int:
+        """The most candidate tokens one step can accept (its bonus token aside)."""
+        cfg = self.config(base)
+        if not (self.compiled or cfg.fast_path_only):
+            return cfg.ngram - 1 if cfg.guess else 0
+        return min(cfg.tree_depth, cfg.tree_budget(device_type))
+
+    def first_chance(self, base: LookaheadConfig, device_type: str) -> float:
+        """The prior chance that a step accepts at least one candidate token: its prior tokens a step, with each
+        further depth PRIOR_HAZARD times as likely as the one before."""
+        reach = sum(PRIOR_HAZARD ** d for d in range(self.depth(base, device_type)))
+        return min(1.0, (self.tokens_per_step - 1) / reach) if reach else 0.0
 
     def mean_fed(self, base: LookaheadConfig, device_type: str, ranks: int = 1) -> float:
         """Prior mean tokens fed a step on each rank (a team's compiled steps run whole: no plain steps)."""
@@ -147,6 +172,7 @@ class Tally:
     timed_steps: int = 0
     seconds: float = 0.0
     compile_s: float = 0.0  # compiling this arm's steps took, all its cache sizes so far
+    accepted: Counter = field(default_factory=Counter)  # steps by the tokens each accepted
 
     def add(self, result: GenerationResult) -> None:
         if self.steps:
@@ -156,6 +182,11 @@ class Tally:
         self.tokens += result.new_tokens
         self.steps += result.steps
         self.fed += sum(result.tokens_fed_per_step)
+        self.accepted.update(result.accepted_per_step)
+
+    def reached(self, depth: int) -> int:
+        """Steps that accepted at least `depth` candidate tokens (depth + 1 with the bonus token)."""
+        return sum(n for tokens, n in self.accepted.items() if tokens > depth)
 
 
 class Chooser:
@@ -180,11 +211,38 @@ class Chooser:
         expected = sum((arm.tokens_per_step - 1) * t.steps for arm, t in seen)
         return max(got, 0.0) / expected if expected > 0 else 1.0
 
+    def by_depth(self, arm: Arm) -> float | None:
+        """Expected tokens a step from the job's own acceptance by depth, where arms of the arm's family ran (None
+        where none did): the chance of a first candidate token is the arm's prior one scaled as the family's first
+        tokens beat their priors; each further depth continues as often as the family's steps went on from the
+        depth before (censored: only arms that reach a depth count for it), the deepest one seen going on below
+        it. So a job whose candidates, once right, stay right rates deeper arms higher than their priors do."""
+        family = [(a, t) for a in self.arms if a.family() == arm.family()
+                  for t in [self.tallies[a.name]] if t.steps and sum(t.accepted.values()) == t.steps]
+        if not family:
+            return None
+        got = sum(t.reached(1) for _, t in family)
+        expected = sum(t.steps * a.first_chance(self.base, self.device_type) for a, t in family)
+        first = arm.first_chance(self.base, self.device_type) * (got + PSEUDO_TRIES) / (expected + PSEUDO_TRIES)
+        survive = min(first, 1.0)
+        total, hazard = 1.0 + survive, PRIOR_HAZARD
+        for depth in range(2, arm.depth(self.base, self.device_type) + 1):
+            deep = [t for a, t in family if a.depth(self.base, self.device_type) >= depth]
+            went_on, tried = sum(t.reached(depth) for t in deep), sum(t.reached(depth - 1) for t in deep)
+            if tried:
+                hazard = (went_on + PSEUDO_TRIES * PRIOR_HAZARD) / (tried + PSEUDO_TRIES)
+            survive *= hazard
+            total += survive
+        return total
+
     def tokens_per_step(self, arm: Arm) -> float:
-        """The prior scaled by the job's predictability, drawn toward the arm's own figure as it decodes more
-        (half-way at OWN_TOKENS): an arm ran on other records than the others did, and records differ far more
-        than arms, so a few records of its own say little about the arm."""
-        pooled = 1 + (arm.tokens_per_step - 1) * self.predictability()
+        """The job's acceptance by depth (`by_depth`) where arms of the arm's family ran, else the prior scaled by
+        the job's predictability; drawn toward the arm's own figure as it decodes more (half-way at OWN_TOKENS): an
+        arm ran on other records than the others did, and records differ far more than arms, so a few records of
+        its own say little about the arm."""
+        pooled = self.by_depth(arm)
+        if pooled is None:
+            pooled = 1 + (arm.tokens_per_step - 1) * self.predictability()
         tally = self.tallies[arm.name]
         if not tally.steps:
             return pooled

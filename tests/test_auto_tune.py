@@ -128,6 +128,48 @@ def test_the_jobs_predictability_scales_the_priors_of_arms_not_yet_run():
     assert chooser.tokens_per_step(other) == pytest.approx(1 + 0.5 * (other.tokens_per_step - 1), rel=0.02)
 
 
+def ran_steps(accepted: list[int], seconds: float = 1.0) -> GenerationResult:
+    """A generation whose steps accepted these many tokens each (the bonus token included)."""
+    return GenerationResult([5] * sum(accepted), len(accepted), accepted, seconds, 4, "max_new_tokens",
+                            tokens_fed_per_step=[10] * len(accepted))
+
+
+def test_a_job_whose_candidates_stay_right_once_right_rates_deeper_arms_above_their_priors():
+    """(2,3,2) accepts a first candidate token in half its steps, and every one of those goes on to the second, the
+    deepest it can: deeper arms are then expected to go on too. Where a second token never follows, they are not."""
+    arm, deep = "reference 2,3,2", "reference 7,5,7"
+    sticky = Chooser(REFERENCE, curve(lambda t: 0.01), BASE, "cpu", compile_s=25)
+    sticky.record(sticky.by_name(arm), ran_steps([1, 3] * 200))
+    stops = Chooser(REFERENCE, curve(lambda t: 0.01), BASE, "cpu", compile_s=25)
+    stops.record(stops.by_name(arm), ran_steps([1, 2] * 200))
+    scaled = 1 + (sticky.by_name(deep).tokens_per_step - 1) * sticky.predictability()  # what the priors alone say
+    assert sticky.by_depth(sticky.by_name(deep)) > scaled * 1.1
+    wider = stops.by_name(deep).first_chance(BASE, "cpu") / stops.by_name(arm).first_chance(BASE, "cpu")
+    assert stops.by_depth(stops.by_name(deep)) - 1 == pytest.approx(0.5 * wider, rel=0.05)  # its first token alone
+
+
+def test_a_depth_counts_only_the_steps_of_arms_that_reach_it():
+    """(2,3,2) cannot accept a third candidate token: its steps that stopped at two are not misses at depth 3. A deeper
+    arm's steps are: where (5,4,5) also ran and never went past two, depth 3 is rated low."""
+    shallow = Chooser(REFERENCE, curve(lambda t: 0.01), BASE, "cpu", compile_s=25)
+    shallow.record(shallow.by_name("reference 2,3,2"), ran_steps([3] * 400))
+    both = Chooser(REFERENCE, curve(lambda t: 0.01), BASE, "cpu", compile_s=25)
+    both.record(both.by_name("reference 2,3,2"), ran_steps([3] * 400))
+    both.record(both.by_name("reference 5,4,5"), ran_steps([3] * 400))
+    deep = "reference 7,5,7"
+    assert shallow.by_depth(shallow.by_name(deep)) > both.by_depth(both.by_name(deep)) + 1.0
+
+
+def test_arms_of_another_family_leave_the_depth_model_to_the_priors():
+    """A compiled arm's candidates (prompt lookup, 10 tokens deep) say nothing of how the reference pool's go on."""
+    chooser = Chooser(menu("cpu", None), curve(lambda t: 0.01), BASE, "cpu", compile_s=25)
+    lookup = chooser.by_name("compiled 1,2,0 lookup 1x10")
+    chooser.record(lookup, ran_steps([11, 1] * 100))
+    assert chooser.by_depth(chooser.by_name("reference 7,5,7")) is None
+    assert chooser.by_depth(lookup) > 5  # its own family: what it ran
+    assert {arm.family() for arm in REFERENCE} == {"reference"} and lookup.family() != COMPILED_CPU[1].family()
+
+
 def test_what_a_run_observes_replaces_the_curves_guess_for_the_next_run(tmp_path):
     first = Chooser(REFERENCE, curve(lambda t: 0.01), BASE, "cpu", compile_s=25)
     arm = first.by_name("reference 7,5,7")
