@@ -7,8 +7,10 @@ python benchmarks/auto_tune.py --model default --max-new-tokens 256 --out benchm
 The job's figure is what a user waits for: tokens over the whole wall time of the job, measuring the cost curve,
 compiling and every record included (`job tok/s`); `decode tok/s` leaves compiling out. The methods take turns
 record by record (this machine's load comes and goes: a method run alone for a minute can land in a slow spell);
-auto starts from an empty step-cost cache. Inductor's FX-graph caches are off and every method compiles into a cache
-folder of its own, so no method reuses another's compiled code; a throwaway compile first takes what only a
+auto starts from an empty step-cost cache. Inductor's FX-graph caches are off, every method compiles into a cache
+folder of its own and inductor's in-memory caches are cleared before each generation, so no method reuses another's
+compiled code (the kernels of auto's arm, loaded in this process, made its fixed twin's compile take half as long:
+14.0 against 28.6 s on the 30k-token job); a throwaway compile first takes what only a
 process's first compile costs (inductor's import and setup), which would otherwise fall on the first method to
 compile. Every method's tokens are checked against auto's (and with --check-greedy against HF greedy).
 """
@@ -28,6 +30,7 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="lp-ind
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch._inductor.utils import clear_inductor_caches  # noqa: E402
 
 from benchmarks import loading  # noqa: E402
 from lp.auto_tune import AutoDecoder  # noqa: E402
@@ -81,6 +84,7 @@ class Job:
 
     def run(self, prompt, max_new_tokens: int) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = self.cache_dir
+        clear_inductor_caches()  # and none of the kernels another method compiled in this process (loaded in memory)
         began = time.perf_counter()
         result = self.decoder.generate(prompt.ids, max_new_tokens)
         self.wall_s += time.perf_counter() - began  # compiling included
