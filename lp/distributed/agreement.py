@@ -23,24 +23,24 @@ class Alone:
 
 
 class GroupAgreement:
-    """The values of `group`'s first rank (None: the whole world) on every rank of the group; `device` is where the
-    group's backend takes tensors (the host for gloo, the GPU for NCCL)."""
+    """The values of `group`'s first rank on every rank of the group: a gloo group (the host's tensors), such as a
+    replica's from lp.distributed.replicas.replica_groups, so it works whatever backend the decoding uses."""
 
-    def __init__(self, group=None, device: torch.device | str = "cpu"):
+    def __init__(self, group):
         import torch.distributed as dist
 
-        self.dist, self.group, self.device = dist, group, torch.device(device)
-        self.source = dist.get_global_rank(group, 0) if group is not None else 0
+        self.dist, self.group = dist, group
+        self.source = dist.get_global_rank(group, 0)
         self.leader = dist.get_rank() == self.source
         self.size = dist.get_world_size(group)
 
     def first(self, value: int) -> int:
-        row = torch.tensor([int(value)], dtype=torch.int64, device=self.device)
+        row = torch.tensor([int(value)], dtype=torch.int64)
         self.dist.broadcast(row, src=self.source, group=self.group)
         return int(row.item())
 
     def first_floats(self, values: list[float]) -> list[float]:
         """The leader's list (every rank passes one of the same length)."""
-        row = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        row = torch.tensor([float(v) for v in values], dtype=torch.float64)
         self.dist.broadcast(row, src=self.source, group=self.group)
-        return row.cpu().tolist()
+        return row.tolist()
