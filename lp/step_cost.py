@@ -31,7 +31,9 @@ ACCEL_SIZES = (1, 16, 64, 128, 256, 512)
 PREFIX = 192  # cache entries before the measured tokens (a prompt and some output: a typical decoding context)
 CALLS = 7  # timed calls per size (median), after a warm-up call, unless BUDGET_S runs out first (3 at least)
 BUDGET_S = 2.0  # seconds the timed calls may take together
-SLOW_CALL_S = 0.1  # a size whose warm-up call takes longer is the last one measured (the curve goes on linearly)
+SLOW_CALL_S = 0.1  # a size whose warm-up call takes longer is the last one measured (the curve goes on linearly) ...
+MIN_SIZES = 3  # ... once this many are, unless a call takes TOO_SLOW_S: from two points, a slow spell of one call
+TOO_SLOW_S = 1.0  # set the slope (SmolLM2-135M here: 87 ms for 1 token and 137 for 4, against 131 ms for 16 another time)
 CACHE_FILE = "step_costs.json"
 
 
@@ -124,10 +126,11 @@ def measure(model, sizes: tuple[int, ...] | None = None, calls: int = CALLS, agr
                            **{argument: cache})
     times = {t: [] for t in sizes}
     with torch.inference_mode():
-        for t in sizes:  # the warm-up calls (they also fill each cache's buffers), smallest first
+        for n, t in enumerate(sizes, 1):  # the warm-up calls (they also fill each cache's buffers), smallest first
             seconds = _timed(model, calls_of[t], device)
-            if agree.first(seconds > SLOW_CALL_S and t != sizes[0]):  # a large model on a CPU: larger sizes
-                sizes = tuple(x for x in sizes if x <= t)                # would take seconds
+            slow = seconds > SLOW_CALL_S and (n >= MIN_SIZES or seconds > TOO_SLOW_S)
+            if agree.first(slow and n > 1):  # a large model on a CPU: larger sizes would take seconds
+                sizes = sizes[:n]
                 break
         started = time.perf_counter()
         for call in range(calls):

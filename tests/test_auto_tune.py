@@ -197,11 +197,18 @@ def test_the_cost_curve_is_measured_once_then_reused_from_the_cache(tmp_path, mo
 
 
 def test_a_size_whose_first_call_is_slow_is_the_last_one_measured_and_the_curve_goes_on_linearly(monkeypatch):
-    monkeypatch.setattr(step_cost, "SLOW_CALL_S", 0.0)  # every call counts as slow: a large model on a CPU
+    monkeypatch.setattr(step_cost, "SLOW_CALL_S", 0.0)  # every call counts as slow: a large model on a CPU ...
+    monkeypatch.setattr(step_cost, "TOO_SLOW_S", 0.0)  # ... and slower than a second
     curve = CostCurve(step_cost.measure(tiny_model()))
     assert sorted(curve.points) == [1, 4]  # the smallest size always, then the first slow one, no more
     slope = (curve.points[4] - curve.points[1]) / 3
     assert curve.latency(64) == pytest.approx(curve.points[4] + 60 * slope)
+
+
+def test_slow_calls_under_a_second_still_give_the_curve_three_sizes(monkeypatch):
+    """SmolLM2-135M on this CPU: a forward takes 0.06-0.2 s; its slope is not left to two points, one call apart."""
+    monkeypatch.setattr(step_cost, "SLOW_CALL_S", 0.0)
+    assert sorted(step_cost.measure(tiny_model())) == [1, 4, 16]
 
 
 def test_the_cache_is_keyed_by_model_config_and_dtype():
