@@ -342,3 +342,21 @@ def test_gpu_auto_tune_smoke_predicts_and_measures_every_eager_setting(tmp_path)
     assert [row["arm"] for row in result["arms"]] == ["reference 2,3,2", "reference 3,3,3", "reference 5,4,5",
                                                       "reference 7,5,7", "reference 15,5,15"]
     assert all(row["predicted_ms"] > 0 and row["measured_ms"] > 0 and row["steps"] > 0 for row in result["arms"])
+
+
+@pytest.mark.slow
+def test_job_memory_benchmark_takes_lookup_and_budget_in_its_settings_and_checks_every_output(tmp_path):
+    """The setting the self-tuner picks on a CPU (1:2:0, one lookup of 10, a tree of 10) is one the memory is
+    measured at (benchmarks/README.md (m)); G = 0 keeps no pool, so `pool` and `record` run the same steps."""
+    out = tmp_path / "job_memory"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "job_memory.py"), "--model", TINY, "--prompts",
+           str(REPO / "benchmarks" / "prompts" / "code.jsonl"), "--limit", "3", "--configs", "1:2:0:1:10:10,4:3:4",
+           "--max-new-tokens", "16", "--check-greedy", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["1:2:0:1:10:10", "4:3:4"]
+    assert all(r["same_tokens"] and r["greedy"] for r in rows)
+    lookup = rows[0]
+    assert lookup["pool"]["tokens_per_step"] == lookup["record"]["tokens_per_step"]
+    assert [r["steps"] for r in lookup["pool"]["records"]] == [r["steps"] for r in lookup["record"]["records"]]
