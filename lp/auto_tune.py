@@ -27,7 +27,6 @@ MAX_ARMS = 3  # shapes a job may build (each compiled one costs its compile time
 TRIAL_TOKENS = 64  # tokens an arm decodes before it may be left (a switch on one record's noise wastes a compile)
 OWN_TOKENS = 2048  # tokens of its own after which an arm's acceptance counts as much as the job's pooled one
 PRIOR_HAZARD = 0.8  # before a job shows its own: the chance a candidate right to depth d is right at d + 1 too
-# (0.72-0.80 on stories260k, 0.80-0.93 on the default model's code, every reference arm of the menu)
 PSEUDO_TRIES = 8  # a job's depth statistics are drawn toward the priors by this many tries of them
 SHAPE_KEYS = ("window", "ngram", "guess", "lookup", "lookup_len", "chain", "budget", "plain_steps")
 
@@ -54,22 +53,25 @@ class Arm:
         """Tokens a whole step feeds on each rank: the last token, and the rank's share of the window's levels and
         of the tree (the fast path's budget; the reference engine's candidates at most: G of N-1)."""
         cfg = self.config(base)
-        fast = self.compiled or cfg.fast_path_only  # an eager batch arm runs the fast path's step too
-        tree = cfg.tree_budget(device_type) if fast else cfg.guess * cfg.levels
+        tree = cfg.tree_budget(device_type) if self.fast_path(cfg) else cfg.guess * cfg.levels
         return 1 + (cfg.window * cfg.levels + tree) / ranks
+
+    def fast_path(self, cfg: LookaheadConfig) -> bool:
+        """Whether the arm runs the fast path's step (compiled, or an eager batch arm), not the reference engine."""
+        return self.compiled or cfg.fast_path_only
 
     def family(self) -> str:
         """Arms whose candidates come from the same sources, and so continue alike with depth: the reference
         engine's pool; the fast path's pool, prompt lookup, or both."""
         cfg = self.config(LookaheadConfig())
-        if not (self.compiled or cfg.fast_path_only):
+        if not self.fast_path(cfg):
             return "reference"
         return f"fast pool={bool(cfg.guess)} lookup={bool(cfg.lookup_count)}"
 
     def depth(self, base: LookaheadConfig, device_type: str) -> int:
         """The most candidate tokens one step can accept (its bonus token aside)."""
         cfg = self.config(base)
-        if not (self.compiled or cfg.fast_path_only):
+        if not self.fast_path(cfg):
             return cfg.ngram - 1 if cfg.guess else 0
         return min(cfg.tree_depth, cfg.tree_budget(device_type))
 
