@@ -31,9 +31,12 @@ ACCEL_SIZES = (1, 16, 64, 128, 256, 512)
 PREFIX = 192  # cache entries before the measured tokens (a prompt and some output: a typical decoding context)
 CALLS = 7  # timed calls per size (median), after a warm-up call, unless BUDGET_S runs out first (3 at least)
 BUDGET_S = 2.0  # seconds the timed calls may take together
-SLOW_CALL_S = 0.1  # a size whose warm-up call takes longer is the last one measured (the curve goes on linearly) ...
-MIN_SIZES = 3  # ... once this many are, unless a call takes TOO_SLOW_S: from two points, a slow spell of one call
-TOO_SLOW_S = 1.0  # set the slope (SmolLM2-135M here: 87 ms for 1 token and 137 for 4, against 131 ms for 16 another time)
+# A size whose warm-up call takes longer than SLOW_CALL_S is the last one measured (the curve goes on linearly), once
+# MIN_SIZES are, unless a call takes TOO_SLOW_S: from two points one slow call sets the slope (SmolLM2-135M here:
+# 87 ms for 1 token and 137 for 4 in one run, benchmarks/results_published/auto_tune_fair_smollm2_chat_2points).
+SLOW_CALL_S = 0.1
+MIN_SIZES = 3
+TOO_SLOW_S = 1.0
 CACHE_FILE = "step_costs.json"
 
 
@@ -220,7 +223,10 @@ def step_costs(model, store: CostStore | None = None, refresh: bool = False, agr
     key = cost_key(model, device, dtype, shards)
     found = store.curve(key) if agree.leader else None  # the others follow: their cache may differ (another node)
     cached = agree.first(found is not None and not refresh)
-    points = found.points if cached and found is not None else {} if cached else measure(model, agree=agree)
+    if not cached:
+        points = measure(model, agree=agree)
+    else:  # a follower without the leader's cache gets its points just below
+        points = found.points if found is not None else {}
     if agree.size > 1:  # the leader's points, size by size (0: not measured)
         sizes = default_sizes(device)
         leaders = agree.first_floats([points.get(t, 0.0) for t in sizes])
