@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .first_index import first_max, first_true
+from .job_corpus import MAX_MATCH, JobCorpus  # MAX_MATCH: the longest suffix prompt lookup matches
 
-MAX_MATCH = 4  # longest suffix that prompt lookup matches (a longer match ranks first)
 # Estimated chance that a candidate's next token is right, which orders the tree's nodes when the budget binds:
 # prompt lookup's by match length (0..MAX_MATCH), the pool's newest entry and the factor per older one. Hand-set
 # guesses, not fitted.
@@ -37,12 +37,11 @@ class Tree:
 CORPUS_MATCH = 2  # shortest match in a job's corpus that counts: one token recurs anywhere in a long corpus
 
 
-def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size: int,
-                  corpus: tuple[torch.Tensor, torch.Tensor] | None = None
+def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size: int, corpus: JobCorpus | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Continuations of `size` tokens after the `count` best earlier matches of the text's suffix, in the text
-    itself and in `corpus` (a job's earlier texts, -1 between them, and how many tokens follow each position
-    within its text: lp.job_corpus).
+    itself and in `corpus` (a job's earlier texts: lp.job_corpus, whose index offers the newest matches of each
+    length there, and the newest followed by a whole continuation).
 
     history [H] holds the committed text in its first `length` (0-d) entries. A match ends at i < length - 1
     where history[..i] ends like history[..length-1] for 1..MAX_MATCH tokens (CORPUS_MATCH.. in the corpus); longer
@@ -54,35 +53,48 @@ def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size:
     run = _runs(history, suffix)
     i = torch.arange(h, device=history.device)
     full = (length - 1 - i >= size).long()  # a match too close to the end has a cut-off continuation
-    c = 0 if corpus is None else corpus[0].numel()
+    c = 0 if corpus is None else corpus.tokens.numel()
     score = torch.where((i < length - 1) & (run > 0), (run * 2 + full) * (h + c) + c + i, -1)
-    text, room = history, length - 1 - i  # tokens that follow each match
-    if c:
-        words, after = corpus
-        corpus_run = _runs(words, suffix)
-        whole = (after >= size).long()
+    at, room = i, length - 1 - i  # where each match ends (h + j: the corpus' position j), tokens that follow it
+    if corpus is not None:
+        where, corpus_run = _corpus_matches(corpus, suffix)
+        after = corpus.room[where.clamp(min=0)]
         score = torch.cat([score, torch.where(corpus_run >= CORPUS_MATCH,
-                                              (corpus_run * 2 + whole) * (h + c) + torch.arange(c, device=words.device),
-                                              -1)])
-        run, text, room = torch.cat([run, corpus_run]), torch.cat([history, words]), torch.cat([room, after])
-    best, at = score.topk(count)
+                                              (corpus_run * 2 + (after >= size).long()) * (h + c) + where, -1)])
+        run, at, room = torch.cat([run, corpus_run]), torch.cat([at, h + where]), torch.cat([room, after])
+    best, pick = score.topk(count)
+    end = at[pick]
     step = torch.arange(size, device=history.device)[None, :]
-    tokens = text[(at[:, None] + 1 + step).clamp(max=h + c - 1)]
+    ahead = end[:, None] + 1 + step
+    tokens = history[ahead.clamp(max=h - 1)]
+    if corpus is not None:
+        tokens = torch.where(end[:, None] < h, tokens, corpus.tokens[(ahead - h).clamp(0, c - 1)])
     # a continuation stops at the end of the text it is in: the record's, or an earlier one of the corpus
-    valid = (best >= 0)[:, None] & (step < room[at][:, None])
-    return tokens, valid, torch.where(best >= 0, run[at], 0)
+    valid = (best >= 0)[:, None] & (step < room[pick][:, None])
+    return tokens, valid, torch.where(best >= 0, run[pick], 0)
 
 
-def has_match(history: torch.Tensor, length: torch.Tensor, corpus: tuple[torch.Tensor, torch.Tensor] | None = None
-              ) -> torch.Tensor:
+def has_match(history: torch.Tensor, length: torch.Tensor, corpus: JobCorpus | None = None) -> torch.Tensor:
     """Whether `prompt_lookup` finds any match (0-d bool): a match of 1+ tokens exists exactly when the text's last
-    token occurred before it; one in the corpus when its last CORPUS_MATCH tokens did."""
+    token occurred before it; one in the corpus when its index holds the text's last CORPUS_MATCH tokens."""
     i = torch.arange(history.numel(), device=history.device)
     last = history.index_select(0, (length - 1).clamp(min=0).view(1))  # a gather: a 0-d index is read on the host
     found = ((history == last) & (i < length - 1)).any()
-    if corpus is not None and corpus[0].numel():
-        found = found | (_runs(corpus[0], _suffix(history, length)[:CORPUS_MATCH]) >= CORPUS_MATCH).any()
+    if corpus is not None:
+        found = found | (_corpus_matches(corpus, _suffix(history, length))[1] >= CORPUS_MATCH).any()
     return found
+
+
+def _corpus_matches(corpus: JobCorpus, suffix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The corpus positions its index offers for the text's suffix [M] (-1: none) and how many of the suffix's
+    tokens each ends with (0 for a repeat of an earlier one, or for a hash collision that does not match)."""
+    where = corpus.positions(suffix)
+    back = where[:, None] - torch.arange(MAX_MATCH, device=where.device)[None, :]
+    seen = torch.where(back >= 0, corpus.tokens[back.clamp(min=0)], -1)
+    run = ((seen == suffix[None, :]) & (where[:, None] >= 0)).long().cumprod(1).sum(1)
+    earlier = torch.ones(where.numel(), where.numel(), dtype=torch.bool, device=where.device).tril(-1)
+    repeat = ((where[:, None] == where[None, :]) & earlier).any(1)
+    return where, torch.where(repeat, 0, run)
 
 
 def _suffix(history: torch.Tensor, length: torch.Tensor) -> torch.Tensor:

@@ -49,8 +49,8 @@ class LookaheadConfig:
         records generated becomes candidates for the later ones of a job (steps depend on the order of the
         records, tokens never do); "record" = every generation starts from its own prompt's n-grams alone.
     memory_tokens: with a job's memory, how many tokens of the job's earlier texts (prompts and outputs) the fast
-        path's prompt lookup also searches (lp.job_corpus; 0 = the record's own text only). None = 65536 on
-        accelerators, 8192 on CPUs (the search is a pass over them every step).
+        path's prompt lookup also searches (lp.job_corpus; 0 = the record's own text only). None = 262144 on
+        accelerators, 8192 on CPUs (a step reads a few entries of its index, whatever its size).
     """
 
     window: int = 15
@@ -155,7 +155,7 @@ class LookaheadConfig:
             return 0
         if self.memory_tokens is not None:
             return self.memory_tokens if self.memory_tokens >= 2 else 0  # room for a separator and a token
-        return 8192 if device_type == "cpu" else 65536
+        return 8192 if device_type == "cpu" else 262144
 
     def split_step_on(self, device_type: str) -> bool:
         """Whether the compiled fast path compiles its step as several graphs (the forward alone) or as one, on a

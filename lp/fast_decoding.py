@@ -219,7 +219,7 @@ class FastDecoder(Decoder):
         when there are none to keep."""
         size = self.config.corpus_tokens_on(self.device.type)
         if self._corpus is None and size:
-            self._corpus = JobCorpus(size, self.device)
+            self._corpus = JobCorpus(size, self.device, continuation=self.shape.lookup_len)
         return self._corpus
 
     def _remember_text(self, prompt, token_ids) -> None:

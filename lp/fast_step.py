@@ -245,7 +245,10 @@ class FastStep:
         self.history_len.fill_(len(prompt))
         self.prompt_len.fill_(len(prompt))
         self.seed.fill_(seed)
-        self.fingerprint.copy_(self._memory_hash())
+        if len(self.shape.slices) > 1:
+            self.fingerprint.copy_(self._memory_hash())
+        else:  # one rank has no one to check against (and a long corpus would cost its sum every generation)
+            self.fingerprint.zero_()
 
     def _memory_hash(self) -> torch.Tensor:
         """A number every rank of a team computes alike from the job's memory (the pool's counts and ring heads, the
@@ -446,7 +449,7 @@ class FastStep:
         if not shape.plain or not self.budget:  # no plain steps: always ready; no tree: never a candidate
             return ready
         if shape.lookup:
-            ready = ready | has_match(self.history, self.history_len, self.corpus and self.corpus.searched)
+            ready = ready | has_match(self.history, self.history_len, self.corpus)
         if shape.guess:  # entries this generation stored, or a job's memory that has paid under this key
             ready = ready | self.pool.worth_a_step(self.pending[-1:], self.generation)
         return ready
@@ -457,7 +460,7 @@ class FastStep:
         parts, valid, strength = [], [], []
         if shape.lookup:
             tokens, ok, match = prompt_lookup(self.history, self.history_len, shape.lookup, shape.lookup_len,
-                                              self.corpus and self.corpus.searched)
+                                              self.corpus)
             parts.append(tokens)
             valid.append(ok)
             strength.append(self.lookup_strength[match])

@@ -360,3 +360,14 @@ def test_job_memory_benchmark_takes_lookup_and_budget_in_its_settings_and_checks
     lookup = rows[0]
     assert lookup["pool"]["tokens_per_step"] == lookup["record"]["tokens_per_step"]
     assert [r["steps"] for r in lookup["pool"]["records"]] == [r["steps"] for r in lookup["record"]["records"]]
+
+
+def test_corpus_index_benchmark_decodes_every_record_alike_at_every_corpus_size(tmp_path):
+    cmd = [sys.executable, str(REPO / "benchmarks" / "corpus_index.py"), "--model", TINY, "--prompts",
+           str(REPO / "benchmarks" / "prompts" / "code.jsonl"), "--limit", "2", "--sizes", "0,64,4096",
+           "--max-new-tokens", "12", "--repeat", "1", "--eager", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["corpus_tokens"] for r in rows] == [0, 64, 4096]
+    assert all(r["same_tokens"] and r["ms_per_step"] > 0 for r in rows) and rows[0]["vs_first"] == 1.0

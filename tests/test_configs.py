@@ -139,7 +139,7 @@ def test_the_memory_of_a_job_is_on_unless_records_are_asked_to_start_afresh():
 
 
 def test_the_jobs_corpus_is_sized_per_device_unless_given_and_absent_without_job_memory_or_lookup():
-    assert LookaheadConfig().corpus_tokens_on("cpu") == 8192 and LookaheadConfig().corpus_tokens_on("cuda") == 65536
+    assert LookaheadConfig().corpus_tokens_on("cpu") == 8192 and LookaheadConfig().corpus_tokens_on("cuda") == 262144
     assert config_for("--set", "lookahead.memory_tokens=100").lookahead.corpus_tokens_on("cuda") == 100
     assert config_for("--memory-tokens", "0").lookahead.corpus_tokens_on("cuda") == 0
     assert LookaheadConfig(memory_tokens=0).corpus_tokens_on("cpu") == 0

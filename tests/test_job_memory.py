@@ -177,15 +177,104 @@ def test_the_jobs_corpus_keeps_its_newest_texts_each_after_a_separator():
     assert corpus.room.tolist() == [0, 0, 0, 2, 1, 0, 1, 0]
 
 
+def scanned_best(history, corpus, size):
+    """The best prompt-lookup candidate by a scan of every position (the ranking prompt_lookup documents): the
+    longest match (1-4 tokens in the record's own text, 2-4 in the corpus), then a whole continuation of `size`,
+    then the record's own, then the latest. Returns (match length, its continuation), or (0, [])."""
+    def run(text, end, tail):
+        n = 0
+        while n < 4 and end - n >= 0 and n < len(tail) and text[end - n] == tail[n]:
+            n += 1
+        return n
+    tail = history[::-1][:4]
+    found = []  # (match, whole, own, position, continuation)
+    for i in range(len(history) - 1):
+        n = run(history, i, tail)
+        if n:
+            after = history[i + 1:][:size]
+            found.append((n, len(after) == size, 1, i, after))
+    for j, token in enumerate(corpus):
+        n = run(corpus, j, tail)
+        if n >= 2:
+            after = []
+            for t in corpus[j + 1:]:
+                if t < 0 or len(after) == size:
+                    break
+                after.append(t)
+            found.append((n, len(after) == size, 0, j, after))
+    if not found:
+        return 0, []
+    best = max(found, key=lambda f: f[:4])
+    return best[0], best[4]
+
+
+def test_the_corpus_index_offers_the_same_best_match_as_a_scan_of_the_whole_corpus():
+    """Four tokens: every n-gram of 2-4 of them has a hash slot of its own, so the index answers what a scan does
+    (with more tokens than slots, two n-grams may share one: the newer keeps it, the older is not offered)."""
+    from lp.candidate_tree import has_match, prompt_lookup
+    from lp.job_corpus import JobCorpus
+    rng = random.Random(11)
+    for case in range(60):
+        size = rng.choice([2, 3, 5])
+        corpus = JobCorpus(rng.choice([24, 40, 64]), torch.device("cpu"), continuation=size)
+        for _ in range(rng.randrange(1, 6)):  # texts of 1-20 tokens, the older ones pushed out
+            corpus.add([rng.randrange(4) for _ in range(rng.randrange(1, 21))])
+        record = [rng.randrange(4) for _ in range(rng.randrange(1, 9))]
+        history = torch.tensor(record + [-1] * (12 - len(record)))
+        tokens, valid, match = prompt_lookup(history, torch.tensor(len(record)), 1, size, corpus)
+        want_match, want_after = scanned_best(record, corpus.tokens.tolist(), size)
+        assert (int(match[0]), tokens[0][valid[0]].tolist()) == (want_match, want_after), (case, record)
+        assert bool(has_match(history, torch.tensor(len(record)), corpus)) == (want_match > 0), case
+
+
+def colliding_bigrams(corpus) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Two 2-token n-grams the corpus' index hashes to one slot."""
+    seen = {}
+    for a in range(64):
+        for b in range(64):
+            slot = int(corpus.slots_of(torch.tensor([b, a, -2, -2]))[0][0])
+            if seen.setdefault(slot, (a, b)) != (a, b):
+                return seen[slot], (a, b)
+    raise AssertionError("no collision among 4096 n-grams")
+
+
+def test_the_corpus_index_forgets_what_left_the_corpus_and_checks_what_it_offers():
+    from lp.candidate_tree import prompt_lookup
+    from lp.job_corpus import JobCorpus
+    corpus = JobCorpus(8, torch.device("cpu"), continuation=2)
+    history = torch.tensor([5, 6, -1, -1])
+    corpus.add([5, 6, 7, 8])
+    _, valid, match = prompt_lookup(history, torch.tensor(2), 1, 2, corpus)
+    assert int(match[0]) == 2 and valid[0].all()
+    corpus.add([9, 9, 9, 9])  # the 8-token corpus keeps [6, 7, 8, -1, 9, 9, 9, 9]: "5 6" is gone
+    _, valid, match = prompt_lookup(history, torch.tensor(2), 1, 2, corpus)
+    assert int(match[0]) == 0 and not valid.any()
+    corpus = JobCorpus(16, torch.device("cpu"), continuation=2)
+    old, new = colliding_bigrams(corpus)
+    corpus.add([*old, 30, 31])
+    corpus.add([*new, 32, 33])  # the newer n-gram holds the slot they share
+    tokens, valid, match = prompt_lookup(torch.tensor([*new, -1, -1]), torch.tensor(2), 1, 2, corpus)
+    assert tokens[0][valid[0]].tolist() == [32, 33]
+    tokens, valid, match = prompt_lookup(torch.tensor([*old, -1, -1]), torch.tensor(2), 1, 2, corpus)
+    assert int(match[0]) == 0 and not valid.any()  # the slot offers the newer n-gram, which is not this one
+    from lp.job_corpus import WRAP
+    corpus = JobCorpus(16, torch.device("cpu"), continuation=2)
+    corpus.appended = WRAP - 6  # a long job: its positions wrap around while these texts are added
+    for text in ([5, 6, 7, 8], [1, 2, 3], [5, 6, 9, 10], [4, 4, 4]):
+        corpus.add(text)
+    tokens, valid, match = prompt_lookup(torch.tensor([5, 6, -1, -1]), torch.tensor(2), 1, 2, corpus)
+    assert tokens[0][valid[0]].tolist() == [9, 10]  # still the newest
+
+
 def test_a_corpus_match_continues_only_within_its_own_text_and_ranks_below_the_records_own():
     from lp.candidate_tree import prompt_lookup
     from lp.job_corpus import JobCorpus
 
     def corpus_of(*texts):
-        corpus = JobCorpus(sum(len(t) + 1 for t in texts), torch.device("cpu"))
+        corpus = JobCorpus(sum(len(t) + 1 for t in texts), torch.device("cpu"), continuation=2)
         for text in texts:
             corpus.add(text)
-        return corpus.searched
+        return corpus
 
     history = torch.tensor([7, 8, 9, 5, 6, -1, -1, -1])  # the record: ... 5 6, its own earlier 5 6 is absent
     corpus = corpus_of([5, 6, 40, 41], [3, 5, 6, 50])  # "5 6" twice: the later one is cut by the corpus' end

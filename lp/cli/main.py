@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "becomes candidates for the later ones (fewer steps on jobs of one kind, the same tokens); "
                    "record: each record starts from its own prompt's n-grams alone")
     p.add_argument("--memory-tokens", type=int, metavar="N", help="tokens of the job's earlier texts that prompt "
-                   "lookup also searches (fast path; default 8192 on CPUs, 65536 on GPUs; 0: none)")
+                   "lookup also searches (fast path; default 8192 on CPUs, 262144 on GPUs; 0: none)")
     p.add_argument("--memory-file", metavar="PATH", help="start the job's memory from PATH if it exists and save it "
                    "there at the end (safetensors; refused if another tokenizer wrote it), so a job starts where an "
                    "earlier one of its kind ended")
