@@ -253,9 +253,9 @@ class Chooser:
 
     def step_seconds(self, arm: Arm) -> float:
         """This job's own figure once the arm ran past its first generation; else what an earlier run observed; else
-        the curve's forward at
-        the arm's expected mean fed tokens, times the lanes of a batch (compiled on a CPU: less the per-call overhead that compiling removes,
-        about 60 % of a one-token eager forward, benchmarks/README.md (d))."""
+        the curve's forward at the arm's expected mean fed tokens, times the lanes of a batch (compiled on a CPU:
+        less the per-call overhead that compiling removes, about 60 % of a one-token eager forward,
+        benchmarks/README.md (d))."""
         tally = self.tallies[arm.name]
         if tally.timed_steps:
             return tally.seconds / tally.timed_steps

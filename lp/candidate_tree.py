@@ -1,10 +1,11 @@
 """The verification branch as a token tree of fixed size, built and verified with fixed-shape tensor ops.
 
 Candidates come from two sources, merged in rank order: prompt lookup (continuations of the places where the
-text's last tokens occurred before: longest match first, then a full-length continuation, then the latest) and the n-gram pool. Candidates that share
-a prefix share its nodes (a trie), and the first `budget` distinct nodes in rank order are fed, so the step
-shape never changes. Verification walks the tree: a node is confirmed when its token is the model's greedy
-choice after its parent, and the deepest confirmed node's path is accepted.
+text's last tokens occurred before, in the record or in the job's corpus: longest match first, then a full-length
+continuation, then the latest) and the n-gram pool. Candidates that share a prefix share its nodes (a trie), and
+the first `budget` distinct nodes in rank order are fed, so the step shape never changes. Verification walks the
+tree: a node is confirmed when its token is the model's greedy choice after its parent, and the deepest confirmed
+node's path is accepted.
 """
 from __future__ import annotations
 
