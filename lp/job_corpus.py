@@ -66,7 +66,7 @@ class JobCorpus:
     def slots_of(self, grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hash slots of n-grams given by their last MAX_MATCH tokens, last first ([..., MAX_MATCH]; a negative
         token: none), for each indexed length ([..., lengths]), and whether all of its tokens are tokens: the
-        polynomial sum of token x HASH_MULTIPLIER^(tokens after it in the n-gram), modulo the slots."""
+        polynomial sum of token x HASH_MULTIPLIER^(tokens before it in the n-gram), modulo the slots."""
         slot = (grams.clamp(min=0)[..., None, :] * self.powers).sum(-1) % self.slots
         ok = (grams >= 0).long().cumprod(-1)[..., MIN_MATCH - 1:].bool()
         return slot, ok
