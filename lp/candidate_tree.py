@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .first_index import first_max, first_true
-from .job_corpus import MAX_MATCH, JobCorpus  # MAX_MATCH: the longest suffix prompt lookup matches
+from .job_corpus import MAX_MATCH, MIN_MATCH, JobCorpus  # the longest suffix matched; the shortest in the corpus
 
 # Estimated chance that a candidate's next token is right, which orders the tree's nodes when the budget binds:
 # prompt lookup's by match length (0..MAX_MATCH), the pool's newest entry and the factor per older one. Hand-set
@@ -35,9 +35,6 @@ class Tree:
     ancestors: torch.Tensor
 
 
-CORPUS_MATCH = 2  # shortest match in a job's corpus that counts: one token recurs anywhere in a long corpus
-
-
 def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size: int, corpus: JobCorpus | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Continuations of `size` tokens after the `count` best earlier matches of the text's suffix, in the text
@@ -45,7 +42,7 @@ def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size:
     length there, and the newest followed by a whole continuation).
 
     history [H] holds the committed text in its first `length` (0-d) entries. A match ends at i < length - 1
-    where history[..i] ends like history[..length-1] for 1..MAX_MATCH tokens (CORPUS_MATCH.. in the corpus); longer
+    where history[..i] ends like history[..length-1] for 1..MAX_MATCH tokens (MIN_MATCH.. in the corpus); longer
     matches rank first, then those followed by `size` tokens, then the text's own, then later ones. Returns tokens
     [count, size], valid [count, size] (continuations stop at the end of the text, or of a corpus text) and each
     one's match length [count] (0: no match)."""
@@ -60,7 +57,7 @@ def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size:
     if corpus is not None:
         where, corpus_run = _corpus_matches(corpus, suffix)
         after = corpus.room[where.clamp(min=0)]
-        score = torch.cat([score, torch.where(corpus_run >= CORPUS_MATCH,
+        score = torch.cat([score, torch.where(corpus_run >= MIN_MATCH,
                                               (corpus_run * 2 + (after >= size).long()) * (h + c) + where, -1)])
         run, at, room = torch.cat([run, corpus_run]), torch.cat([at, h + where]), torch.cat([room, after])
     best, pick = score.topk(count)
@@ -77,12 +74,12 @@ def prompt_lookup(history: torch.Tensor, length: torch.Tensor, count: int, size:
 
 def has_match(history: torch.Tensor, length: torch.Tensor, corpus: JobCorpus | None = None) -> torch.Tensor:
     """Whether `prompt_lookup` finds any match (0-d bool): a match of 1+ tokens exists exactly when the text's last
-    token occurred before it; one in the corpus when its index holds the text's last CORPUS_MATCH tokens."""
+    token occurred before it; one in the corpus when its index holds the text's last MIN_MATCH tokens."""
     i = torch.arange(history.numel(), device=history.device)
     last = history.index_select(0, (length - 1).clamp(min=0).view(1))  # a gather: a 0-d index is read on the host
     found = ((history == last) & (i < length - 1)).any()
     if corpus is not None:
-        found = found | (_corpus_matches(corpus, _suffix(history, length))[1] >= CORPUS_MATCH).any()
+        found = found | (_corpus_matches(corpus, _suffix(history, length))[1] >= MIN_MATCH).any()
     return found
 
 

@@ -56,12 +56,13 @@ class JobCorpus:
         back = ends[:, None] - torch.arange(MAX_MATCH, device=ends.device)[None, :]
         slot, ok = self.slots_of(torch.where(back >= 0, self.tokens[back.clamp(min=0)], -1))  # [new, lengths]
         whole = (self.room[ends] >= self.continuation)[:, None]
-        for length in range(ok.shape[1]):
-            for kind, keep in enumerate((ok[:, length], (ok & whole)[:, length])):  # per slot the newest new one
-                newest = torch.full((self.slots,), -1, dtype=torch.long, device=ends.device).scatter_reduce(
-                    0, slot[keep, length], ends[keep] + self.appended - size, "amax")  # (no duplicate writes)
-                table = self.newest[length, kind]
-                table.copy_(torch.where(newest >= 0, newest % WRAP, table))
+        kinds = torch.stack([ok, ok & whole], -1)  # [new, lengths, 2]: any; followed by a whole continuation
+        cell = (torch.arange(ok.shape[1], device=ends.device)[:, None] * 2 + torch.arange(2, device=ends.device)) \
+            * self.slots + slot[..., None]  # each new n-gram's entry in the flattened table, per kind
+        position = (ends + self.appended - size)[:, None, None].expand_as(cell)
+        newest = torch.full((self.newest.numel(),), -1, dtype=torch.long, device=ends.device).scatter_reduce(
+            0, cell[kinds], position[kinds], "amax").view_as(self.newest)  # per entry the newest: no duplicate writes
+        self.newest.copy_(torch.where(newest >= 0, newest % WRAP, self.newest))
 
     def slots_of(self, grams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hash slots of n-grams given by their last MAX_MATCH tokens, last first ([..., MAX_MATCH]; a negative

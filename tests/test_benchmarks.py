@@ -370,4 +370,4 @@ def test_corpus_index_benchmark_decodes_every_record_alike_at_every_corpus_size(
     assert done.returncode == 0, done.stderr[-3000:]
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert [r["corpus_tokens"] for r in rows] == [0, 64, 4096]
-    assert all(r["same_tokens"] and r["ms_per_step"] > 0 for r in rows) and rows[0]["vs_first"] == 1.0
+    assert all(r["same_tokens"] and r["ms_per_step"] > 0 and r["steps"] > 0 for r in rows)  # a corpus changes no token
